@@ -1,0 +1,130 @@
+"""SamAutomaticMaskGenerator with the fast decoder, batched image encoding and early IoU filtering.
+
+It subclasses segment_anything's generator and keeps its `generate`, crop handling, NMS and
+output records; only the image embedding (pinned in batches of `process_batch_size`) and the
+per-batch decoding (`_process_batch`) change.
+"""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    uncrop_masks,
+)
+
+from .embeddings import EmbeddingCache
+from .fast_decoder import FastMaskDecoder
+from .predictor import FastSamPredictor
+
+# Upsampled masks are produced at most this many pixels (summed over masks) at a time, which
+# bounds memory on large images: 64 masks of 1 MP in fp32 is 256 MB.
+MASK_PIXELS_PER_CHUNK = 64 * 1024 * 1024
+
+
+class SamAutomaticMaskGenerator(ReferenceGenerator):
+    """Drop-in for segment_anything.SamAutomaticMaskGenerator (same arguments and records), plus:
+
+    process_batch_size: images (or crops) per image-encoder call in `generate_batch`.
+    decoder: a FastMaskDecoder for `model` (built in `decoder_dtype` when not given).
+    embedding_cache: where embeddings are kept across calls (none by default).
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        *args: Any,
+        process_batch_size: int = 1,
+        decoder: Optional[FastMaskDecoder] = None,
+        decoder_dtype: torch.dtype = torch.float32,
+        embedding_cache: Optional[EmbeddingCache] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.process_batch_size = process_batch_size
+        decoder = decoder if decoder is not None else FastMaskDecoder(model.mask_decoder, decoder_dtype)
+        self.predictor = FastSamPredictor(model, decoder, embedding_cache)
+
+    @torch.no_grad()
+    def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
+        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
+        crops = []
+        for image in images:
+            boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
+        self.predictor.pin(crops, self.process_batch_size)
+        try:
+            return [self.generate(image) for image in images]
+        finally:
+            self.predictor.unpin()
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        im_size: Tuple[int, ...],
+        crop_box: List[int],
+        orig_size: Tuple[int, ...],
+    ) -> MaskData:
+        predictor = self.predictor
+        decoder = predictor.decoder
+        transformed = predictor.transform.apply_coords(points, im_size)
+        coords = torch.as_tensor(transformed, device=predictor.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, _ = self.predictor.model.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        tokens = decoder.run_transformer(predictor.decoder_state, sparse)
+        # Multimask output: mask tokens 1..3, flattened point-major like the reference.
+        iou_preds = tokens.iou_pred[:, 1:].flatten()
+        keep = torch.arange(iou_preds.numel(), device=iou_preds.device)
+        if self.pred_iou_thresh > 0.0:
+            # The reference drops these after upsampling; dropping them first skips their masks.
+            keep = keep[iou_preds > self.pred_iou_thresh]
+        points_t = torch.as_tensor(points)  # stays on the CPU, as in the reference
+        data = MaskData()
+        per_chunk = max(1, MASK_PIXELS_PER_CHUNK // (orig_size[0] * orig_size[1]))
+        for chunk in keep.split(per_chunk):
+            prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
+            low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)
+            masks = predictor.model.postprocess_masks(low_res[:, None], predictor.input_size, predictor.original_size)
+            chunk_data = MaskData(masks=masks[:, 0], iou_preds=iou_preds[chunk], points=points_t[prompt_idx.cpu()])
+            data.cat(self._masks_to_rles(chunk_data, crop_box, orig_size))
+        if not data._stats:
+            data = self._empty_batch()
+        return data
+
+    def _masks_to_rles(self, data: MaskData, crop_box: List[int], orig_size: Tuple[int, ...]) -> MaskData:
+        """Stability filter, thresholding, boxes, crop-edge filter and RLE, as the reference does."""
+        orig_h, orig_w = orig_size
+        threshold = self.predictor.model.mask_threshold
+        data["stability_score"] = calculate_stability_score(data["masks"], threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= self.stability_score_thresh)
+        data["masks"] = data["masks"] > threshold
+        data["boxes"] = batched_mask_to_box(data["masks"])
+        keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+        if not torch.all(keep):
+            data.filter(keep)
+        data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+        data["rles"] = mask_to_rle_pytorch(data["masks"])
+        del data["masks"]
+        return data
+
+    def _empty_batch(self) -> MaskData:
+        # The reference always returns these keys, even with nothing kept; NMS downstream needs them.
+        device = self.predictor.device
+        return MaskData(
+            iou_preds=torch.zeros(0, device=device),
+            points=torch.zeros(0, 2, dtype=torch.float64),
+            stability_score=torch.zeros(0, device=device),
+            boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
+            rles=[],
+        )

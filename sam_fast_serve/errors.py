@@ -1,0 +1,68 @@
+"""The error contract: every rejected request is one of these, mapped to a 4xx/5xx status."""
+
+from typing import Any, Dict
+
+
+class ServiceError(Exception):
+    """A failure with an HTTP status, a short kind and a message a client can act on."""
+
+    status: int = 400
+    kind: str = "bad_request"
+
+    def __init__(self, message: str, *, status: int = 0, kind: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if status:
+            self.status = status
+        if kind:
+            self.kind = kind
+
+    def to_body(self) -> Dict[str, Any]:
+        """The JSON body every error response carries."""
+        return {"code": self.status, "error": self.kind, "message": self.message}
+
+
+class BadRequest(ServiceError):
+    """The request cannot be understood (empty body, bad base64, JSON without an image, corrupt image)."""
+
+    status = 400
+    kind = "bad_request"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The bytes are a file type we do not decode."""
+
+    status = 415
+    kind = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServiceError):
+    """The image is over the configured pixel limit, or is a decompression bomb."""
+
+    status = 413
+    kind = "payload_too_large"
+
+
+class InvalidOption(ServiceError):
+    """A per-request option or prompt is unknown or out of range."""
+
+    status = 422
+    kind = "invalid_option"
+
+
+class NotFound(ServiceError):
+    """A referenced resource (a cached image embedding) is not there."""
+
+    status = 404
+    kind = "not_found"
+
+
+class OutOfMemory(ServiceError):
+    """The server ran out of memory for this request; it freed what it could."""
+
+    status = 507
+    kind = "out_of_memory"
+
+
+class ConfigError(ValueError):
+    """The model configuration is invalid; raised at model load, names the key or file."""

@@ -1,0 +1,104 @@
+"""Image bytes in, an 8-bit RGB array out, or a clear error.
+
+The header is read first (PIL reads only the header on open) so an image over the pixel limit or a
+decompression bomb is refused before its pixels are allocated. OpenCV then decodes to BGR, applying
+the EXIF orientation, and the result is converted to the RGB that SAM expects.
+"""
+
+import io
+import warnings
+from typing import Tuple
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+# Magic numbers of the formats we decode; anything else is a 415 before any decoder sees it.
+_SIGNATURES: Tuple[Tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+ACCEPTED_FORMATS = "JPEG, PNG, WebP, TIFF, BMP, GIF"
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format named by the leading bytes, or UnsupportedMediaType."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    raise UnsupportedMediaType(
+        f"the request body is not an image in a supported format; accepted: {ACCEPTED_FORMATS}"
+    )
+
+
+def read_size(data: bytes, max_pixels: int) -> Tuple[int, int]:
+    """(width, height) from the image header; refuses empty, oversized and bomb images."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image refused as a decompression bomb: {exc}") from exc
+    except Exception as exc:  # PIL raises many types for a broken header
+        raise BadRequest(f"the image header cannot be read ({exc}); the file is corrupt") from exc
+    if width <= 0 or height <= 0:
+        raise BadRequest(f"the image is {width}x{height} pixels; it must not be empty")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {max_pixels} pixels (handler key max_image_pixels)"
+        )
+    return width, height
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    # libjpeg fills a truncated JPEG with grey and only warns, so OpenCV returns an image for it;
+    # an end-of-image marker near the end is the cheap proof the upload is whole.
+    tail = data[-4096:].rstrip(b"\x00")
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        raise BadRequest("the JPEG is truncated (no end-of-image marker); upload the whole file")
+    if fmt == "PNG" and b"IEND" not in tail[-16:]:
+        raise BadRequest("the PNG is truncated (no IEND chunk); upload the whole file")
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        # Linear 16 -> 8 bit: 65535 maps to 255, so relative brightness is kept.
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if image.dtype in (np.float32, np.float64):
+        return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise UnsupportedMediaType(
+        f"images with {image.dtype} samples are not supported; use 8- or 16-bit integer images"
+    )
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode image file bytes to an RGB array.
+
+    Returns an (H, W, 3) uint8 array in RGB order with EXIF orientation applied. Grayscale, RGBA
+    (alpha dropped), palette and 16-bit images all come out as 8-bit RGB. Raises BadRequest (empty,
+    corrupt or truncated), UnsupportedMediaType (not a supported format) or PayloadTooLarge (over
+    `max_pixels`, or a decompression bomb).
+    """
+    if not data:
+        raise BadRequest("the request has no image: the body is empty")
+    fmt = sniff_format(data)
+    read_size(data, max_pixels)
+    _check_complete(data, fmt)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if bgr is None or bgr.size == 0:
+        raise BadRequest(f"the {fmt} image is corrupt and cannot be decoded")
+    return cv2.cvtColor(_to_uint8(bgr), cv2.COLOR_BGR2RGB)

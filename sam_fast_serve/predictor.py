@@ -1,0 +1,77 @@
+"""A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+
+from .embeddings import EmbeddingCache, ImageEmbedding, encode_images, pixel_key
+from .fast_decoder import FastMaskDecoder, ImageState
+
+
+class FastSamPredictor(SamPredictor):
+    """SamPredictor plus: embeddings looked up by pixel key before the encoder runs, and the
+    per-image part of the mask decoder done once in `set_embedding`.
+
+    `cache` keeps embeddings across requests; `pinned` (filled by `pin`) holds the embeddings of
+    the images of the batch being served, whatever the cache's capacity.
+    """
+
+    def __init__(self, sam: Sam, decoder: FastMaskDecoder, cache: Optional[EmbeddingCache] = None) -> None:
+        super().__init__(sam)
+        self.decoder = decoder
+        self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.pinned: Dict[str, ImageEmbedding] = {}
+        self.decoder_state: Optional[ImageState] = None
+        self.encoder_calls = 0
+
+    def lookup(self, key: str) -> Optional[ImageEmbedding]:
+        """The embedding of the image with `pixel_key` `key`, if it is pinned or cached."""
+        return self.pinned.get(key) or self.cache.get(key)
+
+    def pin(self, images: list, batch_size: int) -> None:
+        """Encode the images not yet known, `batch_size` per encoder call, and pin all of them."""
+        keys = [pixel_key(image) for image in images]
+        missing = {k: im for k, im in zip(keys, images) if self.lookup(k) is None}
+        if missing:
+            self.encoder_calls += -(-len(missing) // batch_size)
+            for key, embedding in zip(missing, encode_images(self.model, list(missing.values()), batch_size)):
+                self.cache.put(key, embedding)
+                self.pinned[key] = embedding
+        for key in keys:
+            self.pinned.setdefault(key, self.lookup(key))
+
+    def unpin(self) -> None:
+        self.pinned.clear()
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Like SamPredictor.set_image (RGB uint8 HWC), reusing a pinned or cached embedding."""
+        if image_format != "RGB":
+            image = image[..., ::-1]
+        key = pixel_key(image)
+        embedding = self.lookup(key)
+        if embedding is None:
+            self.encoder_calls += 1
+            embedding = encode_images(self.model, [image], 1)[0]
+            self.cache.put(key, embedding)
+        self.set_embedding(embedding)
+
+    @torch.no_grad()
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Make `embedding` the current image and run the decoder's once-per-image work."""
+        self.reset_image()
+        self.features = embedding.features
+        self.input_size = embedding.input_size
+        self.original_size = embedding.original_size
+        prompt_encoder = self.model.prompt_encoder
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            1, -1, *prompt_encoder.image_embedding_size
+        )
+        self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
+        self.is_image_set = True
+
+    def reset_image(self) -> None:
+        super().reset_image()
+        self.decoder_state = None

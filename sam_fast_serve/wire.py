@@ -1,0 +1,82 @@
+"""The wire format of a response, and a safe decoder for clients.
+
+Default: the annotations, built only from Python builtins, pickled, zlib-compressed and base64-
+encoded (ASCII text). `application/json` clients get the same annotations as JSON. A client must
+decode the pickle with `decode_pickled`, whose unpickler refuses every global: a pickle of builtins
+needs none, and a malicious one (e.g. referencing os.system) is refused instead of run.
+"""
+
+import base64
+import io
+import json
+import pickle
+import zlib
+from typing import Any, Dict, Mapping
+
+JSON_MEDIA_TYPE = "application/json"
+# Chosen by benchmarks/bench_wire.py: level 1 and 6 give nearly the same size on COCO-RLE text.
+DEFAULT_ZLIB_LEVEL = 6
+
+
+def annotation_to_builtins(ann: Mapping[str, Any]) -> Dict[str, Any]:
+    """One segment_anything AMG record (coco_rle mode) as plain ints, floats, strs, lists, dicts."""
+    rle = ann["segmentation"]
+    counts = rle["counts"]
+    return {
+        "segmentation": {
+            "size": [int(s) for s in rle["size"]],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else str(counts),
+        },
+        "area": int(ann["area"]),
+        "bbox": [float(v) for v in ann["bbox"]],
+        "predicted_iou": float(ann["predicted_iou"]),
+        "point_coords": [[float(x), float(y)] for x, y in ann["point_coords"]],
+        "stability_score": float(ann["stability_score"]),
+        "crop_box": [float(v) for v in ann["crop_box"]],
+    }
+
+
+def encode_pickled(payload: Any, level: int = DEFAULT_ZLIB_LEVEL) -> str:
+    """pickle -> zlib -> base64, as ASCII text. `payload` must hold only builtins."""
+    raw = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return base64.b64encode(zlib.compress(raw, level)).decode("ascii")
+
+
+def encode_json(payload: Any) -> str:
+    """The same payload as compact JSON text."""
+    return json.dumps(payload, separators=(",", ":"))
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: the response must hold only builtins"
+        )
+
+
+def decode_pickled(text: str | bytes, max_bytes: int = 1 << 30) -> Any:
+    """Inverse of `encode_pickled` for untrusted input.
+
+    Raises pickle.UnpicklingError for a pickle that references any global (class or function),
+    and ValueError when the input is not base64/zlib or inflates past `max_bytes`.
+    """
+    try:
+        compressed = base64.b64decode(text, validate=True)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(compressed, max_bytes)
+    except (ValueError, zlib.error) as exc:
+        raise ValueError(f"not a base64 zlib payload: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise ValueError(f"payload inflates past {max_bytes} bytes")
+    return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
+
+
+def is_annotation_list(payload: Any) -> bool:
+    """Whether `payload` has the shape of a list of AMG annotations (used by clients and tests)."""
+    keys = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
+    return isinstance(payload, list) and all(
+        isinstance(a, dict) and keys <= set(a) and isinstance(a["segmentation"].get("counts"), str)
+        for a in payload
+    )
+
+
