@@ -93,7 +93,7 @@ def parse_request(fields: Mapping[str, Any]) -> ParsedRequest:
             "'image' or 'data', as base64 text, or as JSON {\"image\": \"<base64>\"}"
         )
     value = fields[name]
-    if isinstance(value, dict):
+    if isinstance(value, (dict, list)):
         parsed = _from_json_object(value)
     elif isinstance(value, str):
         parsed = _from_text(value)

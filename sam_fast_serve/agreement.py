@@ -1,0 +1,35 @@
+"""Mask agreement between two lists of COCO-RLE annotations (used by tests and benchmarks)."""
+
+from typing import Dict, List, Sequence, Tuple
+
+from pycocotools import mask as mask_utils
+
+
+def _point_key(ann: Dict) -> Tuple[float, float]:
+    x, y = ann["point_coords"][0]
+    return round(float(x), 3), round(float(y), 3)
+
+
+def match_masks(reference: Sequence[Dict], candidate: Sequence[Dict]) -> Tuple[List[float], int, int]:
+    """Pair masks one to one by their prompt point, then by best IoU among that point's masks.
+
+    Returns (the IoU of each reference mask with its partner (0.0 when it has none), number of
+    reference masks without a partner, number of candidate masks left over).
+    """
+    by_point: Dict[Tuple[float, float], List[Dict]] = {}
+    for ann in candidate:
+        by_point.setdefault(_point_key(ann), []).append(ann)
+    ious: List[float] = []
+    unmatched = 0
+    for ann in reference:
+        pool = by_point.get(_point_key(ann), [])
+        if not pool:
+            ious.append(0.0)
+            unmatched += 1
+            continue
+        scores = mask_utils.iou([c["segmentation"] for c in pool], [ann["segmentation"]], [0] * len(pool))
+        best = int(scores.argmax())
+        ious.append(float(scores[best, 0]))
+        pool.pop(best)
+    leftover = sum(len(pool) for pool in by_point.values())
+    return ious, unmatched, leftover

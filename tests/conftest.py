@@ -1,0 +1,46 @@
+"""Shared fixtures: a random-weight vit_b checkpoint, sample photos, image file encoders."""
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sam_fast_serve.deploy import save_random_checkpoint  # noqa: E402
+
+# Every mask is kept (random weights give no mask above the default thresholds), on a small grid.
+KEEP_ALL = {
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "box_nms_thresh": 1.0,
+}
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full-size vit_b state dict with random weights (seed 0), named random_vit_b.pth."""
+    return save_random_checkpoint(tmp_path_factory.mktemp("weights") / "random_vit_b.pth", "vit_b", seed=0)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    return data.chelsea()
+
+
+def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:
+    """Image file bytes of an RGB array (or PIL image) in `fmt`."""
+    image = rgb_or_pil if isinstance(rgb_or_pil, Image.Image) else Image.fromarray(rgb_or_pil)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()

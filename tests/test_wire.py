@@ -1,0 +1,69 @@
+"""The wire codec: round trips, and a client decoder that refuses any pickled global."""
+
+import base64
+import os
+import pickle
+import zlib
+
+import pytest
+
+from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled, is_annotation_list
+
+ANNOTATION = {
+    "segmentation": {"size": [4, 5], "counts": "3203"},
+    "area": 2,
+    "bbox": [1.0, 0.0, 1.0, 2.0],
+    "predicted_iou": 0.9,
+    "point_coords": [[1.5, 2.5]],
+    "stability_score": 0.97,
+    "crop_box": [0.0, 0.0, 5.0, 4.0],
+}
+
+
+def test_round_trip():
+    text = encode_pickled([ANNOTATION, ANNOTATION])
+    assert text.isascii()
+    assert decode_pickled(text) == [ANNOTATION, ANNOTATION]
+    assert is_annotation_list(decode_pickled(text))
+
+
+def test_json_is_the_same_payload():
+    import json
+
+    assert json.loads(encode_json([ANNOTATION])) == [ANNOTATION]
+
+
+class _RunsCommand:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _wrap(raw: bytes) -> str:
+    return base64.b64encode(zlib.compress(raw)).decode()
+
+
+def test_pickle_calling_os_system_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = _wrap(pickle.dumps([_RunsCommand(str(marker))]))
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        decode_pickled(hostile)
+    assert not marker.exists()
+    # The plain unpickler would have run it: the test payload is really hostile.
+    pickle.loads(zlib.decompress(base64.b64decode(hostile)))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("value", [pickle.dumps(eval), pickle.dumps(zlib.compress), pickle.dumps(range(3))])
+def test_any_global_is_refused(value):
+    with pytest.raises(pickle.UnpicklingError):
+        decode_pickled(_wrap(value))
+
+
+def test_garbage_and_bombs_are_value_errors():
+    with pytest.raises(ValueError):
+        decode_pickled("not base64 !!")
+    with pytest.raises(ValueError, match="inflates past"):
+        decode_pickled(_wrap(pickle.dumps(b"\0" * 10_000)), max_bytes=1000)
