@@ -1,8 +1,11 @@
-"""SamAutomaticMaskGenerator with the fast decoder, batched image encoding and early IoU filtering.
+"""SamAutomaticMaskGenerator with the fast decoder, batched image encoding, early IoU filtering
+and RLE done by pycocotools' C encoder.
 
-It subclasses segment_anything's generator and keeps its `generate`, crop handling, NMS and
-output records; only the image embedding (pinned in batches of `process_batch_size`) and the
-per-batch decoding (`_process_batch`) change.
+It subclasses segment_anything's generator and keeps its crop handling and NMS. What changes:
+the image embedding (pinned in batches of `process_batch_size`), the per-batch decoding
+(`_process_batch`), and the RLE format kept between stages: COCO's compressed RLE (counts as
+bytes) instead of Python lists of run lengths, which the reference deep-copies on every
+concatenation and encodes in a Python loop (for fragmented masks that took longer than the model).
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -11,9 +14,11 @@ import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from segment_anything.modeling import Sam
+from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import (
     MaskData,
     batched_mask_to_box,
+    box_xyxy_to_xywh,
     calculate_stability_score,
     generate_crop_boxes,
     is_box_near_crop_edge,
@@ -52,6 +57,41 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         self.process_batch_size = process_batch_size
         decoder = decoder if decoder is not None else FastMaskDecoder(model.mask_decoder, decoder_dtype)
         self.predictor = FastSamPredictor(model, decoder, embedding_cache)
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+        """Masks for one RGB uint8 (H, W, 3) image: the same records as the reference's `generate`."""
+        mask_data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            # The reference's small-region cleanup works on uncompressed RLE: convert around it.
+            mask_data["rles"] = _uncompress(mask_data["rles"])
+            mask_data = self.postprocess_small_regions(
+                mask_data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh)
+            )
+            mask_data["rles"] = [mask_utils.frPyObjects(rle, *rle["size"]) for rle in mask_data["rles"]]
+        return self._records(mask_data)
+
+    def _records(self, data: MaskData) -> List[Dict[str, Any]]:
+        rles = data["rles"]
+        areas = mask_utils.area(rles) if rles else []
+        if self.output_mode == "coco_rle":
+            segmentations: List[Any] = [{"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in rles]
+        elif self.output_mode == "binary_mask":
+            segmentations = [mask_utils.decode(r).astype(bool) for r in rles]
+        else:
+            segmentations = _uncompress(rles)
+        return [
+            {
+                "segmentation": segmentations[i],
+                "area": int(areas[i]),
+                "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                "predicted_iou": data["iou_preds"][i].item(),
+                "point_coords": [data["points"][i].tolist()],
+                "stability_score": data["stability_score"][i].item(),
+                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+            }
+            for i in range(len(rles))
+        ]
 
     @torch.no_grad()
     def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
@@ -113,9 +153,11 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
         if not torch.all(keep):
             data.filter(keep)
-        data["masks"] = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
-        data["rles"] = mask_to_rle_pytorch(data["masks"])
+        masks = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
         del data["masks"]
+        # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
+        columns = masks.transpose(1, 2).to(device="cpu", dtype=torch.uint8).numpy()
+        data["rles"] = mask_utils.encode(np.asfortranarray(columns.transpose(2, 1, 0))) if len(columns) else []
         return data
 
     def _empty_batch(self) -> MaskData:
@@ -128,3 +170,11 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
             rles=[],
         )
+
+
+def _uncompress(rles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """COCO compressed RLEs as segment_anything's uncompressed ones (run lengths in a list)."""
+    if not rles:
+        return []
+    masks = torch.as_tensor(mask_utils.decode(rles)).permute(2, 0, 1)
+    return mask_to_rle_pytorch(masks)

@@ -1,0 +1,99 @@
+"""A real TorchServe on 127.0.0.1 for tests: started from a real archive, stopped in every case."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import requests
+
+from sam_fast_serve.deploy import MODEL_NAME, read_token, wait_until_ready
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TorchServe:
+    """TorchServe with the repo's config.properties (ports swapped for free ones) in `workdir`."""
+
+    def __init__(self, workdir: Path, model_store: Path, archive_name: str, extra_properties: str = "") -> None:
+        self.workdir = workdir
+        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+        properties = (REPO / "config.properties").read_text()
+        for api, port in self.ports.items():
+            properties = re.sub(rf"^{api}_address=http://127\.0\.0\.1:\d+", f"{api}_address=http://127.0.0.1:{port}", properties, flags=re.M)
+        properties = re.sub(r"^model_store=.*$", f"model_store={model_store}", properties, flags=re.M)
+        self.config = workdir / "config.properties"
+        self.config.write_text(properties + extra_properties)
+        self.archive_name = archive_name
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def token(self, api: str = "inference") -> str:
+        return read_token(self.key_file, api)
+
+    def auth(self, api: str = "inference") -> Dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(api)}"}
+
+    def start(self, timeout: float = 300) -> float:
+        """Start and wait until the model is READY; returns the seconds that took."""
+        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
+        self.process = subprocess.Popen(
+            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
+             "--models", f"{MODEL_NAME}={self.archive_name}"],
+            cwd=self.workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            return wait_until_ready(self.management_url, MODEL_NAME, self.key_file, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def worker_pids(self):
+        reply = requests.get(f"{self.management_url}/models/{MODEL_NAME}", headers=self.auth("management"), timeout=10)
+        return [w["pid"] for w in reply.json()[0]["workers"]]
+
+    def model_log(self) -> str:
+        path = self.workdir / "logs" / "model_log.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop the frontend and its workers (one process group), forcefully if they linger."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        finally:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process = None

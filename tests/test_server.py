@@ -1,0 +1,147 @@
+"""The handler end to end: a real archive in a real TorchServe on 127.0.0.1, token auth on."""
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from conftest import encode
+from pycocotools import mask as mask_utils
+from server import REPO, TorchServe
+
+from sam_fast_serve.deploy import build_archive
+from sam_fast_serve.wire import decode_pickled, is_annotation_list
+
+SMOKE_CONFIG = REPO / "tests" / "smoke-config.yaml"
+MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, random_checkpoint):
+    work = tmp_path_factory.mktemp("torchserve")
+    archive = build_archive(random_checkpoint, SMOKE_CONFIG, work / "model_store")
+    ts = TorchServe(work, archive.parent, archive.name)
+    ts.start()
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+def check_annotations(annotations, height, width):
+    """Schema of every record, and that each RLE decodes to a mask consistent with its fields."""
+    assert is_annotation_list(annotations)
+    assert len(annotations) == MASKS_PER_IMAGE
+    for ann in annotations:
+        assert ann["segmentation"]["size"] == [height, width]
+        mask = mask_utils.decode(ann["segmentation"])
+        assert mask.shape == (height, width)
+        assert ann["area"] == int(mask.sum())
+        assert len(ann["bbox"]) == 4 and len(ann["crop_box"]) == 4 and len(ann["point_coords"]) == 1
+        assert ann["crop_box"] == [0.0, 0.0, float(width), float(height)]
+        if ann["area"]:
+            ys, xs = np.nonzero(mask)
+            assert ann["bbox"][:2] == [float(xs.min()), float(ys.min())]
+        assert all(type(v) is float for v in (ann["predicted_iou"], ann["stability_score"]))
+
+
+def post(server, body, **kwargs):
+    headers = {**server.auth(), **kwargs.pop("headers", {})}
+    return requests.post(f"{server.inference_url}/predictions/sam-fast", data=body, headers=headers, timeout=300, **kwargs)
+
+
+def test_shipped_config_binds_loopback_and_keeps_token_auth():
+    properties = (REPO / "config.properties").read_text()
+    for api in ("inference", "management", "metrics"):
+        assert re.search(rf"^{api}_address=http://127\.0\.0\.1:\d+$", properties, re.M), api
+    assert not re.search(r"^disable_token_authorization\s*=\s*true", properties, re.M)
+
+
+def test_request_without_token_is_refused(server, astronaut):
+    reply = requests.post(f"{server.inference_url}/predictions/sam-fast", data=encode(astronaut), timeout=60)
+    assert reply.status_code == 401
+
+
+def test_raw_multipart_and_json_requests_segment_the_same(server, astronaut):
+    png = encode(astronaut)
+    raw = post(server, png, headers={"Content-Type": "application/octet-stream"})
+    assert raw.status_code == 200, raw.text[:500]
+    annotations = decode_pickled(raw.text)
+    check_annotations(annotations, *astronaut.shape[:2])
+
+    multipart = requests.post(
+        f"{server.inference_url}/predictions/sam-fast",
+        files={"data": ("astronaut.png", png, "image/png")},
+        headers=server.auth(),
+        timeout=300,
+    )
+    assert multipart.status_code == 200, multipart.text[:500]
+    assert decode_pickled(multipart.text) == annotations
+
+    as_json = post(server, json.dumps({"image": base64.b64encode(png).decode()}),
+                   headers={"Content-Type": "application/json", "Accept": "application/json"})
+    assert as_json.status_code == 200 and as_json.headers["Content-Type"].startswith("application/json")
+    assert as_json.json() == annotations
+
+
+def test_bad_image_gets_a_json_error_and_the_worker_goes_on(server, chelsea):
+    pids = server.worker_pids()
+    reply = post(server, b"this is not an image", headers={"Content-Type": "application/octet-stream"})
+    assert reply.status_code == 415
+    body = reply.json()
+    assert body["code"] == 415 and body["error"] == "unsupported_media_type" and "JPEG" in body["message"]
+    good = post(server, encode(chelsea, "JPEG"), headers={"Content-Type": "application/octet-stream"})
+    assert good.status_code == 200
+    check_annotations(decode_pickled(good.text), *chelsea.shape[:2])
+    assert server.worker_pids() == pids
+
+
+def test_inference_client(server, tmp_path, chelsea, astronaut):
+    paths = []
+    for name, image in (("chelsea", chelsea), ("astronaut", astronaut)):
+        paths.append(tmp_path / f"{name}.jpg")
+        paths[-1].write_bytes(encode(image, "JPEG", quality=95))
+    run = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), *map(str, paths), "--url", server.inference_url,
+         "--token", server.token(), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "2 of 2 images segmented" in run.stdout
+    for path, image in zip(paths, (chelsea, astronaut)):
+        annotations = json.loads((tmp_path / "out" / f"{path.stem}.json").read_text())
+        check_annotations(annotations, *image.shape[:2])
+        assert (tmp_path / "out" / f"{path.stem}.overlay.png").stat().st_size > 1000
+        assert f"{path}: {MASKS_PER_IMAGE} masks" in run.stdout
+
+
+def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(encode(chelsea))
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), str(bad), str(good), "--url", server.inference_url,
+         "--token", server.token(), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 1
+    assert "bad.png: FAILED: HTTP 400" in run.stderr
+    assert "1 of 2 images segmented" in run.stdout
+
+
+def test_inference_client_when_server_is_down(tmp_path, chelsea):
+    from server import free_port
+
+    image = tmp_path / "c.png"
+    image.write_bytes(encode(chelsea))
+    run = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), str(image), "--url", f"http://127.0.0.1:{free_port()}",
+         "--retries", "1", "--backoff", "0.1", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
