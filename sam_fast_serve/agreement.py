@@ -27,7 +27,7 @@ def match_masks(reference: Sequence[Dict], candidate: Sequence[Dict]) -> Tuple[L
             ious.append(0.0)
             unmatched += 1
             continue
-        scores = mask_utils.iou([c["segmentation"] for c in pool], [ann["segmentation"]], [0] * len(pool))
+        scores = mask_utils.iou([c["segmentation"] for c in pool], [ann["segmentation"]], [0])
         best = int(scores.argmax())
         ious.append(float(scores[best, 0]))
         pool.pop(best)
