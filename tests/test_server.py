@@ -5,16 +5,15 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from conftest import encode
 from pycocotools import mask as mask_utils
-from server import REPO, TorchServe
 
-from sam_fast_serve.deploy import build_archive
+from sam_fast_serve.deploy import REPO, build_archive
+from sam_fast_serve.local_server import TorchServe, free_port
 from sam_fast_serve.wire import decode_pickled, is_annotation_list
 
 SMOKE_CONFIG = REPO / "tests" / "smoke-config.yaml"
@@ -137,8 +136,6 @@ def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
 
 
 def test_inference_client_when_server_is_down(tmp_path, chelsea):
-    from server import free_port
-
     image = tmp_path / "c.png"
     image.write_bytes(encode(chelsea))
     run = subprocess.run(

@@ -1,4 +1,5 @@
-"""A real TorchServe on 127.0.0.1 for tests: started from a real archive, stopped in every case."""
+"""A real TorchServe on 127.0.0.1 in a directory of its own (tests and benchmarks): started from
+a real archive with the repo's config.properties (ports swapped for free ones), stopped in every case."""
 
 import os
 import re
@@ -11,9 +12,8 @@ from typing import Dict, Optional
 
 import requests
 
-from sam_fast_serve.deploy import MODEL_NAME, read_token, wait_until_ready
+from .deploy import MODEL_NAME, REPO, read_token, wait_until_ready
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
