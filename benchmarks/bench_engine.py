@@ -1,0 +1,336 @@
+"""Automatic mask generation, side by side in one run: reference vs this engine.
+
+    python benchmarks/bench_engine.py                 # engine mode (one process)
+    python benchmarks/bench_engine.py --server        # whole requests through a real TorchServe
+
+Engine mode, on the same photos and the same random-weight vit_b checkpoint: (a) the reference
+segment_anything.SamAutomaticMaskGenerator in fp32, (b) this engine at its defaults (dtype auto),
+(b') this engine in fp32, (c) the pytorch-labs library if it is importable. Two settings: the
+default thresholds, and keep-all (thresholds 0, NMS off: every mask goes through post-processing).
+Stage times come from wrapping the stage functions of each pipeline for the run; "post" is the rest
+(upsampling, stability, boxes, NMS, records). Mask agreement pairs masks one to one with (a).
+
+Server mode starts TorchServe from a real archive of the same checkpoint with the repo's
+model-config.yaml (batchSize 1, then 4), and times sequential and concurrent requests, the worker's
+peak RSS, and the cold and warm start to READY.
+"""
+
+import argparse
+import contextlib
+import gc
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import cv2
+import numpy as np
+import psutil
+import torch
+import yaml
+from skimage import data as sample_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import segment_anything.automatic_mask_generator as reference_module  # noqa: E402
+from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator  # noqa: E402
+
+from sam_fast_serve import automatic as engine_module  # noqa: E402
+from sam_fast_serve.agreement import match_masks  # noqa: E402
+from sam_fast_serve.automatic import SamAutomaticMaskGenerator  # noqa: E402
+from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry  # noqa: E402
+from sam_fast_serve.deploy import REPO, build_archive, save_random_checkpoint  # noqa: E402
+from sam_fast_serve.wire import annotation_to_builtins, encode_pickled  # noqa: E402
+
+SETTINGS = {
+    "default": {},
+    "keep-all": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
+}
+STAGES = ("encoder", "decoder", "rle")
+
+
+class PeakRss:
+    """Samples this process's RSS every 10 ms while in use; `.peak` in bytes."""
+
+    def __init__(self, pid: Optional[int] = None) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        try:
+            return self.process.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def timed(totals: Dict[str, float], stage: str, owner: Any, attr: str) -> Iterator[None]:
+    """Add the time spent in owner.attr to totals[stage] while inside the block."""
+    original = getattr(owner, attr)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[stage] += time.perf_counter() - started
+
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+def reference_stages(generator: ReferenceGenerator, totals: Dict[str, float]) -> contextlib.ExitStack:
+    sam = generator.predictor.model
+    stack = contextlib.ExitStack()
+    stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
+    stack.enter_context(timed(totals, "decoder", sam.mask_decoder, "forward"))
+    stack.enter_context(timed(totals, "rle", reference_module, "mask_to_rle_pytorch"))
+    stack.enter_context(timed(totals, "rle", reference_module, "coco_encode_rle"))
+    return stack
+
+
+def engine_stages(generator: SamAutomaticMaskGenerator, totals: Dict[str, float]) -> contextlib.ExitStack:
+    sam = generator.predictor.model
+    decoder = generator.predictor.decoder
+    stack = contextlib.ExitStack()
+    stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
+    for attr in ("prepare_image", "run_transformer", "mask_logits"):
+        stack.enter_context(timed(totals, "decoder", decoder, attr))
+    stack.enter_context(timed(totals, "rle", engine_module.mask_utils, "encode"))
+    return stack
+
+
+def run_variant(
+    name: str,
+    make: Callable[[], Any],
+    stages: Callable[[Any, Dict[str, float]], contextlib.ExitStack],
+    images: List[np.ndarray],
+) -> Dict[str, Any]:
+    generator = make()
+    totals: Dict[str, float] = defaultdict(float)
+    outputs = []
+    gc.collect()
+    with PeakRss() as rss, stages(generator, totals):
+        started = time.perf_counter()
+        for image in images:
+            outputs.append(generator.generate(image))
+        total = time.perf_counter() - started
+    wire_started = time.perf_counter()
+    bodies = [encode_pickled([annotation_to_builtins(a) for a in anns]) for anns in outputs]
+    totals["wire"] = time.perf_counter() - wire_started
+    n = len(images)
+    return {
+        "name": name,
+        "total": total / n,
+        **{stage: totals[stage] / n for stage in STAGES},
+        "post": (total - sum(totals[s] for s in STAGES)) / n,
+        "wire": totals["wire"] / n,
+        "rss": rss.peak,
+        "bytes": sum(len(b) for b in bodies) / n,
+        "masks": sum(len(o) for o in outputs) / n,
+        "outputs": outputs,
+    }
+
+
+def agreement(reference: Dict[str, Any], row: Dict[str, Any]) -> str:
+    ious: List[float] = []
+    unmatched = leftover = 0
+    for ref, ours in zip(reference["outputs"], row["outputs"]):
+        i, u, left = match_masks(ref, ours)
+        ious += i
+        unmatched += u
+        leftover += left
+    if not ious:
+        return "n/a (no masks)" if not leftover else f"{leftover} extra"
+    ious_a = np.array(ious)
+    return (
+        f"{(ious_a >= 0.9).mean():.1%} >=0.9, {(ious_a >= 0.99).mean():.1%} >=0.99, min {ious_a.min():.3f}"
+        + (f", {unmatched} unmatched, {leftover} extra" if unmatched or leftover else "")
+    )
+
+
+def print_table(setting: str, rows: List[Dict[str, Any]]) -> None:
+    reference = rows[0]
+    print(f"\n### {setting}: seconds per image (vit_b, {len(reference['outputs'])} images)\n")
+    print("| variant | total | encoder | decoder | post | rle | wire | peak RSS | masks | response bytes | speedup | agreement with (a) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['name']} | {row['total']:.2f} | {row['encoder']:.2f} | {row['decoder']:.2f} | {row['post']:.2f} "
+            f"| {row['rle']:.2f} | {row['wire']:.3f} | {row['rss'] / 2**30:.2f} GiB | {row['masks']:.0f} "
+            f"| {row['bytes']:,.0f} | {reference['total'] / row['total']:.1f}x | "
+            f"{'-' if row is reference else agreement(reference, row)} |"
+        )
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured GFLOP/s of an n x n x n matmul (best of `repeats`)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def hardware_report(sam: torch.nn.Module, rows: Dict[str, Dict[str, Any]]) -> None:
+    encoder_flops = flops(lambda: sam.image_encoder(torch.randn(1, 3, 1024, 1024)))
+    tokens = torch.randn(64, 7, 256)
+    decoder_flops = flops(
+        lambda: sam.mask_decoder.predict_masks(
+            torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), tokens, torch.randn(64, 256, 64, 64)
+        )
+    )
+    fp32, bf16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
+    print("\n### Hardware limit\n")
+    print(f"measured GEMM peak: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
+    print(f"FLOPs: image encoder {encoder_flops / 1e9:.0f} GFLOP per image; reference mask decoder "
+          f"{decoder_flops / 1e9:.0f} GFLOP per 64 points ({decoder_flops * 16 / 1e9:.0f} GFLOP per 32x32 grid)")
+    for name, row in rows.items():
+        peak = bf16 if "bf16" in name else fp32
+        if row["encoder"] > 0:
+            achieved = encoder_flops / row["encoder"] / 1e9
+            print(f"{name}: encoder {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the measured "
+                  f"{'bf16' if 'bf16' in name else 'fp32'} GEMM peak")
+
+
+def engine_mode(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    images = [getattr(sample_images, name)() for name in args.images.split(",")]
+    started = time.perf_counter()
+    reference_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
+    load_s = time.perf_counter() - started
+    engine_dtype = resolve_dtype("auto", torch.device("cpu"))
+    engine_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), engine_dtype)
+    fp32_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
+    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
+    print(f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; model build+load {load_s:.1f} s")
+    try:
+        import segment_anything_fast  # noqa: F401
+
+        print("(c) pytorch-labs segment_anything_fast is importable but not wired into this benchmark")
+    except ImportError:
+        print("(c) pytorch-labs segment_anything_fast: not importable here (not on PyPI); row omitted")
+    last_rows: Dict[str, Dict[str, Any]] = {}
+    for setting in args.settings.split(","):
+        kwargs = {"points_per_side": args.points_per_side, "output_mode": "coco_rle", **SETTINGS[setting]}
+        rows = []
+        if not args.skip_reference:
+            rows.append(run_variant("(a) reference fp32", lambda: ReferenceGenerator(reference_sam, **kwargs), reference_stages, images))
+        rows.append(run_variant(
+            f"(b) engine defaults ({dtype_name})",
+            lambda: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kwargs), engine_stages, images,
+        ))
+        rows.append(run_variant(
+            "(b') engine fp32", lambda: SamAutomaticMaskGenerator(fp32_sam, **kwargs), engine_stages, images
+        ))
+        print_table(setting, rows)
+        last_rows = {row["name"]: row for row in rows}
+    hardware_report(reference_sam, last_rows)
+
+
+def server_mode(args: argparse.Namespace) -> None:
+    import requests
+
+    from sam_fast_serve.local_server import TorchServe
+
+    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    png = {}
+    for name in args.images.split(","):
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(getattr(sample_images, name)(), cv2.COLOR_RGB2BGR))
+        png[name] = encoded.tobytes()
+    print(f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, images {args.images}")
+    print("\n| batchSize | cold start to READY | warm restart to READY | sequential s/request | "
+          f"{args.concurrency} clients: requests/s | p50 latency | worker peak RSS | response bytes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        work = Path(tempfile.mkdtemp())
+        config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+        config["batchSize"] = batch_size
+        config["handler"]["sam_checkpoint"] = checkpoint.name
+        (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+        archive = build_archive(checkpoint, work / "model-config.yaml", work / "model_store")
+        server = TorchServe(work, archive.parent, archive.name)
+        cold = server.start()
+        try:
+            server.stop()
+            warm = server.start()
+            url = f"{server.inference_url}/predictions/sam-fast"
+            headers = {**server.auth(), "Content-Type": "application/octet-stream"}
+            bodies = list(png.values())
+
+            def one(i: int) -> tuple:
+                started = time.perf_counter()
+                reply = requests.post(url, data=bodies[i % len(bodies)], headers=headers, timeout=900)
+                reply.raise_for_status()
+                return time.perf_counter() - started, len(reply.content)
+
+            pid = server.worker_pids()[0]
+            with PeakRss(int(pid)) as rss:
+                sequential = [one(i) for i in range(args.requests)]
+                started = time.perf_counter()
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    concurrent = list(pool.map(one, range(args.requests)))
+                wall = time.perf_counter() - started
+            print(
+                f"| {batch_size} | {cold:.1f} s | {warm:.1f} s | {np.mean([s for s, _ in sequential]):.2f} | "
+                f"{args.requests / wall:.3f} | {np.median([s for s, _ in concurrent]):.1f} s | "
+                f"{rss.peak / 2**30:.2f} GiB | {np.mean([b for _, b in sequential]):,.0f} |"
+            )
+        finally:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--server", action="store_true", help="time whole requests through TorchServe")
+    parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
+    parser.add_argument("--images", default="astronaut,chelsea")
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--settings", default="default,keep-all")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    server_mode(args) if args.server else engine_mode(args)
+
+
+if __name__ == "__main__":
+    main()
