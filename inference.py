@@ -5,13 +5,14 @@ python inference.py IMAGE [IMAGE...] [--url URL] [--model NAME] [--token TOKEN] 
 
 Each image is POSTed as the raw body. The answer is decoded safely (the pickle with an unpickler
 that refuses every global), then written as OUT/<image>.json (COCO-RLE annotations) and
-OUT/<image>.overlay.png. Connection errors and 503s are retried with backoff; 4xx answers are
-not. A failed image is reported and the run goes on; the exit status is 1 if any image failed.
+OUT/<image>.overlay.png. Connection errors, 503s and a worker that died (TorchServe answers 507
+"Worker died." and restarts it) are retried with backoff; 4xx answers are not. A failed image is reported and the run goes on; the exit status is 1 if any image failed.
 """
 
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ from pycocotools import mask as mask_utils
 from sam_fast_serve.imaging import decode_image
 from sam_fast_serve.wire import decode_pickled, is_annotation_list
 
-RETRY_STATUSES = (503,)
 
 
 class RequestFailed(Exception):
@@ -43,6 +43,19 @@ def default_token() -> Optional[str]:
         return None
 
 
+def is_transient(reply: requests.Response) -> bool:
+    """503 (busy), or TorchServe's 507 "Worker died." (it restarts the worker; our handler's own
+    507 out-of-memory answers carry an "error" field and are not retried)."""
+    if reply.status_code == 503:
+        return True
+    if reply.status_code != 507:
+        return False
+    try:
+        return "error" not in reply.json()
+    except ValueError:
+        return True
+
+
 def post_image(
     session: requests.Session,
     url: str,
@@ -52,11 +65,11 @@ def post_image(
     backoff: float,
     timeout: float,
 ) -> requests.Response:
-    """POST with retries on connection errors and 503 (exponential backoff); never on 4xx."""
+    """POST with retries (exponential backoff) on connection errors and transient 5xx; never on 4xx."""
     for attempt in range(retries + 1):
         try:
             reply = session.post(url, data=body, headers=headers, timeout=timeout)
-            if reply.status_code not in RETRY_STATUSES:
+            if not is_transient(reply):
                 return reply
             problem = f"HTTP {reply.status_code}: {reply.text[:200]}"
         except requests.ConnectionError as exc:
@@ -74,10 +87,13 @@ def parse_reply(reply: requests.Response) -> List[dict]:
         except ValueError:
             reason = reply.text
         raise RequestFailed(f"HTTP {reply.status_code}: {reason}")
-    if reply.headers.get("Content-Type", "").startswith("application/json"):
-        payload: Any = reply.json()
-    else:
-        payload = decode_pickled(reply.text)
+    try:
+        if reply.headers.get("Content-Type", "").startswith("application/json"):
+            payload: Any = reply.json()
+        else:
+            payload = decode_pickled(reply.text)
+    except (pickle.UnpicklingError, ValueError) as exc:
+        raise RequestFailed(f"refused the server's answer: {exc}") from exc
     if not is_annotation_list(payload):
         raise RequestFailed("the server's answer is not a list of annotations")
     return payload

@@ -38,6 +38,10 @@ class ServiceConfig:
     dtype: str = "auto"
     compile: bool = False
     max_image_pixels: int = 50_000_000
+    # Masks returned per image at most (the best by predicted IoU): bounds response size.
+    max_masks: int = 1000
+    # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
+    embedding_cache_bytes: int = 256 * 1024 * 1024
     amg: AmgSettings = field(default_factory=AmgSettings)
 
 
@@ -95,6 +99,8 @@ SERVICE_RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "dtype": _one_of(DTYPES),
     "compile": _boolean,
     "max_image_pixels": _int_in(1, 1_000_000_000),
+    "max_masks": _int_in(1, 100_000),
+    "embedding_cache_bytes": _int_in(0, 1 << 40),
 }
 
 

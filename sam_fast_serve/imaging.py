@@ -97,8 +97,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     fmt = sniff_format(data)
     read_size(data, max_pixels)
     _check_complete(data, fmt)
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:
+        bgr = None
     if bgr is None or bgr.size == 0:
         raise BadRequest(f"the {fmt} image is corrupt and cannot be decoded")
     return cv2.cvtColor(_to_uint8(bgr), cv2.COLOR_BGR2RGB)

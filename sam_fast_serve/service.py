@@ -71,7 +71,7 @@ class MaskService:
         self.sam = generator_model
         self.dtype = dtype
         self.decoder = FastMaskDecoder(self.sam.mask_decoder, dtype)
-        self.embedding_cache = EmbeddingCache(0)
+        self.embedding_cache = EmbeddingCache(config.embedding_cache_bytes)
 
     @classmethod
     def load(cls, handler_section: Optional[Mapping[str, Any]], model_dir: Path, gpu_id: Optional[int]) -> "MaskService":
@@ -143,6 +143,13 @@ class MaskService:
             replies.update(self._segment(settings, group))
         return [replies[i] for i in range(len(requests))]
 
+    def _best(self, annotations: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """At most `max_masks` annotations: the best by predicted IoU, in their original order."""
+        if len(annotations) <= self.config.max_masks:
+            return annotations
+        ranked = sorted(range(len(annotations)), key=lambda i: annotations[i]["predicted_iou"], reverse=True)
+        return [annotations[i] for i in sorted(ranked[: self.config.max_masks])]
+
     def _segment(self, settings: AmgSettings, jobs: List[_Job]) -> Dict[int, Reply]:
         try:
             results = self.generator(settings).generate_batch([job.image for job in jobs])
@@ -157,7 +164,7 @@ class MaskService:
             return {job.index: error_reply(error) for job in jobs}
         replies = {}
         for job, annotations in zip(jobs, results):
-            payload = [annotation_to_builtins(a) for a in annotations]
+            payload = [annotation_to_builtins(a) for a in self._best(annotations)]
             if job.json:
                 replies[job.index] = Reply(200, encode_json(payload), JSON_MEDIA_TYPE)
             else:

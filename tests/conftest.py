@@ -1,18 +1,22 @@
 """Shared fixtures: a random-weight vit_b checkpoint, sample photos, image file encoders."""
 
+import contextlib
 import io
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from skimage import data
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sam_fast_serve.deploy import save_random_checkpoint  # noqa: E402
+from sam_fast_serve.deploy import build_archive, save_random_checkpoint  # noqa: E402
+from sam_fast_serve.local_server import TorchServe  # noqa: E402
 
 # Every mask is kept (random weights give no mask above the default thresholds), on a small grid.
 KEEP_ALL = {
@@ -44,3 +48,20 @@ def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **params)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, checkpoint: Path, **overrides) -> Iterator[TorchServe]:
+    """TorchServe from a real archive of `checkpoint` with the smoke config plus `overrides`
+    (top-level TorchServe keys, or `handler` keys given as handler={...}); stopped in every case."""
+    config = yaml.safe_load((REPO / "tests" / "smoke-config.yaml").read_text())
+    config["handler"].update(overrides.pop("handler", {}))
+    config.update(overrides)
+    (workdir / "model-config.yaml").write_text(yaml.safe_dump(config))
+    archive = build_archive(checkpoint, workdir / "model-config.yaml", workdir / "model_store")
+    server = TorchServe(workdir, archive.parent, archive.name)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,27 +9,20 @@ import sys
 import numpy as np
 import pytest
 import requests
-from conftest import encode
+from conftest import encode, running_server
 from pycocotools import mask as mask_utils
 
-from sam_fast_serve.deploy import REPO, build_archive
-from sam_fast_serve.local_server import TorchServe, free_port
+from sam_fast_serve.deploy import REPO
+from sam_fast_serve.local_server import free_port
 from sam_fast_serve.wire import decode_pickled, is_annotation_list
 
-SMOKE_CONFIG = REPO / "tests" / "smoke-config.yaml"
 MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, random_checkpoint):
-    work = tmp_path_factory.mktemp("torchserve")
-    archive = build_archive(random_checkpoint, SMOKE_CONFIG, work / "model_store")
-    ts = TorchServe(work, archive.parent, archive.name)
-    ts.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 def check_annotations(annotations, height, width):
