@@ -1,0 +1,70 @@
+"""Security habits that a test can hold us to."""
+
+import base64
+import http.server
+import os
+import pickle
+import re
+import subprocess
+import sys
+import threading
+import zlib
+
+from conftest import encode
+
+from sam_fast_serve.deploy import REPO
+
+SERVER_SIDE = [REPO / "custom_handler.py", *sorted((REPO / "sam_fast_serve").glob("*.py"))]
+
+
+class _RunsCommand:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_client_refuses_a_hostile_pickle_from_the_server(tmp_path, chelsea):
+    marker = tmp_path / "pwned"
+    hostile = base64.b64encode(zlib.compress(pickle.dumps([_RunsCommand(str(marker))]))).decode()
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(hostile.encode())
+
+        def log_message(self, *args):
+            pass
+
+    fake = http.server.HTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    image = tmp_path / "c.png"
+    image.write_bytes(encode(chelsea))
+    try:
+        run = subprocess.run(
+            [sys.executable, str(REPO / "inference.py"), str(image), "--url", f"http://127.0.0.1:{fake.server_port}",
+             "--token", "x", "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        fake.shutdown()
+    assert run.returncode == 1
+    assert "refusing to load global" in run.stderr and "system" in run.stderr
+    assert not marker.exists()
+
+
+def test_nothing_server_side_unpickles_or_evals():
+    pattern = re.compile(r"(pickle\.loads?|pickle\.Unpickler|(?<![\w.])eval|(?<![\w.])exec|yaml\.load|torch\.load)\s*\(")
+    found = {}
+    for path in SERVER_SIDE:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                found[f"{path.name}:{number}"] = line.strip()
+    # The one hit: loading the checkpoint, with weights_only. (wire.decode_pickled, for clients,
+    # subclasses pickle.Unpickler to refuse every global; nothing server-side calls it.)
+    assert list(found.values()) == ['state = torch.load(checkpoint, map_location="cpu", weights_only=True)'], found
+    assert not any("decode_pickled" in path.read_text() for path in SERVER_SIDE if path.name != "wire.py")
