@@ -32,6 +32,8 @@ class SamAutomaticMaskHandler(BaseHandler):
         replies = self.service.handle(requests)
         for index, reply in enumerate(replies):
             context.set_response_content_type(index, reply.content_type)
+            for name, value in reply.headers.items():
+                context.set_response_header(index, name, value)
             if reply.status != 200:
                 context.set_response_status(reply.status, "", index)
         return [reply.body for reply in replies]

@@ -26,9 +26,9 @@ from segment_anything.utils.amg import (
     uncrop_masks,
 )
 
-from .embeddings import EmbeddingCache
 from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
+from .rle import encode_masks, rle_to_builtins
 
 # Upsampled masks are produced at most this many pixels (summed over masks) at a time, which
 # bounds memory on large images: 64 masks of 1 MP in fp32 is 256 MB.
@@ -39,8 +39,8 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
     """Drop-in for segment_anything.SamAutomaticMaskGenerator (same arguments and records), plus:
 
     process_batch_size: images (or crops) per image-encoder call in `generate_batch`.
-    decoder: a FastMaskDecoder for `model` (built in `decoder_dtype` when not given).
-    embedding_cache: where embeddings are kept across calls (none by default).
+    predictor: a FastSamPredictor for `model`, to share its decoder and embedding cache between
+        generators; by default a new one with a FastMaskDecoder in `decoder_dtype` and no cache.
     """
 
     def __init__(
@@ -48,15 +48,15 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         model: Sam,
         *args: Any,
         process_batch_size: int = 1,
-        decoder: Optional[FastMaskDecoder] = None,
+        predictor: Optional[FastSamPredictor] = None,
         decoder_dtype: torch.dtype = torch.float32,
-        embedding_cache: Optional[EmbeddingCache] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, *args, **kwargs)
         self.process_batch_size = process_batch_size
-        decoder = decoder if decoder is not None else FastMaskDecoder(model.mask_decoder, decoder_dtype)
-        self.predictor = FastSamPredictor(model, decoder, embedding_cache)
+        if predictor is None:
+            predictor = FastSamPredictor(model, FastMaskDecoder(model.mask_decoder, decoder_dtype))
+        self.predictor = predictor
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
@@ -75,7 +75,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         rles = data["rles"]
         areas = mask_utils.area(rles) if rles else []
         if self.output_mode == "coco_rle":
-            segmentations: List[Any] = [{"size": r["size"], "counts": r["counts"].decode("utf-8")} for r in rles]
+            segmentations: List[Any] = [rle_to_builtins(r) for r in rles]
         elif self.output_mode == "binary_mask":
             segmentations = [mask_utils.decode(r).astype(bool) for r in rles]
         else:
@@ -153,11 +153,8 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
         if not torch.all(keep):
             data.filter(keep)
-        masks = uncrop_masks(data["masks"], crop_box, orig_h, orig_w)
+        data["rles"] = encode_masks(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
         del data["masks"]
-        # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
-        columns = masks.transpose(1, 2).to(device="cpu", dtype=torch.uint8).numpy()
-        data["rles"] = mask_utils.encode(np.asfortranarray(columns.transpose(2, 1, 0))) if len(columns) else []
         return data
 
     def _empty_batch(self) -> MaskData:

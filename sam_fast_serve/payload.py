@@ -10,22 +10,27 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
+from .config import AMG_RULES
 from .errors import BadRequest, UnsupportedMediaType
 from .imaging import sniff_format
+from .prompts import PROMPT_FIELDS
 
 # Field names under which an image is looked for, in order; TorchServe names a raw body "body".
 IMAGE_FIELDS = ("image", "data", "file", "body")
+# Form fields that are options, never the image.
+OPTION_FIELDS = frozenset(("image_id", *PROMPT_FIELDS, *AMG_RULES))
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/=\s_-]+$")
 
 
 @dataclass
 class ParsedRequest:
-    """The image file bytes of a request and its options (everything but the image)."""
+    """The image file bytes of a request (None when it names a cached image by `image_id`) and
+    its options (everything but the image)."""
 
-    image: bytes
+    image: Optional[bytes]
     options: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,9 +50,11 @@ def _from_json_object(obj: Any) -> ParsedRequest:
     if not isinstance(obj, dict):
         raise BadRequest('a JSON body must be an object like {"image": "<base64>"}')
     image = obj.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise BadRequest('the JSON body has no "image" field with a base64-encoded image')
     options = {k: v for k, v in obj.items() if k != "image"}
+    if image is None and "image_id" in obj:
+        return ParsedRequest(None, options)
+    if not isinstance(image, str) or not image.strip():
+        raise BadRequest('the JSON body has no "image" field with a base64-encoded image (or an "image_id")')
     return ParsedRequest(_b64decode(image), options)
 
 
@@ -85,8 +92,10 @@ def parse_request(fields: Mapping[str, Any]) -> ParsedRequest:
     """
     name = next((n for n in IMAGE_FIELDS if fields.get(n) not in (None, b"", "")), None)
     if name is None:
-        filled = [n for n, v in fields.items() if isinstance(v, (bytes, bytearray)) and v]
+        filled = [n for n, v in fields.items() if isinstance(v, (bytes, bytearray)) and v and n not in OPTION_FIELDS]
         name = filled[0] if len(filled) == 1 else None
+    if name is None and "image_id" in fields:
+        return ParsedRequest(None, {k: _form_option(v) for k, v in fields.items()})
     if name is None:
         raise BadRequest(
             "the request has no image: send the file as the body, as a multipart field named "

@@ -1,6 +1,6 @@
 """A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -71,6 +71,37 @@ class FastSamPredictor(SamPredictor):
         )
         self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
         self.is_image_set = True
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SamPredictor.predict_torch (same arguments and outputs) through the fast decoder.
+
+        Returns masks (B, C, H, W), their predicted IoUs (B, C) and low-res logits (B, C, 256, 256),
+        C = 3 with multimask_output, else 1. A mask_input changes the dense embedding per prompt,
+        which the fast decoder shares per image, so that case uses segment_anything's decoder.
+        """
+        if mask_input is not None:
+            return super().predict_torch(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, _ = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        tokens = self.decoder.run_transformer(self.decoder_state, sparse)
+        mask_ids = torch.arange(1, 4) if multimask_output else torch.arange(0, 1)
+        count = len(mask_ids)
+        prompt_idx = torch.arange(sparse.shape[0]).repeat_interleave(count)
+        low_res = self.decoder.mask_logits(tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device))
+        low_res = low_res.view(sparse.shape[0], count, *low_res.shape[-2:])
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, tokens.iou_pred[:, mask_ids.to(sparse.device)], low_res
 
     def reset_image(self) -> None:
         super().reset_image()

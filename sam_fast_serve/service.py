@@ -1,14 +1,16 @@
-"""The mask service: request fields in, (status, body, content type) out. Imports nothing from ts.
+"""The mask service: request fields in, replies (status, body, content type, headers) out.
+Imports nothing from ts.
 
-Data flows one way: parse_request -> decode_image -> SamAutomaticMaskGenerator -> wire encoding.
+Data flows one way: parse_request -> decode_image -> engine (SamAutomaticMaskGenerator, or
+segment_prompts when the request has points or boxes) -> wire encoding.
 """
 
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,29 +19,43 @@ from .automatic import SamAutomaticMaskGenerator
 from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select_device
 from .checkpoints import official_for_model_type, resolve_checkpoint
 from .config import AmgSettings, ServiceConfig, apply_request_options, load_service_config
-from .embeddings import EmbeddingCache
-from .errors import OutOfMemory, ServiceError
+from .embeddings import EmbeddingCache, pixel_key
+from .errors import BadRequest, InvalidOption, NotFound, OutOfMemory, ServiceError
 from .fast_decoder import FastMaskDecoder
 from .imaging import decode_image
 from .payload import parse_request
+from .predictor import FastSamPredictor
+from .prompted import segment_prompts
+from .prompts import has_prompts, parse_prompts, split_prompt_fields
 from .wire import JSON_MEDIA_TYPE, annotation_to_builtins, encode_json, encode_pickled
 
 logger = logging.getLogger(__name__)
 
 PICKLE_CONTENT_TYPE = "text/plain; charset=us-ascii"
+# Every 200 carries the image's embedding-cache key: send it back as "image_id" with prompts.
+IMAGE_ID_HEADER = "X-Image-Id"
 
 
 @dataclass
 class Reply:
-    """One response: HTTP status, body text and its content type."""
+    """One response: HTTP status, body text, its content type and extra headers."""
 
     status: int
     body: str
     content_type: str
+    headers: Dict[str, str] = field(default_factory=dict)
 
 
 def error_reply(error: ServiceError) -> Reply:
     return Reply(error.status, encode_json(error.to_body()), JSON_MEDIA_TYPE)
+
+
+def payload_reply(payload: Any, as_json: bool, image_id: str) -> Reply:
+    """A 200 carrying `payload` (builtins) as JSON or pickle+zlib+base64, and the image's cache key."""
+    headers = {IMAGE_ID_HEADER: image_id}
+    if as_json:
+        return Reply(200, encode_json(payload), JSON_MEDIA_TYPE, headers)
+    return Reply(200, encode_pickled(payload), PICKLE_CONTENT_TYPE, headers)
 
 
 def wants_json(headers: Mapping[str, str]) -> bool:
@@ -55,23 +71,33 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class _Job:
+    """One parsed request: automatic (settings) or prompted (prompt_fields)."""
+
     index: int
-    image: np.ndarray
-    settings: AmgSettings
     json: bool
+    image: Optional[np.ndarray]  # None when the request names a cached image by image_id
+    image_id: str
+    settings: Optional[AmgSettings] = None
+    prompt_fields: Optional[Dict[str, Any]] = None
 
 
 class MaskService:
-    """A loaded SAM model and the settings to answer automatic-mask requests with it."""
+    """A loaded SAM model and the settings to answer mask requests with it."""
 
-    def __init__(self, config: ServiceConfig, generator_model: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, config: ServiceConfig, sam: torch.nn.Module, dtype: torch.dtype) -> None:
         self.config = config
-        self.sam = generator_model
+        self.sam = sam
         self.dtype = dtype
-        self.decoder = FastMaskDecoder(self.sam.mask_decoder, dtype)
-        self.embedding_cache = EmbeddingCache(config.embedding_cache_bytes)
+        decoder = FastMaskDecoder(sam.mask_decoder, dtype)
+        self.predictor = FastSamPredictor(sam, decoder, EmbeddingCache(config.embedding_cache_bytes))
 
     @classmethod
     def load(cls, handler_section: Optional[Mapping[str, Any]], model_dir: Path, gpu_id: Optional[int]) -> "MaskService":
@@ -102,7 +128,7 @@ class MaskService:
         self.generator(AmgSettings(points_per_side=2, points_per_batch=4)).generate(image)
 
     def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
-        """A generator for one set of AMG settings, sharing this service's model and decoder."""
+        """A generator for one set of AMG settings, sharing this service's predictor and cache."""
         return SamAutomaticMaskGenerator(
             self.sam,
             points_per_side=settings.points_per_side,
@@ -114,20 +140,41 @@ class MaskService:
             min_mask_region_area=settings.min_mask_region_area,
             output_mode="coco_rle",
             process_batch_size=self.config.process_batch_size,
-            decoder=self.decoder,
-            embedding_cache=self.embedding_cache,
+            predictor=self.predictor,
         )
 
     def _parse(self, index: int, fields: Mapping[str, Any], headers: Mapping[str, str]) -> _Job:
         request = parse_request(fields)
-        image = decode_image(request.image, self.config.max_image_pixels)
-        settings = apply_request_options(self.config.amg, request.options)
-        return _Job(index, image, settings, wants_json(headers))
+        options = dict(request.options)
+        image_id = options.pop("image_id", None)
+        prompt_fields = split_prompt_fields(options)
+        as_json = wants_json(headers)
+        image = None
+        if request.image is not None:
+            image = decode_image(request.image, self.config.max_image_pixels)
+            image_id = pixel_key(image)
+        elif not isinstance(image_id, str) or not image_id:
+            raise BadRequest("'image_id' must be the string an earlier response returned")
+        if has_prompts(prompt_fields):
+            if options:
+                raise InvalidOption(
+                    f"option(s) {', '.join(map(repr, sorted(options)))} apply to automatic mask generation, "
+                    "not to a request with points or boxes"
+                )
+            if image is not None:
+                parse_prompts(prompt_fields, image.shape[:2])  # refuse bad prompts before the encoder runs
+            return _Job(index, as_json, image, image_id, prompt_fields=prompt_fields)
+        if prompt_fields:
+            raise InvalidOption(f"{', '.join(map(repr, sorted(prompt_fields)))} given without 'points' or 'boxes'")
+        if image is None:
+            raise BadRequest("automatic mask generation needs the image itself; 'image_id' works with points or boxes")
+        return _Job(index, as_json, image, image_id, settings=apply_request_options(self.config.amg, options))
 
     def handle(self, requests: Sequence[Tuple[Mapping[str, Any], Mapping[str, str]]]) -> List[Reply]:
         """Answer a batch of requests, each given as (fields, headers); one Reply per request.
 
         A request that fails gets its own error reply; the others in the batch are still served.
+        Automatic requests with the same settings share image-encoder calls.
         """
         replies: Dict[int, Reply] = {}
         jobs: List[_Job] = []
@@ -138,10 +185,51 @@ class MaskService:
                 replies[index] = error_reply(error)
         groups: Dict[AmgSettings, List[_Job]] = {}
         for job in jobs:
-            groups.setdefault(job.settings, []).append(job)
-        for settings, group in groups.items():
-            replies.update(self._segment(settings, group))
+            if job.settings is not None:
+                groups.setdefault(job.settings, []).append(job)
+            else:
+                replies[job.index] = self._guarded([job], self._prompted)[job.index]
+        for group in groups.values():
+            replies.update(self._guarded(group, self._automatic))
         return [replies[i] for i in range(len(requests))]
+
+    def _guarded(self, jobs: List[_Job], run: Callable[[List[_Job]], Dict[int, Reply]]) -> Dict[int, Reply]:
+        """`run(jobs)`, with a ServiceError or an out-of-memory failure answered per job."""
+        try:
+            return run(jobs)
+        except ServiceError as error:
+            return {job.index: error_reply(error) for job in jobs}
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            logger.error("out of memory serving %d request(s)", len(jobs), exc_info=True)
+            _free_memory()
+            error = OutOfMemory("the server ran out of memory for this request; try a smaller image or fewer points")
+            return {job.index: error_reply(error) for job in jobs}
+
+    def _automatic(self, jobs: List[_Job]) -> Dict[int, Reply]:
+        settings = jobs[0].settings
+        results = self.generator(settings).generate_batch([job.image for job in jobs])
+        return {
+            job.index: payload_reply([annotation_to_builtins(a) for a in self._best(anns)], job.json, job.image_id)
+            for job, anns in zip(jobs, results)
+        }
+
+    def _prompted(self, jobs: List[_Job]) -> Dict[int, Reply]:
+        (job,) = jobs
+        if job.image is not None:
+            self.predictor.set_image(job.image)
+        else:
+            embedding = self.predictor.cache.get(job.image_id)
+            if embedding is None:
+                raise NotFound(
+                    f"image_id {job.image_id!r} is not in the embedding cache (evicted, or from another "
+                    "worker or server run): send the image again"
+                )
+            self.predictor.set_embedding(embedding)
+        prompts = parse_prompts(job.prompt_fields, self.predictor.original_size)
+        payload = {"image_id": job.image_id, "prompts": segment_prompts(self.predictor, prompts)}
+        return {job.index: payload_reply(payload, job.json, job.image_id)}
 
     def _best(self, annotations: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """At most `max_masks` annotations: the best by predicted IoU, in their original order."""
@@ -149,24 +237,3 @@ class MaskService:
             return annotations
         ranked = sorted(range(len(annotations)), key=lambda i: annotations[i]["predicted_iou"], reverse=True)
         return [annotations[i] for i in sorted(ranked[: self.config.max_masks])]
-
-    def _segment(self, settings: AmgSettings, jobs: List[_Job]) -> Dict[int, Reply]:
-        try:
-            results = self.generator(settings).generate_batch([job.image for job in jobs])
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            logger.error("out of memory segmenting %d image(s)", len(jobs), exc_info=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            error = OutOfMemory("the server ran out of memory for this image; try a smaller image or fewer points")
-            return {job.index: error_reply(error) for job in jobs}
-        replies = {}
-        for job, annotations in zip(jobs, results):
-            payload = [annotation_to_builtins(a) for a in self._best(annotations)]
-            if job.json:
-                replies[job.index] = Reply(200, encode_json(payload), JSON_MEDIA_TYPE)
-            else:
-                replies[job.index] = Reply(200, encode_pickled(payload), PICKLE_CONTENT_TYPE)
-        return replies

@@ -13,6 +13,8 @@ import pickle
 import zlib
 from typing import Any, Dict, Mapping
 
+from .rle import rle_to_builtins
+
 JSON_MEDIA_TYPE = "application/json"
 # Chosen by benchmarks/bench_wire.py: level 1 and 6 give nearly the same size on COCO-RLE text.
 DEFAULT_ZLIB_LEVEL = 6
@@ -20,13 +22,8 @@ DEFAULT_ZLIB_LEVEL = 6
 
 def annotation_to_builtins(ann: Mapping[str, Any]) -> Dict[str, Any]:
     """One segment_anything AMG record (coco_rle mode) as plain ints, floats, strs, lists, dicts."""
-    rle = ann["segmentation"]
-    counts = rle["counts"]
     return {
-        "segmentation": {
-            "size": [int(s) for s in rle["size"]],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else str(counts),
-        },
+        "segmentation": rle_to_builtins(ann["segmentation"]),
         "area": int(ann["area"]),
         "bbox": [float(v) for v in ann["bbox"]],
         "predicted_iou": float(ann["predicted_iou"]),

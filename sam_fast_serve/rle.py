@@ -1,0 +1,22 @@
+"""Binary masks to COCO compressed RLE with pycocotools' C encoder (one call for all masks)."""
+
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+
+def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
+    """(N, H, W) boolean masks, on any device, to N COCO RLEs ({"size": [H, W], "counts": bytes})."""
+    if len(masks) == 0:
+        return []
+    # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
+    columns = masks.transpose(1, 2).to(device="cpu", dtype=torch.uint8).numpy()
+    return mask_utils.encode(np.asfortranarray(columns.transpose(2, 1, 0)))
+
+
+def rle_to_builtins(rle: Dict[str, Any]) -> Dict[str, Any]:
+    """A COCO RLE with counts as str and size as ints: what the wire carries."""
+    counts = rle["counts"]
+    return {"size": [int(s) for s in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
