@@ -65,3 +65,23 @@ def running_server(workdir: Path, checkpoint: Path, **overrides) -> Iterator[Tor
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_sam(random_checkpoint):
+    """segment_anything's model (fp32) with the random checkpoint: the reference for equivalence."""
+    from sam_fast_serve.build import sam_model_fast_registry
+
+    return sam_model_fast_registry["vit_b"](str(random_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def fp32_service(random_checkpoint, tmp_path_factory):
+    """The mask service in fp32, keep-all on an 8x8 grid, loaded as the handler loads it."""
+    from sam_fast_serve.service import MaskService
+
+    model_dir = tmp_path_factory.mktemp("model_dir")
+    (model_dir / random_checkpoint.name).symlink_to(random_checkpoint)
+    section = {"model_type": "vit_b", "sam_checkpoint": random_checkpoint.name, "dtype": "float32",
+               "points_per_side": 8, "points_per_batch": 64, **KEEP_ALL}
+    return MaskService.load(section, model_dir, gpu_id=None)
