@@ -1,7 +1,11 @@
 """Client for the sam-fast TorchServe endpoint.
 
 python inference.py IMAGE [IMAGE...] [--url URL] [--model NAME] [--token TOKEN] [--out DIR]
-                    [--format pickle|json]
+                    [--format pickle|json] [--point X,Y[:LABEL] ...] [--box X0,Y0,X1,Y1 ...]
+
+Without prompts the server generates masks automatically. With --point (label 1 = foreground,
+the default; 0 = background) and/or --box, it returns the masks of those prompts (one set per
+box; points join every box), and the overlay shows the prompts.
 
 Each image is POSTed as the raw body. The answer is decoded safely (the pickle with an unpickler
 that refuses every global), then written as OUT/<image>.json (COCO-RLE annotations) and
@@ -10,13 +14,14 @@ OUT/<image>.overlay.png. Connection errors, 503s and a worker that died (TorchSe
 """
 
 import argparse
+import base64
 import json
 import os
 import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -24,7 +29,7 @@ import requests
 from pycocotools import mask as mask_utils
 
 from sam_fast_serve.imaging import decode_image
-from sam_fast_serve.wire import decode_pickled, is_annotation_list
+from sam_fast_serve.wire import decode_pickled, is_annotation_list, is_prompt_response
 
 
 
@@ -79,8 +84,24 @@ def post_image(
     raise RequestFailed(f"{problem} (after {retries + 1} attempts)")
 
 
-def parse_reply(reply: requests.Response) -> List[dict]:
-    """The annotations of a 200 reply (pickle or JSON), or RequestFailed with the server's reason."""
+def parse_point(text: str) -> Tuple[List[float], int]:
+    """'X,Y' or 'X,Y:LABEL' -> ([x, y], label)."""
+    where, _, label = text.partition(":")
+    x, y = (float(v) for v in where.split(","))
+    return [x, y], int(label or 1)
+
+
+def parse_box(text: str) -> List[float]:
+    """'X0,Y0,X1,Y1' -> [x0, y0, x1, y1]."""
+    box = [float(v) for v in text.split(",")]
+    if len(box) != 4:
+        raise ValueError(f"a box is X0,Y0,X1,Y1, got {text!r}")
+    return box
+
+
+def parse_reply(reply: requests.Response) -> Any:
+    """The payload of a 200 reply (pickle or JSON): a list of annotations, or for a prompted
+    request {"image_id", "prompts": [{"masks": [...]}, ...]}. RequestFailed otherwise."""
     if reply.status_code != 200:
         try:
             reason = reply.json().get("message", reply.text)
@@ -94,19 +115,32 @@ def parse_reply(reply: requests.Response) -> List[dict]:
             payload = decode_pickled(reply.text)
     except (pickle.UnpicklingError, ValueError) as exc:
         raise RequestFailed(f"refused the server's answer: {exc}") from exc
-    if not is_annotation_list(payload):
-        raise RequestFailed("the server's answer is not a list of annotations")
+    if not (is_annotation_list(payload) or is_prompt_response(payload)):
+        raise RequestFailed("the server's answer is neither annotations nor prompt masks")
     return payload
 
 
-def overlay(image: np.ndarray, annotations: List[dict], alpha: float = 0.5) -> np.ndarray:
-    """The RGB image with each mask painted in its own colour, largest first so small ones show."""
+def masks_of(payload: Any) -> List[dict]:
+    """Every mask record of a payload, automatic or prompted."""
+    if isinstance(payload, dict):
+        return [mask for prompt in payload["prompts"] for mask in prompt["masks"]]
+    return payload
+
+
+def overlay(image: np.ndarray, annotations: List[dict], prompts: dict, alpha: float = 0.5) -> np.ndarray:
+    """The RGB image with each mask painted in its own colour (largest first so small ones show),
+    foreground points green, background points red, boxes yellow."""
     canvas = image.astype(np.float32)
     rng = np.random.default_rng(0)
     for ann in sorted(annotations, key=lambda a: a["area"], reverse=True):
         mask = mask_utils.decode(ann["segmentation"]).astype(bool)
         canvas[mask] = canvas[mask] * (1 - alpha) + rng.integers(0, 256, 3) * alpha
-    return canvas.astype(np.uint8)
+    painted = np.ascontiguousarray(canvas.astype(np.uint8))
+    for (x, y), label in zip(prompts.get("points", []), prompts.get("labels", [])):
+        cv2.circle(painted, (round(x), round(y)), 6, (0, 255, 0) if label else (255, 0, 0), -1)
+    for x0, y0, x1, y1 in prompts.get("boxes", []):
+        cv2.rectangle(painted, (round(x0), round(y0)), (round(x1), round(y1)), (255, 255, 0), 2)
+    return painted
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -120,10 +154,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--retries", type=int, default=4)
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--point", action="append", default=[], help="X,Y[:LABEL] in image pixels (repeatable)")
+    parser.add_argument("--box", action="append", default=[], help="X0,Y0,X1,Y1 in image pixels (repeatable)")
     args = parser.parse_args(argv)
+    try:
+        points = [parse_point(p) for p in args.point]
+        prompts = {"boxes": [parse_box(b) for b in args.box]} if args.box else {}
+    except ValueError as exc:
+        parser.error(f"bad --point or --box: {exc}")
+    if points:
+        prompts.update(points=[p for p, _ in points], labels=[label for _, label in points])
 
     url = f"{args.url.rstrip('/')}/predictions/{args.model}"
-    headers = {"Content-Type": "application/octet-stream"}
+    headers = {"Content-Type": "application/json" if prompts else "application/octet-stream"}
     token = args.token or default_token()
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -135,19 +178,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in args.images:
             try:
                 body = path.read_bytes()
+                request = json.dumps({"image": base64.b64encode(body).decode(), **prompts}).encode() if prompts else body
                 started = time.perf_counter()
-                reply = post_image(session, url, body, headers, args.retries, args.backoff, args.timeout)
-                annotations = parse_reply(reply)
+                reply = post_image(session, url, request, headers, args.retries, args.backoff, args.timeout)
+                payload = parse_reply(reply)
                 latency = time.perf_counter() - started
             except (OSError, RequestFailed) as exc:
                 failures += 1
                 print(f"{path}: FAILED: {exc}", file=sys.stderr)
                 continue
-            (args.out / f"{path.stem}.json").write_text(json.dumps(annotations))
-            image = decode_image(body, max_pixels=10**9)
-            painted = overlay(image, annotations)
+            (args.out / f"{path.stem}.json").write_text(json.dumps(payload))
+            masks = masks_of(payload)
+            painted = overlay(decode_image(body, max_pixels=10**9), masks, prompts)
             cv2.imwrite(str(args.out / f"{path.stem}.overlay.png"), cv2.cvtColor(painted, cv2.COLOR_RGB2BGR))
-            print(f"{path}: {len(annotations)} masks, {latency:.2f} s, {len(reply.content)} bytes -> {args.out}/{path.stem}.json")
+            print(f"{path}: {len(masks)} masks, {latency:.2f} s, {len(reply.content)} bytes -> {args.out}/{path.stem}.json")
     print(f"{len(args.images) - failures} of {len(args.images)} images segmented")
     return 1 if failures else 0
 

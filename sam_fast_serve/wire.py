@@ -68,6 +68,16 @@ def decode_pickled(text: str | bytes, max_bytes: int = 1 << 30) -> Any:
     return _NoGlobalsUnpickler(io.BytesIO(raw)).load()
 
 
+def is_prompt_response(payload: Any) -> bool:
+    """Whether `payload` has the shape of a prompted answer: {"image_id", "prompts": [{"masks"}]}."""
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("image_id"), str)
+        and isinstance(payload.get("prompts"), list)
+        and all(isinstance(p, dict) and isinstance(p.get("masks"), list) for p in payload["prompts"])
+    )
+
+
 def is_annotation_list(payload: Any) -> bool:
     """Whether `payload` has the shape of a list of AMG annotations (used by clients and tests)."""
     keys = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}

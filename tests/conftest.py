@@ -85,3 +85,13 @@ def fp32_service(random_checkpoint, tmp_path_factory):
     section = {"model_type": "vit_b", "sam_checkpoint": random_checkpoint.name, "dtype": "float32",
                "points_per_side": 8, "points_per_batch": 64, **KEEP_ALL}
     return MaskService.load(section, model_dir, gpu_id=None)
+
+
+@pytest.fixture(scope="session")
+def reference_predictor(reference_sam, astronaut):
+    """segment_anything.SamPredictor (fp32) with the astronaut photo set."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(reference_sam)
+    predictor.set_image(astronaut)
+    return predictor

@@ -27,13 +27,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference_predictor(reference_sam, astronaut):
-    predictor = SamPredictor(reference_sam)
-    predictor.set_image(astronaut)
-    return predictor
-
-
 def reference_answer(predictor: SamPredictor, case: dict, multimask: bool):
     """(masks (B, C, H, W) bool, scores (B, C)) from segment_anything for one request's prompts."""
     size = predictor.original_size

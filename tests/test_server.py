@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filt
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, random_checkpoint):
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
+    # fp32 so that prompted answers can be held to segment_anything's within 1e-3.
+    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint, handler={"dtype": "float32"}) as ts:
         yield ts
 
 
@@ -89,7 +91,7 @@ def test_bad_image_gets_a_json_error_and_the_worker_goes_on(server, chelsea):
     assert reply.status_code == 415
     body = reply.json()
     assert body["code"] == 415 and body["error"] == "unsupported_media_type" and "JPEG" in body["message"]
-    good = post(server, encode(chelsea, "JPEG"), headers={"Content-Type": "application/octet-stream"})
+    good = post(server, encode(chelsea), headers={"Content-Type": "application/octet-stream"})
     assert good.status_code == 200
     check_annotations(decode_pickled(good.text), *chelsea.shape[:2])
     assert server.worker_pids() == pids
@@ -98,8 +100,8 @@ def test_bad_image_gets_a_json_error_and_the_worker_goes_on(server, chelsea):
 def test_inference_client(server, tmp_path, chelsea, astronaut):
     paths = []
     for name, image in (("chelsea", chelsea), ("astronaut", astronaut)):
-        paths.append(tmp_path / f"{name}.jpg")
-        paths[-1].write_bytes(encode(image, "JPEG", quality=95))
+        paths.append(tmp_path / f"{name}.png")
+        paths[-1].write_bytes(encode(image))  # same pixels as earlier requests: cached embeddings
     run = subprocess.run(
         [sys.executable, str(REPO / "inference.py"), *map(str, paths), "--url", server.inference_url,
          "--token", server.token(), "--out", str(tmp_path / "out")],
@@ -137,3 +139,72 @@ def test_inference_client_when_server_is_down(tmp_path, chelsea):
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
+
+
+def test_prompts_through_torchserve_match_sam_predictor(server, reference_predictor, astronaut):
+    from test_prompts import CASES, reference_answer
+
+    b64 = base64.b64encode(encode(astronaut)).decode()
+    for case in ("mixed points", "several boxes", "box and points"):
+        reply = post(server, json.dumps({"image": b64, **CASES[case]}), headers={"Content-Type": "application/json"})
+        assert reply.status_code == 200, reply.text[:300]
+        answer = decode_pickled(reply.text)
+        ref_masks, ref_scores = reference_answer(reference_predictor, CASES[case], multimask=False)
+        for prompt, ref_prompt_masks, ref_prompt_scores in zip(answer["prompts"], ref_masks, ref_scores, strict=True):
+            (mask,) = prompt["masks"]
+            ours = mask_utils.decode(mask["segmentation"]).astype(bool)
+            ref = ref_prompt_masks[0]
+            assert (ours & ref).sum() / max(1, (ours | ref).sum()) >= 0.99
+            assert abs(mask["predicted_iou"] - float(ref_prompt_scores[0])) < 1e-3
+
+
+def test_image_id_then_concurrent_prompts_on_one_image(server, astronaut):
+    first = post(server, encode(astronaut), headers={"Content-Type": "application/octet-stream"})
+    image_id = first.headers["X-Image-Id"]
+    clicks = [[[40.0 + 50 * i, 60.0 + 40 * i]] for i in range(8)]
+
+    def ask(points):
+        reply = post(server, json.dumps({"image_id": image_id, "points": points}),
+                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        assert reply.status_code == 200, reply.text[:300]
+        return reply.json()
+
+    sequential = [ask(points) for points in clicks]
+    assert len({json.dumps(a) for a in sequential}) == len(clicks)  # different clicks, different masks
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(ask, clicks))
+    assert concurrent == sequential
+
+
+def test_prompt_as_multipart_form_fields(server, chelsea):
+    reply = requests.post(
+        f"{server.inference_url}/predictions/sam-fast",
+        files={"image": ("c.png", encode(chelsea), "image/png")},
+        data={"points": "[[100, 120], [300, 200]]", "labels": "[1, 0]"},
+        headers=server.auth(), timeout=300,
+    )
+    assert reply.status_code == 200, reply.text[:300]
+    answer = decode_pickled(reply.text)
+    assert len(answer["prompts"]) == 1 and len(answer["prompts"][0]["masks"]) == 1
+    bad = requests.post(
+        f"{server.inference_url}/predictions/sam-fast",
+        files={"image": ("c.png", encode(chelsea), "image/png")},
+        data={"points": "[[1000, 120]]"}, headers=server.auth(), timeout=300,
+    )
+    assert bad.status_code == 422 and "'points'" in bad.json()["message"]
+
+
+def test_inference_client_with_prompts(server, tmp_path, astronaut):
+    path = tmp_path / "astronaut.png"
+    path.write_bytes(encode(astronaut))
+    run = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), str(path), "--url", server.inference_url, "--token", server.token(),
+         "--out", str(tmp_path / "out"), "--point", "200,150", "--point", "320,400:0",
+         "--box", "100,50,400,460", "--box", "10,300,200,500"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads((tmp_path / "out" / "astronaut.json").read_text())
+    assert len(answer["prompts"]) == 2 and all(len(p["masks"]) == 1 for p in answer["prompts"])
+    assert "2 masks" in run.stdout
+    assert (tmp_path / "out" / "astronaut.overlay.png").stat().st_size > 1000
