@@ -23,8 +23,9 @@ archive:
 
 serve:
 	@test -f model_store/$(MODEL_NAME).tar.gz || { echo "no model_store/$(MODEL_NAME).tar.gz: run make archive first" >&2; exit 1; }
+	@mkdir -p logs
 	$(VENV)/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
-		--models $(MODEL_NAME)=$(MODEL_NAME).tar.gz
+		--models $(MODEL_NAME)=$(MODEL_NAME).tar.gz > logs/console.log 2>&1
 	$(PY) -m sam_fast_serve.deploy wait-ready --model $(MODEL_NAME)
 
 stop:
