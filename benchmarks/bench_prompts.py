@@ -1,0 +1,61 @@
+"""Prompted masks: the first prompt on an image (decode + image encoder + decoder) against the
+next prompts on the same image (embedding cache hit: decoder only), through the mask service.
+
+    python benchmarks/bench_prompts.py [--dtype auto] [--prompts 10]
+"""
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+from skimage import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sam_fast_serve.deploy import save_random_checkpoint  # noqa: E402
+from sam_fast_serve.service import MaskService  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompts", type=int, default=10)
+    args = parser.parse_args()
+    model_dir = Path(tempfile.mkdtemp())
+    save_random_checkpoint(model_dir / "random_vit_b.pth")
+    service = MaskService.load({"sam_checkpoint": "random_vit_b.pth", "dtype": args.dtype}, model_dir, None)
+    print(f"# bench_prompts: vit_b, dtype {service.dtype}, astronaut 512x512, one click or one box per request\n")
+    print("| image | request | seconds | encoder calls | speedup vs first |")
+    print("|---|---|---|---|---|")
+    for name in ("astronaut", "chelsea"):
+        buffer = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).save(buffer, "PNG")
+        image = base64.b64encode(buffer.getvalue()).decode()
+        started = time.perf_counter()
+        first = service.handle([({"body": {"image": image, "points": [[100, 100]]}}, {})])[0]
+        first_s = time.perf_counter() - started
+        image_id = first.headers["X-Image-Id"]
+        print(f"| {name} | first prompt (image sent) | {first_s:.3f} | {service.predictor.encoder_calls} | 1.0x |")
+        for label, request in (
+            ("next click (image_id)", lambda i: {"image_id": image_id, "points": [[20 + 15 * i, 40 + 10 * i]]}),
+            ("next box (image_id)", lambda i: {"image_id": image_id, "boxes": [[10 + i, 20, 200 + 5 * i, 260]]}),
+            ("next click (image sent again)", lambda i: {"image": image, "points": [[20 + 15 * i, 40 + 10 * i]]}),
+        ):
+            times = []
+            for i in range(args.prompts):
+                started = time.perf_counter()
+                reply = service.handle([({"body": request(i)}, {})])[0]
+                times.append(time.perf_counter() - started)
+                assert reply.status == 200, reply.body
+            median = statistics.median(times)
+            print(f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.predictor.encoder_calls} | {first_s / median:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
