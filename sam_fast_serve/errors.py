@@ -64,5 +64,12 @@ class OutOfMemory(ServiceError):
     kind = "out_of_memory"
 
 
+class InternalError(ServiceError):
+    """A bug or unexpected failure while serving one request; the traceback is in the worker log."""
+
+    status = 500
+    kind = "internal_error"
+
+
 class ConfigError(ValueError):
     """The model configuration is invalid; raised at model load, names the key or file."""

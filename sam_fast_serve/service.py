@@ -20,7 +20,7 @@ from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select
 from .checkpoints import official_for_model_type, resolve_checkpoint
 from .config import AmgSettings, ServiceConfig, apply_request_options, load_service_config
 from .embeddings import EmbeddingCache, pixel_key
-from .errors import BadRequest, InvalidOption, NotFound, OutOfMemory, ServiceError
+from .errors import BadRequest, InternalError, InvalidOption, NotFound, OutOfMemory, ServiceError
 from .fast_decoder import FastMaskDecoder
 from .imaging import decode_image
 from .payload import parse_request
@@ -194,18 +194,20 @@ class MaskService:
         return [replies[i] for i in range(len(requests))]
 
     def _guarded(self, jobs: List[_Job], run: Callable[[List[_Job]], Dict[int, Reply]]) -> Dict[int, Reply]:
-        """`run(jobs)`, with a ServiceError or an out-of-memory failure answered per job."""
+        """`run(jobs)`, with any failure answered per job (the other jobs of the batch go on)."""
         try:
             return run(jobs)
         except ServiceError as error:
-            return {job.index: error_reply(error) for job in jobs}
+            failure: ServiceError = error
         except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            logger.error("out of memory serving %d request(s)", len(jobs), exc_info=True)
+            if _is_out_of_memory(exc):
+                logger.error("out of memory serving %d request(s)", len(jobs), exc_info=True)
+                failure = OutOfMemory("the server ran out of memory for this request; try a smaller image or fewer points")
+            else:
+                logger.exception("unexpected failure serving %d request(s)", len(jobs))
+                failure = InternalError(f"unexpected {type(exc).__name__} while segmenting; see the worker log")
             _free_memory()
-            error = OutOfMemory("the server ran out of memory for this request; try a smaller image or fewer points")
-            return {job.index: error_reply(error) for job in jobs}
+        return {job.index: error_reply(failure) for job in jobs}
 
     def _automatic(self, jobs: List[_Job]) -> Dict[int, Reply]:
         settings = jobs[0].settings
