@@ -208,3 +208,25 @@ def test_inference_client_with_prompts(server, tmp_path, astronaut):
     assert len(answer["prompts"]) == 2 and all(len(p["masks"]) == 1 for p in answer["prompts"])
     assert "2 masks" in run.stdout
     assert (tmp_path / "out" / "astronaut.overlay.png").stat().st_size > 1000
+
+
+def test_out_of_memory_is_a_507_and_the_worker_goes_on(server, chelsea):
+    """Cap the worker's address space just above its current size, send a 25-megapixel image
+    (its masks need more than that), then lift the cap: 507 with a reason, same worker, next OK."""
+    import resource
+
+    import psutil
+
+    pid = int(server.worker_pids()[0])
+    worker = psutil.Process(pid)
+    huge = encode(np.kron(chelsea, np.ones((14, 14, 1), np.uint8))[:4200, :6000])
+    cap = worker.memory_info().vms + 300 * 2**20
+    resource.prlimit(pid, resource.RLIMIT_AS, (cap, cap))
+    try:
+        reply = post(server, huge, headers={"Content-Type": "application/octet-stream"})
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert reply.status_code == 507, reply.text[:300]
+    assert reply.json()["error"] == "out_of_memory"
+    good = post(server, encode(chelsea), headers={"Content-Type": "application/octet-stream"})
+    assert good.status_code == 200 and int(server.worker_pids()[0]) == pid
