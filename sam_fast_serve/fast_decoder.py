@@ -10,12 +10,13 @@ same function (equal up to floating-point rounding) as follows:
 1. Per-image sharing. Until the first image->token attention updates them, the
    image tokens are identical for every prompt, so everything the first block
    derives from them alone (the keys/values of its token->image attention and the
-   queries of its image->token attention) is computed once in `prepare_image`.
-2. Folded attention wherever the image tokens differ per prompt. With heads `h`,
-   head dim `d` and prompt tokens `t`, the products of the image tokens with the
-   per-head projections are folded into the `heads * t` token-side vectors, so per
-   prompt each such matrix product costs `4096 x C x heads*t` (56 columns) instead
-   of `4096 x C x heads*d` (128 columns) plus a second projection.
+   queries of its image->token attention) is computed once in `prepare_image`; so
+   are the projections of the positional encoding used by the later attentions.
+2. Folded attention wherever the image tokens differ per prompt. A per-head
+   projection W_h of the image tokens is never computed: it is moved to the token
+   side (e.g. q_h . (W_h x) = (W_h^T q_h) . x), so per prompt each product with the
+   4096 image tokens has heads * t columns (8 * 7 = 56 for a point prompt) instead
+   of a 4096 x C x 128 projection followed by the attention itself.
 3. The mask head is separate: `run_transformer` returns IoU predictions for all
    prompts, `mask_logits` runs output upscaling and the hypernetworks only for the
    prompts the caller selects.
@@ -171,7 +172,7 @@ class DecodedTokens:
     """
 
     iou_pred: Tensor  # (B, num_mask_tokens) float32
-    mask_tokens: Tensor  # (B, num_mask_tokens, C) decoder dtype
+    mask_tokens: Tensor  # (B, num_mask_tokens, C) transformer outputs, decoder dtype
     src: tuple[Tensor, ...]  # B tensors (HW, C): the transformer's image tokens per prompt
     size: tuple[int, int]  # (H, W) of the image embedding
 
@@ -184,8 +185,9 @@ def _project_heads(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int) -> T
 
 def _to_heads(x: Tensor, num_heads: int) -> Tensor:
     """(b, t, heads * d) -> (heads, b * t, d)."""
-    b, t, _ = x.shape
-    return x.view(b, t, num_heads, -1).permute(2, 0, 1, 3).reshape(num_heads, b * t, -1)
+    b, t, c = x.shape
+    d = c // num_heads
+    return x.view(b, t, num_heads, d).permute(2, 0, 1, 3).reshape(num_heads, b * t, d)
 
 
 def _spread_heads(x: Tensor, w_heads: Tensor) -> Tensor:
@@ -236,10 +238,11 @@ def _token_to_image_first(w: _CrossAttentionWeights, queries: Tensor, keys: Tens
     values: (heads, HW, d) projected image tokens. Returns (b, t, C).
     """
     b, t, _ = queries.shape
-    q = _to_heads(F.linear(queries, w.q_w, w.q_b), w.num_heads)  # (heads, b*t, d)
+    heads, d = w.num_heads, w.head_dim
+    q = _to_heads(F.linear(queries, w.q_w, w.q_b), heads)  # (heads, b*t, d)
     attn = torch.bmm(q, keys).softmax(dim=-1)  # (heads, b*t, HW)
     out = torch.bmm(attn, values)  # (heads, b*t, d)
-    out = out.view(w.num_heads, b, t, -1).permute(1, 2, 0, 3).reshape(b, t, -1)
+    out = out.view(heads, b, t, d).permute(1, 2, 0, 3).reshape(b, t, heads * d)
     return F.linear(out, w.out_w, w.out_b)
 
 
@@ -272,12 +275,13 @@ def _image_to_token_attention(
     tokens_pe: (b, t, C) tokens with positional encoding.
     """
     b, t, _ = tokens_pe.shape
+    heads, hw = w.num_heads, image_queries.shape[-1]
     k = F.linear(tokens_pe, w.k_w, w.k_b)  # (b, t, heads*d)
     scores = _head_scores(k, image_queries)
     if keys is not None:
         scores.baddbmm_(_spread_heads(k, w.q_heads), keys.transpose(1, 2))
     # Each image token's softmax runs over the t tokens of each head.
-    return scores.view(b, w.num_heads, t, -1).softmax(dim=2).view(b, w.num_heads * t, -1)
+    return scores.view(b, heads, t, hw).softmax(dim=2).view(b, heads * t, hw)
 
 
 def _self_attention(block: TwoWayAttentionBlock, queries: Tensor, query_pe: Tensor) -> Tensor:
@@ -294,8 +298,8 @@ def _mlp(block: TwoWayAttentionBlock, queries: Tensor) -> Tensor:
 
 
 class FastMaskDecoder:
-    """Drop-in, much faster computation of `MaskDecoder.predict_masks` for many prompts
-    on one image, split into per-image, per-prompt-batch and per-selected-mask stages.
+    """`MaskDecoder.predict_masks` for many prompts on one image, computed much faster
+    in three stages: per image, per batch of prompts, per selected mask.
 
     Usage::
 
@@ -342,9 +346,7 @@ class FastMaskDecoder:
         ]
         self._final_attn = _CrossAttentionWeights.from_module(transformer.final_attn_token_to_image, dtype)
         self._upscaling = _UpscalingWeights.from_module(decoder.output_upscaling)
-        self._output_tokens = torch.cat(
-            [decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0
-        ).detach()
+        self._output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).detach()
 
     @torch.inference_mode()
     def prepare_image(self, image_embeddings: Tensor, image_pe: Tensor, dense_embeddings: Tensor) -> ImageState:
@@ -357,8 +359,11 @@ class FastMaskDecoder:
             batch: pass `dense_embeddings[:1]`).
         Returns an `ImageState` in the decoder's dtype.
         """
-        for name, x in (("image_embeddings", image_embeddings), ("image_pe", image_pe),
-                        ("dense_embeddings", dense_embeddings)):
+        for name, x in (
+            ("image_embeddings", image_embeddings),
+            ("image_pe", image_pe),
+            ("dense_embeddings", dense_embeddings),
+        ):
             if x.dim() != 4 or x.shape[0] != 1:
                 raise ValueError(f"{name} must have shape (1, C, H, W), got {tuple(x.shape)}")
         h, w = image_embeddings.shape[-2:]
@@ -396,9 +401,9 @@ class FastMaskDecoder:
         tokens = torch.cat([output_tokens, sparse_embeddings.to(self.dtype)], dim=1)
         iou_pred, mask_tokens, src = [], [], []
         for chunk in tokens.split(self._chunk_size(state)):
-            queries, keys = self._transformer(state, chunk)
-            iou_pred.append(self._decoder.iou_prediction_head(queries[:, 0]).float())
-            mask_tokens.append(queries[:, 1 : 1 + self.num_mask_tokens])
+            outputs, keys = self._transformer(state, chunk)
+            iou_pred.append(self._decoder.iou_prediction_head(outputs[:, 0]).float())
+            mask_tokens.append(outputs[:, 1:])
             src.extend(keys.unbind(0))
         return DecodedTokens(
             iou_pred=torch.cat(iou_pred),
@@ -412,19 +417,27 @@ class FastMaskDecoder:
         """Low-resolution mask logits for K selected (prompt, mask token) pairs.
 
         tokens: from `run_transformer`.
-        prompt_idx: (K,) int64 indices into the prompt batch.
-        mask_idx: (K,) int64 mask token indices in [0, num_mask_tokens).
+        prompt_idx: (K,) integer indices into the prompt batch, any order, repeats allowed.
+        mask_idx: (K,) integer mask token indices in [0, num_mask_tokens).
         Returns (K, 4H, 4W) float32 (256 x 256 for SAM), equal to
-        `predict_masks(...)[0][prompt_idx, mask_idx]`. The upscaling runs once per
-        distinct selected prompt and the hypernetworks once per pair.
+        `predict_masks(...)[0][prompt_idx, mask_idx]`. The output upscaling runs once
+        per distinct selected prompt, the hypernetworks once per pair.
         """
         h, w = tokens.size
+        rows_of: dict[int, list[int]] = {}  # distinct prompt -> its rows in the output
+        for row, prompt in enumerate(prompt_idx.tolist()):
+            rows_of.setdefault(prompt, []).append(row)
+        device = tokens.mask_tokens.device
+        prompt_idx, mask_idx = prompt_idx.to(device), mask_idx.to(device)
         hyper = self._hypernetworks(tokens.mask_tokens[prompt_idx, mask_idx], mask_idx)
-        out = torch.empty((len(prompt_idx), 4 * h, 4 * w), dtype=torch.float32, device=hyper.device)
-        prompts, inverse = torch.unique(prompt_idx, return_inverse=True)
-        for i, prompt in enumerate(prompts.tolist()):
-            rows = (inverse == i).nonzero().squeeze(1)
-            out[rows] = self._prompt_masks(tokens.src[prompt], hyper[rows], (h, w))
+
+        out = torch.empty((len(mask_idx), 4 * h, 4 * w), dtype=torch.float32, device=hyper.device)
+        # Output row 4y + 2dy + dY and column 4x + 2dx + dX, as (K, y, dy, dY, x, dx, dX).
+        out_blocks = out.view(-1, h, 2, 2, w, 2, 2)
+        for prompt, rows in rows_of.items():
+            logits = self._prompt_masks(tokens.src[prompt], hyper[rows], (h, w))
+            for row, row_logits in zip(rows, logits.permute(0, 1, 3, 5, 2, 4, 6), strict=True):
+                out_blocks[row].copy_(row_logits)  # reorders and casts in one pass
         return out
 
     def _tokens(self, x: Tensor) -> Tensor:
@@ -432,6 +445,7 @@ class FastMaskDecoder:
         return x[0].flatten(1).t().to(self.dtype).contiguous()
 
     def _chunk_size(self, state: ImageState) -> int:
+        """Prompts per chunk in `run_transformer` (see `_CPU_CHUNK_BYTES`)."""
         if self.prompts_per_chunk is not None:
             return self.prompts_per_chunk
         if state.src.device.type != "cpu":
@@ -465,26 +479,23 @@ class FastMaskDecoder:
         n = 1 + self.num_mask_tokens
         queries, tokens = queries[:, :n], tokens[:, :n]
         attn_out = _token_to_image_folded(self._final_attn, queries + tokens, keys, state.image_keys[-1])
-        queries = self._decoder.transformer.norm_final_attn(queries + attn_out)
-        return queries, keys
+        return self._decoder.transformer.norm_final_attn(queries + attn_out), keys
 
     def _hypernetworks(self, mask_tokens: Tensor, mask_idx: Tensor) -> Tensor:
-        """(K, C) mask token outputs -> (K, C // 8), each through its token's MLP."""
+        """(K, C) mask token outputs -> (K, C2), each through its mask token's MLP."""
         mlps = self._decoder.output_hypernetworks_mlps
-        out = mask_tokens.new_empty((mask_tokens.shape[0], self._upscaling.w2.shape[0] // 4))
+        out = mask_tokens.new_empty((mask_tokens.shape[0], mlps[0].layers[-1].out_features))
         for i, mlp in enumerate(mlps):
             rows = (mask_idx == i).nonzero().squeeze(1)
             out[rows] = mlp(mask_tokens[rows])
         return out
 
     def _prompt_masks(self, src: Tensor, hyper: Tensor, size: tuple[int, int]) -> Tensor:
-        """Output upscaling of one prompt's (HW, C) image tokens and its (m, C2) mask
-        weights -> (m, 4H, 4W) float32 logits."""
+        """Output upscaling of one prompt's (HW, C) image tokens, dotted with its (m, C2)
+        hypernetwork outputs: (m, H, W, dy, dx, dY, dX) logits in the decoder's dtype."""
         up = self._upscaling
         h, w = size
         x = F.linear(src, up.w1, up.b1).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
         x = up.act1(F.layer_norm(x, x.shape[-1:], up.norm.weight, up.norm.bias, up.norm.eps))
         x = up.act2(F.linear(x, up.w2, up.b2).view(h * w * 16, -1))  # (y, x, dy, dx, dY, dX)
-        masks = (x @ hyper.t()).view(h, w, 2, 2, 2, 2, -1)
-        # Output row 4y + 2dy + dY, column 4x + 2dx + dX.
-        return masks.permute(6, 0, 2, 4, 1, 3, 5).reshape(-1, 4 * h, 4 * w).float()
+        return (hyper @ x.t()).view(-1, h, w, 2, 2, 2, 2)

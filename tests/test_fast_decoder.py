@@ -234,7 +234,7 @@ def test_chunking_does_not_change_results(sam: Sam, image: tuple[Tensor, Tensor]
     state = even.prepare_image(image[0], image[1], prompts.dense)
     a, b = even.run_transformer(state, prompts.sparse), uneven.run_transformer(state, prompts.sparse)
     torch.testing.assert_close(b.iou_pred, a.iou_pred, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(b.mask_queries, a.mask_queries, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.mask_tokens, a.mask_tokens, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(b.src), torch.stack(a.src), atol=1e-5, rtol=1e-5)
 
 
