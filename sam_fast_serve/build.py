@@ -7,6 +7,8 @@ import torch
 from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
 from segment_anything.modeling import Sam
 
+from .fast_encoder import accelerate_image_encoder
+
 
 def _from_segment_anything(builder: Callable[..., Sam]) -> Callable[[Optional[str]], Sam]:
     def build(checkpoint: Optional[str] = None) -> Sam:
@@ -59,7 +61,7 @@ def select_device(gpu_id: Optional[int]) -> torch.device:
 
 
 def prepare_model(sam: Sam, device: torch.device, dtype: torch.dtype, compile_encoder: bool = False) -> Sam:
-    """Move `sam` to `device` and cast its image encoder to `dtype`.
+    """Move `sam` to `device`, cast its image encoder to `dtype` and give it the fast blocks.
 
     The prompt encoder stays fp32 (its Fourier features of pixel coordinates lose whole pixels in
     bf16); the mask decoder stays fp32 as the source of the fast decoder's weights, which are cast
@@ -67,7 +69,7 @@ def prepare_model(sam: Sam, device: torch.device, dtype: torch.dtype, compile_en
     TORCHINDUCTOR_CACHE_DIR, set before the first compile so restarts reuse it).
     """
     sam = sam.to(device).eval()
-    sam.image_encoder.to(dtype)
+    accelerate_image_encoder(sam.image_encoder.to(dtype))
     if compile_encoder:
         os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         sam.image_encoder = torch.compile(sam.image_encoder, dynamic=False)
