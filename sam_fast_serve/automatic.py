@@ -28,7 +28,7 @@ from segment_anything.utils.amg import (
 
 from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
-from .rle import encode_masks, rle_to_builtins
+from .rle import encode_masks, rle_areas, rle_to_builtins
 
 # Upsampled masks are produced at most this many pixels (summed over masks) at a time, which
 # bounds memory on large images: 64 masks of 1 MP in fp32 is 256 MB.
@@ -73,7 +73,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
 
     def _records(self, data: MaskData) -> List[Dict[str, Any]]:
         rles = data["rles"]
-        areas = mask_utils.area(rles) if rles else []
+        areas = rle_areas(rles)
         if self.output_mode == "coco_rle":
             segmentations: List[Any] = [rle_to_builtins(r) for r in rles]
         elif self.output_mode == "binary_mask":

@@ -8,7 +8,7 @@ from pycocotools import mask as mask_utils
 
 from .predictor import FastSamPredictor
 from .prompts import Prompts
-from .rle import encode_masks, rle_to_builtins
+from .rle import encode_masks, rle_areas, rle_to_builtins
 
 
 def _logits_payload(logits: torch.Tensor) -> Dict[str, Any]:
@@ -44,7 +44,7 @@ def segment_prompts(predictor: FastSamPredictor, prompts: Prompts) -> List[Dict[
                     "bbox": [float(v) for v in box],
                     "predicted_iou": float(score),
                 }
-                for rle, area, box, score in zip(rles, mask_utils.area(rles), mask_utils.toBbox(rles), iou[prompt].tolist())
+                for rle, area, box, score in zip(rles, rle_areas(rles), mask_utils.toBbox(rles), iou[prompt].tolist())
             ]
         }
         if prompts.return_logits:

@@ -16,6 +16,12 @@ def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
     return mask_utils.encode(np.asfortranarray(columns.transpose(2, 1, 0)))
 
 
+def rle_areas(rles: List[Dict[str, Any]]) -> List[int]:
+    """Mask areas of COCO RLEs, one call per RLE: pycocotools 2.0.11's `area` of a list of more
+    than 255 RLEs overflows a uint8 ("Python integer 256 out of bounds for uint8")."""
+    return [int(mask_utils.area(rle)) for rle in rles]
+
+
 def rle_to_builtins(rle: Dict[str, Any]) -> Dict[str, Any]:
     """A COCO RLE with counts as str and size as ints: what the wire carries."""
     counts = rle["counts"]

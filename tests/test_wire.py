@@ -67,3 +67,14 @@ def test_garbage_and_bombs_are_value_errors():
         decode_pickled("not base64 !!")
     with pytest.raises(ValueError, match="inflates past"):
         decode_pickled(_wrap(pickle.dumps(b"\0" * 10_000)), max_bytes=1000)
+
+
+def test_rle_of_many_masks():
+    # pycocotools' list `area` overflows past 255 masks; a 32x32 keep-all grid has 3072.
+    import torch
+
+    from sam_fast_serve.rle import encode_masks, rle_areas
+
+    masks = torch.rand(300, 20, 30) > 0.5
+    rles = encode_masks(masks)
+    assert rle_areas(rles) == masks.sum(dim=(1, 2)).tolist()
