@@ -2,7 +2,9 @@
 
 import contextlib
 import io
+import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +42,17 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="session")
 def chelsea() -> np.ndarray:
     return data.chelsea()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (a decompression bomb when that is huge)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + pixels + _png_chunk(b"IEND", b"")
 
 
 def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:

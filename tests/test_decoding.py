@@ -2,13 +2,11 @@
 
 import base64
 import json
-import struct
-import zlib
 
 import cv2
 import numpy as np
 import pytest
-from conftest import encode
+from conftest import encode, png_claiming
 from PIL import Image
 
 from sam_fast_serve.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
@@ -62,25 +60,14 @@ def test_exif_orientation_is_applied(astronaut):
     assert np.abs(decoded.astype(int) - expected).mean() < 4
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims width x height (a decompression bomb when that is huge)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = _chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + pixels + _chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "body, error, status",
     [
         (b"", BadRequest, 400),
         (b"hello, this is text and not an image", UnsupportedMediaType, 415),
         (b"%PDF-1.7 not an image", UnsupportedMediaType, 415),
-        (_png_claiming(40_000, 40_000), PayloadTooLarge, 413),
-        (_png_claiming(0, 10), BadRequest, 400),
+        (png_claiming(40_000, 40_000), PayloadTooLarge, 413),
+        (png_claiming(0, 10), BadRequest, 400),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, BadRequest, 400),
     ],
 )

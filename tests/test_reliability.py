@@ -5,33 +5,22 @@ import base64
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import encode, running_server
+from conftest import encode, png_claiming, running_server
 
 from sam_fast_serve.deploy import REPO
 from sam_fast_serve.wire import decode_pickled
 
 MAX_PIXELS = 600_000  # handler key max_image_pixels of this server
 MASKS_PER_IMAGE = 16 * 3
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _chunk(b"IEND", b"")
 
 
 def bad_files(chelsea):
@@ -46,8 +35,8 @@ def bad_files(chelsea):
         ("truncated jpeg", jpeg[: len(jpeg) // 2], 400, "bad_request"),
         ("truncated png", png[: len(png) // 2], 400, "bad_request"),
         ("corrupt jpeg", bytes(corrupt), 400, "bad_request"),
-        ("zero-sized png", _png_claiming(0, 16), 400, "bad_request"),
-        ("decompression bomb", _png_claiming(40_000, 40_000), 413, "payload_too_large"),
+        ("zero-sized png", png_claiming(0, 16), 400, "bad_request"),
+        ("decompression bomb", png_claiming(40_000, 40_000), 413, "payload_too_large"),
         ("over max_image_pixels", encode(np.zeros((800, 1000, 3), np.uint8)), 413, "payload_too_large"),
     ]
 
