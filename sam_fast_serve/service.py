@@ -114,18 +114,20 @@ class MaskService:
         sam = sam_model_fast_registry[config.model_type](str(checkpoint))
         sam = prepare_model(sam, device, dtype, compile_encoder=config.compile)
         service = cls(config, sam, dtype)
-        if config.compile:
-            service.warm_up()
+        loaded = time.perf_counter()
+        service.warm_up()
         logger.info(
-            "loaded %s from %s on %s in %s in %.1f s",
-            config.model_type, file_name, device, dtype, time.perf_counter() - started,
+            "loaded %s from %s on %s in %s in %.1f s, warmed up in %.1f s",
+            config.model_type, file_name, device, dtype, loaded - started, time.perf_counter() - loaded,
         )
         return service
 
     def warm_up(self) -> None:
-        """Run one small image through the model so compilation happens at load, not on a request."""
+        """Run one small image through every stage (encoder, decoder, masks) at load, so that kernel
+        selection, first-touch allocations and, with `compile`, compilation are not paid by a request."""
         image = np.zeros((64, 64, 3), dtype=np.uint8)
-        self.generator(AmgSettings(points_per_side=2, points_per_batch=4)).generate(image)
+        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        self.generator(settings).generate(image)
 
     def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
         """A generator for one set of AMG settings, sharing this service's predictor and cache."""
