@@ -233,8 +233,9 @@ def _attend_sdpa(
     mask = None
     if rel_pos is not None:
         rel_h, rel_w = rel_pos
-        mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(q.shape[0], q.shape[1], k.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(q.shape[0], 1, q.shape[1], k.shape[1])
+    # As (N, 1, L, d): CUDA's fused attention kernels take 4-d inputs only.
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[:, 0]
 
 
 def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:
