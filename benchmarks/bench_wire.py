@@ -11,7 +11,6 @@ import base64
 import pickle
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 

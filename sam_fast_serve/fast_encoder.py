@@ -5,21 +5,21 @@ that owns the very same submodules (and so the same parameters and state_dict ke
 computes the same function with less memory traffic and faster kernels. The patch
 embedding, positional embedding and neck are left alone.
 
-Where the reference spends its time on a CPU (vit_b, 1024x1024, measured on 2 AVX-512
-cores; see benchmarks/bench_encoder.py):
+Measured on 2 Zen 5 cores (AVX-512 with BF16), vit_b, one 1024 x 1024 image, uncontended
+(benchmarks/bench_encoder.py): reference fp32 ~10 s -> 3.3-4.0 s; reference bf16 ~3.9-4.2 s
+-> 1.7-2.0 s. Where the time went, and what changed:
 
-* Attention materialises every (heads, tokens, tokens) score matrix whole: 12 x 4096 x 4096
+* Attention materialised every (heads, tokens, tokens) score matrix whole: 12 x 4096 x 4096
   in the 4 global blocks. Adding the decomposed relative position bias (two broadcast adds)
-  and the softmax then stream these 400-800 MB tensors through memory several times; that
-  is more than half of the encoder's time. `FastBlock` computes the same ops on chunks of
-  query rows small enough to stay in cache (`_SCORE_CHUNK_ELEMENTS`), so each chunk's
-  scores are written, biased, normalised and consumed while cached. The ops, and therefore
-  the roundings, are the reference's own: on CPU the result is bitwise equal in practice.
-* The linear layers go through aten's addmm (MKL for fp32, which on AMD CPUs does not use
-  AVX-512). oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses
-  for CPU linears) is about 2x faster in fp32 and about 1.3x in bf16 here, and it fuses the
-  MLP's exact GELU and both residual adds into the matrix products.
-* The per-head and per-window layout changes are done in one copy each way instead of two
+  and the softmax then streamed these 400-800 MB tensors through memory several times.
+  `FastBlock` runs the same ops on chunks of query rows small enough to stay in cache
+  (`_SCORE_CHUNK_BYTES`). In 14 x 14 windows the bias is folded into the q @ k^T matmul
+  instead (`_fold_rel_pos`), because broadcast adds over 14-element rows are slow.
+* The linear layers went through aten's addmm (MKL for fp32, which on AMD CPUs reaches
+  ~200 GFLOP/s where oneDNN reaches ~450). oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
+  the kernel inductor uses for CPU linears) also fuses the MLP's exact GELU and both
+  residual adds, and computes global attention's matmuls, one head at a time.
+* The per-head and per-window layout changes are one copy each way instead of two
   (window partition + head split, head merge + window unpartition).
 
 On other devices (CUDA) the attention is instead one `scaled_dot_product_attention` call
@@ -29,7 +29,6 @@ with the relative position bias as an additive mask, and linears are `F.linear`.
 from __future__ import annotations
 
 import platform
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +39,10 @@ from torch import Tensor, nn
 
 # Bytes of scores per attention chunk on CPU. A chunk's scores and their softmax (16 MiB)
 # stay in the L2 + L3 caches of a current server CPU and below glibc's mmap threshold (so
-# chunk buffers are reused from the heap, not page-faulted in afresh). On 2 Zen 5 cores
-# 4-16 MiB chunks are equally fast in bf16 and 8 MiB is the best in fp32; 1 MiB is slower,
-# and small chunks suffer most when another process competes for the cores (many short
-# parallel regions).
+# chunk buffers are reused from the heap, not page-faulted in afresh). Measured on 2 Zen 5
+# cores (bench_encoder.py --chunk-sweep): bf16 is equally fast from 1 to 16 MiB, fp32 is
+# fastest at 8 MiB (1 MiB: +20%); 32 MiB is 1.5x slower in both. Small chunks also suffer
+# most when another process competes for the cores (many short parallel regions).
 _SCORE_CHUNK_BYTES = 8 * 2**20
 
 # oneDNN's linear runs on x86 CPUs for fp32, and for bf16 where oneDNN supports it
@@ -92,7 +91,7 @@ class FastBlock(nn.Module):
         return _mlp(self.mlp, self.norm2(x), residual=x)
 
 
-def _windowed_attention(attn: Attention, x: Tensor, window: Tuple[int, int]) -> Tensor:
+def _windowed_attention(attn: Attention, x: Tensor, window: tuple[int, int]) -> Tensor:
     """`attn` applied to each `window` of x (B, H, W, C), before its output projection.
 
     Global attention is the case of one window covering the whole (H, W) grid. As in the
@@ -112,8 +111,8 @@ def _windowed_attention(attn: Attention, x: Tensor, window: Tuple[int, int]) -> 
 
 
 def _split_windows_and_heads(
-    qkv: Tensor, window: Tuple[int, int], num_heads: int
-) -> Tuple[Tensor, Tensor, Tensor]:
+    qkv: Tensor, window: tuple[int, int], num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """qkv (B, Hp, Wp, 3 * C) -> q, k, v, each (B * windows * heads, wh * ww, head_dim).
 
     One copy does both the reference's `window_partition` and its head split; rows are
@@ -131,7 +130,7 @@ def _split_windows_and_heads(
 
 
 def _merge_windows_and_heads(
-    out: Tensor, padded_shape: Tuple[int, int, int], window: Tuple[int, int], num_heads: int
+    out: Tensor, padded_shape: tuple[int, int, int], window: tuple[int, int], num_heads: int
 ) -> Tensor:
     """Inverse of `_split_windows_and_heads` for one tensor: -> (B, Hp, Wp, heads * head_dim)."""
     batch, height, width = padded_shape
@@ -141,7 +140,7 @@ def _merge_windows_and_heads(
     return grid.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, num_heads * head_dim)
 
 
-def _relative_position_bias(attn: Attention, q: Tensor, window: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+def _relative_position_bias(attn: Attention, q: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """The decomposed relative position terms of `add_decomposed_rel_pos`.
 
     In: q (N, wh * ww, head_dim), unscaled. Out: rel_h (N, wh * ww, wh) and rel_w
@@ -155,7 +154,7 @@ def _relative_position_bias(attn: Attention, q: Tensor, window: Tuple[int, int])
 
 
 def _attend_chunked(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: Optional[Tuple[Tensor, Tensor]]
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None
 ) -> Tensor:
     """softmax(scale * q @ k^T + bias) @ v, for (N, L, d) inputs, one cache-sized chunk at a time.
 
@@ -166,6 +165,7 @@ def _attend_chunked(
     """
     batch, length, _ = q.shape
     q = q * scale
+    # Fold when it at most doubles the width of q @ k^T: in windows, not in global attention.
     if rel_pos is not None and sum(r.shape[-1] for r in rel_pos) <= q.shape[-1]:
         q, k = _fold_rel_pos(q, k, rel_pos)
         rel_pos = None
@@ -196,7 +196,7 @@ def _matmul_transposed(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a, b.transpose(1, 2))
 
 
-def _fold_rel_pos(q: Tensor, k: Tensor, rel_pos: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+def _fold_rel_pos(q: Tensor, k: Tensor, rel_pos: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """Widen q and k so that q @ k^T includes the decomposed relative position bias.
 
     q (N, L, d) -> [q, rel_h, rel_w] and k (N, L, d) -> [k, onehot(kh), onehot(kw)] where key j
@@ -214,7 +214,7 @@ def _fold_rel_pos(q: Tensor, k: Tensor, rel_pos: Tuple[Tensor, Tensor]) -> Tuple
     return torch.cat([q, rel_h, rel_w], dim=-1), torch.cat([k, onehot.expand(k.shape[0], -1, -1)], dim=-1)
 
 
-def _chunk_shape(batch: int, length: int, scores: int) -> Tuple[int, int]:
+def _chunk_shape(batch: int, length: int, scores: int) -> tuple[int, int]:
     """(batch rows, query rows) per chunk so that a chunk has about `scores` scores."""
     query_rows = max(1, scores // length)
     if query_rows < length:
@@ -223,7 +223,7 @@ def _chunk_shape(batch: int, length: int, scores: int) -> Tuple[int, int]:
 
 
 def _attend_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: Optional[Tuple[Tensor, Tensor]]
+    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None
 ) -> Tensor:
     """The same attention as `_attend_chunked` as one fused kernel, with the bias as a mask.
 
@@ -235,7 +235,9 @@ def _attend_sdpa(
         rel_h, rel_w = rel_pos
         mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(q.shape[0], 1, q.shape[1], k.shape[1])
     # As (N, 1, L, d): CUDA's fused attention kernels take 4-d inputs only.
-    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[:, 0]
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[
+        :, 0
+    ]
 
 
 def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:
@@ -247,7 +249,7 @@ def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:
     return _linear(hidden, mlp.lin2, residual=residual)
 
 
-def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
     """[residual +] [gelu](layer(x)); at most one of `gelu` and `residual`."""
     if _onednn_applies(x, layer.weight):
         if residual is not None:

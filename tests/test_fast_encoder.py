@@ -7,8 +7,10 @@ and global (bias added to the scores, 20 + 20 > 32). The relative position table
 (segment_anything initialises them to zero, which would hide errors there).
 """
 
+from __future__ import annotations
+
 import copy
-from typing import Iterator, Tuple
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,23 +33,23 @@ def randomize_rel_pos(encoder: ImageEncoderViT) -> ImageEncoderViT:
     return encoder
 
 
-def small_encoder() -> ImageEncoderViT:
+def small_encoder(use_rel_pos: bool = True) -> ImageEncoderViT:
     torch.manual_seed(0)
     encoder = ImageEncoderViT(
         img_size=IMAGE_SIZE,
         depth=4,
         embed_dim=384,
         num_heads=12,
-        use_rel_pos=True,
+        use_rel_pos=use_rel_pos,
         window_size=14,
         global_attn_indexes=(1, 3),
         out_chans=256,
     )
-    return randomize_rel_pos(encoder.eval())
+    return randomize_rel_pos(encoder.eval()) if use_rel_pos else encoder.eval()
 
 
 @pytest.fixture(scope="module")
-def encoders() -> Tuple[ImageEncoderViT, ImageEncoderViT]:
+def encoders() -> tuple[ImageEncoderViT, ImageEncoderViT]:
     """(reference, accelerated copy), both fp32."""
     reference = small_encoder()
     return reference, accelerate_image_encoder(copy.deepcopy(reference))
@@ -90,6 +92,13 @@ def test_fp32_equals_reference(encoders, images: Tensor, chunk_bytes: int) -> No
 
 
 @torch.no_grad()
+def test_without_relative_positions_equals_reference(images: Tensor) -> None:
+    reference = small_encoder(use_rel_pos=False)
+    fast = accelerate_image_encoder(copy.deepcopy(reference))
+    assert_fp32_equal(fast(images), reference(images))
+
+
+@torch.no_grad()
 def test_sdpa_attention_equals_reference(encoders, images: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """The attention used off CPU (one SDPA call with the bias as a mask), run here on CPU."""
     reference, fast = encoders
@@ -121,8 +130,10 @@ def test_bf16_as_close_to_fp32_as_the_reference_bf16(encoders, images: Tensor) -
     assert out.dtype == torch.bfloat16
     fast_error = relative_error(out, expected)
     cosine = F.cosine_similarity(out.float().flatten(), expected.flatten(), dim=0).item()
-    print(f"relative error vs fp32: reference bf16 {reference_error:.4f}, fast bf16 {fast_error:.4f}; "
-          f"fast bf16 cosine {cosine:.6f}")
+    print(
+        f"relative error vs fp32: reference bf16 {reference_error:.4f}, fast bf16 {fast_error:.4f}; "
+        f"fast bf16 cosine {cosine:.6f}"
+    )
     assert fast_error <= 1.25 * reference_error
     assert cosine > 0.999
 
