@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import struct
 import sys
 import zlib
@@ -42,6 +43,16 @@ def astronaut() -> np.ndarray:
 @pytest.fixture(scope="session")
 def chelsea() -> np.ndarray:
     return data.chelsea()
+
+
+class RunsCommand:
+    """Pickles to a call of os.system: a hostile payload for decoders to refuse."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:

@@ -2,7 +2,6 @@
 
 import base64
 import http.server
-import os
 import pickle
 import re
 import subprocess
@@ -10,24 +9,16 @@ import sys
 import threading
 import zlib
 
-from conftest import encode
+from conftest import RunsCommand, encode
 
 from sam_fast_serve.deploy import REPO
 
 SERVER_SIDE = [REPO / "custom_handler.py", *sorted((REPO / "sam_fast_serve").glob("*.py"))]
 
 
-class _RunsCommand:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_client_refuses_a_hostile_pickle_from_the_server(tmp_path, chelsea):
     marker = tmp_path / "pwned"
-    hostile = base64.b64encode(zlib.compress(pickle.dumps([_RunsCommand(str(marker))]))).decode()
+    hostile = base64.b64encode(zlib.compress(pickle.dumps([RunsCommand(str(marker))]))).decode()
 
     class Hostile(http.server.BaseHTTPRequestHandler):
         def do_POST(self):

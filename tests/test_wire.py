@@ -1,11 +1,11 @@
 """The wire codec: round trips, and a client decoder that refuses any pickled global."""
 
 import base64
-import os
 import pickle
 import zlib
 
 import pytest
+from conftest import RunsCommand
 
 from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled, is_annotation_list
 
@@ -33,21 +33,13 @@ def test_json_is_the_same_payload():
     assert json.loads(encode_json([ANNOTATION])) == [ANNOTATION]
 
 
-class _RunsCommand:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _wrap(raw: bytes) -> str:
     return base64.b64encode(zlib.compress(raw)).decode()
 
 
 def test_pickle_calling_os_system_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
-    hostile = _wrap(pickle.dumps([_RunsCommand(str(marker))]))
+    hostile = _wrap(pickle.dumps([RunsCommand(str(marker))]))
     with pytest.raises(pickle.UnpicklingError, match="system"):
         decode_pickled(hostile)
     assert not marker.exists()
