@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py                 # engine mode (one process)
     python benchmarks/bench_engine.py --server        # whole requests through a real TorchServe
+    python benchmarks/bench_engine.py --load          # model load time, torch.compile off / cold / warm
 
 Engine mode, on the same photos and the same random-weight vit_b checkpoint: (a) the reference
 segment_anything.SamAutomaticMaskGenerator in fp32, (b) this engine at its defaults (dtype auto),
@@ -13,11 +14,18 @@ Stage times come from wrapping the stage functions of each pipeline for the run;
 Server mode starts TorchServe from a real archive of the same checkpoint with the repo's
 model-config.yaml (batchSize 1, then 4), and times sequential and concurrent requests, the worker's
 peak RSS, and the cold and warm start to READY.
+
+Load mode times, in fresh processes, what a worker does before it is ready (imports, model build,
+weights, warm-up) with `compile` off, then on with an empty inductor cache, then on with the
+cache the previous run left, and the first two images after that.
 """
 
 import argparse
 import contextlib
 import gc
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -317,9 +325,47 @@ def server_mode(args: argparse.Namespace) -> None:
             server.stop()
 
 
+# Runs in a fresh process: the service loaded as the handler loads it, then two images.
+_LOAD_SCRIPT = """
+import json, sys, time
+started = time.perf_counter()
+from pathlib import Path
+from skimage import data
+from sam_fast_serve.service import MaskService
+section, model_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
+service = MaskService.load(section, model_dir, gpu_id=None)
+times = [time.perf_counter() - started]
+for image in (data.astronaut(), data.chelsea()):
+    started = time.perf_counter()
+    service.generator(service.config.amg).generate(image)
+    times.append(time.perf_counter() - started)
+print(json.dumps(times))
+"""
+
+
+def load_mode(args: argparse.Namespace) -> None:
+    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    cache = tempfile.mkdtemp(prefix="inductor-cache-")
+    print(f"# bench_engine --load: vit_b, repo model-config.yaml handler section, fresh process per row, "
+          f"{torch.get_num_threads()} threads")
+    print("\n| compile | start to ready (imports, build, weights, warm-up) | first image (astronaut) | next image (chelsea) |")
+    print("|---|---|---|---|")
+    for label, compile_encoder in (("off", False), ("on, empty cache", True), ("on, cache from the run above", True)):
+        section = {**yaml.safe_load((REPO / "model-config.yaml").read_text())["handler"],
+                   "sam_checkpoint": checkpoint.name, "compile": compile_encoder}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_SCRIPT, json.dumps(section), str(checkpoint.parent)],
+            env=env, capture_output=True, text=True, check=True,
+        )
+        ready, first, second = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"| {label} | {ready:.1f} s | {first:.2f} s | {second:.2f} s |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--server", action="store_true", help="time whole requests through TorchServe")
+    parser.add_argument("--load", action="store_true", help="time model load with torch.compile off, cold, warm")
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     parser.add_argument("--images", default="astronaut,chelsea")
     parser.add_argument("--points-per-side", type=int, default=32)
@@ -329,7 +375,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    server_mode(args) if args.server else engine_mode(args)
+    if args.server:
+        server_mode(args)
+    elif args.load:
+        load_mode(args)
+    else:
+        engine_mode(args)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,13 @@ from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
 from .rle import encode_masks, rle_areas, rle_to_builtins
 
-# Upsampled masks are produced at most this many pixels (summed over masks) at a time, which
-# bounds memory on large images: 64 masks of 1 MP in fp32 is 256 MB.
-MASK_PIXELS_PER_CHUNK = 64 * 1024 * 1024
+# Low-resolution logits are computed for at most this many masks at a time (256 KiB each).
+MASKS_PER_DECODE = 256
+# Upsampling, stability, boxes and RLE run on a few masks at a time, so that each full-size float
+# intermediate (the reference upsamples to 1024 x 1024 first) stays below glibc's largest mmap
+# threshold (32 MiB) and its memory is reused instead of page-faulted in afresh: this halves the
+# upsampling time (3072 masks of a 512 x 512 photo: 6.3 s in chunks of 256, ~3 s in chunks of 4).
+UPSAMPLE_CHUNK_BYTES = 16 * 2**20
 
 
 class SamAutomaticMaskGenerator(ReferenceGenerator):
@@ -130,13 +134,18 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             keep = keep[iou_preds > self.pred_iou_thresh]
         points_t = torch.as_tensor(points)  # stays on the CPU, as in the reference
         data = MaskData()
-        per_chunk = max(1, MASK_PIXELS_PER_CHUNK // (orig_size[0] * orig_size[1]))
-        for chunk in keep.split(per_chunk):
+        img_size = predictor.model.image_encoder.img_size
+        largest = max(img_size * img_size, orig_size[0] * orig_size[1]) * 4
+        per_upsample = max(1, UPSAMPLE_CHUNK_BYTES // largest)
+        for chunk in keep.split(MASKS_PER_DECODE):
             prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
-            low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)
-            masks = predictor.model.postprocess_masks(low_res[:, None], predictor.input_size, predictor.original_size)
-            chunk_data = MaskData(masks=masks[:, 0], iou_preds=iou_preds[chunk], points=points_t[prompt_idx.cpu()])
-            data.cat(self._masks_to_rles(chunk_data, crop_box, orig_size))
+            low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
+            for rows in torch.arange(len(chunk)).split(per_upsample):
+                masks = predictor.model.postprocess_masks(low_res[rows], predictor.input_size, predictor.original_size)
+                chunk_data = MaskData(
+                    masks=masks[:, 0], iou_preds=iou_preds[chunk[rows]], points=points_t[prompt_idx[rows].cpu()]
+                )
+                data.cat(self._masks_to_rles(chunk_data, crop_box, orig_size))
         if not data._stats:
             data = self._empty_batch()
         return data

@@ -2,7 +2,6 @@
 
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
@@ -12,8 +11,8 @@ def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
     if len(masks) == 0:
         return []
     # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
-    columns = masks.transpose(1, 2).to(device="cpu", dtype=torch.uint8).numpy()
-    return mask_utils.encode(np.asfortranarray(columns.transpose(2, 1, 0)))
+    columns = masks.to(device="cpu", dtype=torch.uint8).transpose(1, 2).contiguous().numpy()
+    return mask_utils.encode(columns.transpose(2, 1, 0))
 
 
 def rle_areas(rles: List[Dict[str, Any]]) -> List[int]:
