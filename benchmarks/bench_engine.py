@@ -45,6 +45,7 @@ from skimage import data as sample_images
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import segment_anything.automatic_mask_generator as reference_module  # noqa: E402
+from bench_encoder import gemm_peaks, peak_for  # noqa: E402
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator  # noqa: E402
 
 from sam_fast_serve import automatic as engine_module  # noqa: E402
@@ -52,6 +53,7 @@ from sam_fast_serve.agreement import match_masks  # noqa: E402
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator  # noqa: E402
 from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry  # noqa: E402
 from sam_fast_serve.deploy import REPO, build_archive, save_random_checkpoint  # noqa: E402
+from sam_fast_serve.fast_decoder import FastMaskDecoder  # noqa: E402
 from sam_fast_serve.wire import annotation_to_builtins, encode_pickled  # noqa: E402
 
 SETTINGS = {
@@ -193,20 +195,6 @@ def print_table(setting: str, rows: List[Dict[str, Any]]) -> None:
         )
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured GFLOP/s of an n x n x n matmul (best of `repeats`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _time(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 def flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -215,25 +203,38 @@ def flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def hardware_report(sam: torch.nn.Module, rows: Dict[str, Dict[str, Any]]) -> None:
+def decoder_flops_per_grid(sam: torch.nn.Module, points: int) -> Dict[str, int]:
+    """FLOPs of decoding `points` point prompts with all three multimask outputs, 64 at a time:
+    the reference mask decoder, and the fast decoder (per-image part once, all masks computed)."""
+    image, pe, dense = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    sparse = torch.randn(64, 2, 256)
+    batches = points // 64
+    reference = flops(lambda: sam.mask_decoder.predict_masks(image, pe, sparse, dense.expand(64, -1, -1, -1)))
+    fast = FastMaskDecoder(sam.mask_decoder)
+    state = fast.prepare_image(image, pe, dense)
+    per_image = flops(lambda: fast.prepare_image(image, pe, dense))
+    every_mask = torch.arange(64 * 3)
+    per_batch = flops(lambda: fast.mask_logits(fast.run_transformer(state, sparse), every_mask // 3, every_mask % 3 + 1))
+    return {"reference": reference * batches, "fast": per_image + per_batch * batches}
+
+
+def hardware_report(sam: torch.nn.Module, rows: Dict[str, Dict[str, Any]], points: int) -> None:
+    """Counted FLOPs over measured time, against the best measured GEMM rate of the dtype."""
     encoder_flops = flops(lambda: sam.image_encoder(torch.randn(1, 3, 1024, 1024)))
-    tokens = torch.randn(64, 7, 256)
-    decoder_flops = flops(
-        lambda: sam.mask_decoder.predict_masks(
-            torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), tokens, torch.randn(64, 256, 64, 64)
-        )
-    )
-    fp32, bf16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
+    decoder_flops = decoder_flops_per_grid(sam, points)
+    peaks = gemm_peaks()
     print("\n### Hardware limit\n")
-    print(f"measured GEMM peak: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
-    print(f"FLOPs: image encoder {encoder_flops / 1e9:.0f} GFLOP per image; reference mask decoder "
-          f"{decoder_flops / 1e9:.0f} GFLOP per 64 points ({decoder_flops * 16 / 1e9:.0f} GFLOP per 32x32 grid)")
+    print("measured GEMM peak (GFLOP/s, best of 8): " + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items()))
+    print(f"FLOPs per image: image encoder {encoder_flops / 1e9:.0f} GFLOP; mask decoder for {points} points "
+          f"(all masks): reference {decoder_flops['reference'] / 1e9:.0f} GFLOP, fast decoder "
+          f"{decoder_flops['fast'] / 1e9:.0f} GFLOP ({decoder_flops['reference'] / decoder_flops['fast']:.1f}x fewer)")
     for name, row in rows.items():
-        peak = bf16 if "bf16" in name else fp32
-        if row["encoder"] > 0:
-            achieved = encoder_flops / row["encoder"] / 1e9
-            print(f"{name}: encoder {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the measured "
-                  f"{'bf16' if 'bf16' in name else 'fp32'} GEMM peak")
+        dtype = torch.bfloat16 if "bf16" in name else torch.float32
+        peak = peak_for(dtype, peaks)
+        decoder = decoder_flops["reference" if name.startswith("(a)") else "fast"]
+        parts = [f"{stage} {work / row[stage] / 1e9:.0f} GFLOP/s = {work / row[stage] / 1e9 / peak:.0%}"
+                 for stage, work in (("encoder", encoder_flops), ("decoder", decoder))]
+        print(f"{name}: " + ", ".join(parts) + f" of the best measured {'bf16' if dtype == torch.bfloat16 else 'fp32'} GEMM")
 
 
 def engine_mode(args: argparse.Namespace) -> None:
@@ -245,7 +246,7 @@ def engine_mode(args: argparse.Namespace) -> None:
     load_s = time.perf_counter() - started
     engine_dtype = resolve_dtype("auto", torch.device("cpu"))
     engine_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), engine_dtype)
-    fp32_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
+    fp32_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), torch.float32)
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
     print(f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; model build+load {load_s:.1f} s")
@@ -270,7 +271,7 @@ def engine_mode(args: argparse.Namespace) -> None:
         ))
         print_table(setting, rows)
         last_rows = {row["name"]: row for row in rows}
-    hardware_report(reference_sam, last_rows)
+    hardware_report(reference_sam, last_rows, args.points_per_side**2)
 
 
 def server_mode(args: argparse.Namespace) -> None:
