@@ -28,14 +28,15 @@ from segment_anything.utils.amg import (
 
 from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
-from .rle import encode_masks, rle_areas, rle_to_builtins
+from .rle import encode_masks, reserve, rle_areas, rle_to_builtins
 
 # Low-resolution logits are computed for at most this many masks at a time (256 KiB each).
 MASKS_PER_DECODE = 256
-# Upsampling, stability, boxes and RLE run on a few masks at a time, so that each full-size float
-# intermediate (the reference upsamples to 1024 x 1024 first) stays below glibc's largest mmap
-# threshold (32 MiB) and its memory is reused instead of page-faulted in afresh: this halves the
-# upsampling time (3072 masks of a 512 x 512 photo: 6.3 s in chunks of 256, ~3 s in chunks of 4).
+# On the CPU, upsampling, stability, boxes and RLE run on a few masks at a time, so that each
+# full-size float intermediate (the reference upsamples to 1024 x 1024 first) stays below glibc's
+# largest mmap threshold (32 MiB) and its memory is reused instead of page-faulted in afresh: this
+# halves the upsampling time (3072 masks of a 512 x 512 photo: 6.3 s in chunks of 256, 2.9 s in
+# chunks of 4). Other devices take a whole decode chunk at once.
 UPSAMPLE_CHUNK_BYTES = 16 * 2**20
 
 
@@ -136,7 +137,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         data = MaskData()
         img_size = predictor.model.image_encoder.img_size
         largest = max(img_size * img_size, orig_size[0] * orig_size[1]) * 4
-        per_upsample = max(1, UPSAMPLE_CHUNK_BYTES // largest)
+        per_upsample = max(1, UPSAMPLE_CHUNK_BYTES // largest) if predictor.device.type == "cpu" else MASKS_PER_DECODE
         for chunk in keep.split(MASKS_PER_DECODE):
             prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
             low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
@@ -182,5 +183,7 @@ def _uncompress(rles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """COCO compressed RLEs as segment_anything's uncompressed ones (run lengths in a list)."""
     if not rles:
         return []
+    height, width = rles[0]["size"]
+    reserve(height * width * len(rles))
     masks = torch.as_tensor(mask_utils.decode(rles)).permute(2, 0, 1)
     return mask_to_rle_pytorch(masks)

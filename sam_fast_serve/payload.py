@@ -63,7 +63,7 @@ def _from_text(text: Union[str, bytes]) -> ParsedRequest:
     if stripped[:1] in ("{", b"{"):
         try:
             return _from_json_object(json.loads(stripped))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nesting too deep
             raise BadRequest(f"the body looks like JSON but does not parse: {exc}") from exc
     if isinstance(stripped, bytes) and not _BASE64_TEXT.match(stripped):
         # Not base64 text: hand the bytes to the decoder, which names what it accepts.

@@ -2,6 +2,7 @@
 
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
@@ -12,7 +13,17 @@ def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
         return []
     # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
     columns = masks.to(device="cpu", dtype=torch.uint8).transpose(1, 2).contiguous().numpy()
+    # Its encoder needs, for a mask of A pixels, at most 4A bytes of run buffer, 4A of runs and
+    # 6A of string.
+    reserve(14 * masks.shape[1] * masks.shape[2])
     return mask_utils.encode(columns.transpose(2, 1, 0))
+
+
+def reserve(n_bytes: int) -> None:
+    """Raise MemoryError now if `n_bytes` cannot be allocated. pycocotools' C code does not check
+    its mallocs: a shortage inside it is a segfault that kills the worker (seen with an address
+    space limit and a 25-megapixel image), so callers reserve what it will need first."""
+    np.empty(n_bytes, dtype=np.uint8)
 
 
 def rle_areas(rles: List[Dict[str, Any]]) -> List[int]:

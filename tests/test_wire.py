@@ -5,7 +5,7 @@ import pickle
 import zlib
 
 import pytest
-from conftest import RunsCommand
+from conftest import REPO, RunsCommand
 
 from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled, is_annotation_list
 
@@ -70,3 +70,26 @@ def test_rle_of_many_masks():
     masks = torch.rand(300, 20, 30) > 0.5
     rles = encode_masks(masks)
     assert rle_areas(rles) == masks.sum(dim=(1, 2)).tolist()
+
+
+def test_rle_encoder_short_of_memory_raises_instead_of_crashing():
+    # pycocotools' C encoder does not check its mallocs; under an address-space limit a large,
+    # fragmented mask made it segfault (killing a TorchServe worker). It must raise MemoryError.
+    import subprocess
+    import sys
+
+    script = """
+import resource, sys
+import psutil, torch
+from sam_fast_serve.rle import encode_masks
+masks = torch.zeros(1, 5000, 5000, dtype=torch.bool)
+masks[0, ::2] = True  # a run per pixel down every column: 25 M runs
+limit = psutil.Process().memory_info().vms + 200 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+try:
+    encode_masks(masks)
+except MemoryError:
+    sys.exit(3)
+"""
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, (run.returncode, run.stderr[-500:])
