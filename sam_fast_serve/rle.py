@@ -13,9 +13,9 @@ def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
         return []
     # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order.
     columns = masks.to(device="cpu", dtype=torch.uint8).transpose(1, 2).contiguous().numpy()
-    # Its encoder needs, for a mask of A pixels, at most 4A bytes of run buffer, 4A of runs and
-    # 6A of string.
-    reserve(14 * masks.shape[1] * masks.shape[2])
+    # Its encoder needs, for N masks of A pixels, at most 4A bytes of run buffer, 4A of runs per
+    # mask (all kept until the end) and 6A of string for one mask at a time.
+    reserve((10 + 4 * len(masks)) * masks.shape[1] * masks.shape[2])
     return mask_utils.encode(columns.transpose(2, 1, 0))
 
 
