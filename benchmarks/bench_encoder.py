@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -32,12 +31,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from measure import PeakRss, gemm_peaks, peak_for  # noqa: E402
 from segment_anything import build_sam_vit_b  # noqa: E402
 from segment_anything.modeling import ImageEncoderViT  # noqa: E402
 
@@ -100,31 +99,15 @@ def release_free_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def timed_call(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float, int]:
     """(output, wall seconds, CPU utilisation, peak RSS growth in bytes, sampled every 2 ms)."""
     release_free_memory()
-    before = rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.002):
-            peak[0] = max(peak[0], rss_bytes())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    cpu, wall = time.process_time(), time.perf_counter()
-    output = call()
-    wall = time.perf_counter() - wall
-    cpu = time.process_time() - cpu
-    done.set()
-    sampler.join()
-    return output, wall, cpu / (wall * torch.get_num_threads()), peak[0] - before
+    with PeakRss(interval=0.002) as rss:
+        cpu, wall = time.process_time(), time.perf_counter()
+        output = call()
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() - cpu
+    return output, wall, cpu / (wall * torch.get_num_threads()), rss.peak - rss.start
 
 
 @torch.no_grad()
@@ -151,44 +134,6 @@ def encoder_flops(reference: ImageEncoderViT, image: torch.Tensor) -> dict[str, 
     with counter:
         copy.deepcopy(reference).to(BF16)(image.to(BF16))
     return {str(op).split(".")[-1]: count for op, count in counter.get_flop_counts()["Global"].items()}
-
-
-def best_rate(call: Callable[[], object], flops: float, repeats: int = 8) -> float:
-    """GFLOP/s of the fastest of `repeats` calls, after one warm-up."""
-    call()
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        fastest = min(fastest, time.perf_counter() - start)
-    return flops / fastest / 1e9
-
-
-def gemm_peaks() -> dict[str, float]:
-    """Measured GFLOP/s: a 4096^3 aten matmul, and a (4096 x 768) @ (768 x 3072) linear (the
-    MLP's shape) through aten and through oneDNN, in fp32 and bf16."""
-    rates = {}
-    for dtype in (FP32, BF16):
-        name = "fp32" if dtype == FP32 else "bf16"
-        a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-        rates[f"{name} matmul 4096^3 (aten)"] = best_rate(partial(torch.matmul, a, b), 2 * 4096**3)
-        x, w, bias = (
-            torch.randn(4096, 768, dtype=dtype),
-            torch.randn(3072, 768, dtype=dtype),
-            torch.randn(3072, dtype=dtype),
-        )
-        flops = 2 * 4096 * 768 * 3072
-        rates[f"{name} linear 4096x768x3072 (aten)"] = best_rate(partial(F.linear, x, w, bias), flops)
-        onednn = torch.ops.mkldnn._linear_pointwise
-        rates[f"{name} linear 4096x768x3072 (oneDNN)"] = best_rate(
-            partial(onednn, x, w, bias, "none", [], ""), flops
-        )
-    return rates
-
-
-def peak_for(dtype: torch.dtype, peaks: dict[str, float]) -> float:
-    prefix = "fp32" if dtype == FP32 else "bf16"
-    return max(rate for name, rate in peaks.items() if name.startswith(prefix))
 
 
 def print_table(chosen: list[Variant], flops: int, peaks: dict[str, float]) -> None:

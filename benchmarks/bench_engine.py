@@ -28,16 +28,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 import cv2
 import numpy as np
-import psutil
 import torch
 import yaml
 from skimage import data as sample_images
@@ -45,7 +43,7 @@ from skimage import data as sample_images
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import segment_anything.automatic_mask_generator as reference_module  # noqa: E402
-from bench_encoder import gemm_peaks, peak_for  # noqa: E402
+from measure import PeakRss, gemm_peaks, peak_for  # noqa: E402
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator  # noqa: E402
 
 from sam_fast_serve import automatic as engine_module  # noqa: E402
@@ -61,35 +59,6 @@ SETTINGS = {
     "keep-all": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
 }
 STAGES = ("encoder", "decoder", "rle")
-
-
-class PeakRss:
-    """Samples this process's RSS every 10 ms while in use; `.peak` in bytes."""
-
-    def __init__(self, pid: Optional[int] = None) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        try:
-            return self.process.memory_info().rss
-        except psutil.Error:
-            return 0
-
-    def __enter__(self) -> "PeakRss":
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @contextlib.contextmanager
