@@ -1,13 +1,12 @@
 """Every option of the engine's generator gives segment_anything's masks, one to one.
 
 The model is a SAM with a small image encoder (2 blocks of 96 channels) and the real mask
-decoder and prompt encoder, random weights: the encoder then costs little, so each option can
-be compared against the reference (fp32) on its own. Thresholds are placed in the widest gap
+decoder and prompt encoder, built by segment_anything's own builder, random weights: the encoder
+then costs little, so each option can be compared against the reference (fp32) on its own. Thresholds are placed in the widest gap
 between the reference's own scores, so a rounding difference cannot move a mask across them.
 """
 
 import copy
-from functools import partial
 from typing import Any, Dict, List
 
 import cv2
@@ -17,7 +16,8 @@ import torch
 from conftest import KEEP_ALL
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.build_sam import _build_sam
+from segment_anything.modeling import Sam
 
 from sam_fast_serve.agreement import match_masks
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
@@ -28,31 +28,15 @@ LOGIT_SCALE = 30.0
 
 
 def small_sam() -> Sam:
+    """segment_anything's own SAM builder with a 2-block, 96-channel image encoder."""
     torch.manual_seed(0)
-    encoder = ImageEncoderViT(
-        depth=2,
-        embed_dim=96,
-        num_heads=2,
-        out_chans=256,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=14,
-        global_attn_indexes=(1,),
-    )
-    prompt_encoder = PromptEncoder(
-        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-    )
-    decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        transformer_dim=256,
-    )
+    sam = _build_sam(encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
     with torch.no_grad():
         # Random hypernetworks give logits so close to 0 that every stability score is 0 and
         # the stability filter would have nothing to sort; larger logits spread the scores.
-        for mlp in decoder.output_hypernetworks_mlps:
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(LOGIT_SCALE)
-    return Sam(encoder, prompt_encoder, decoder, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]).eval()
+    return sam
 
 
 @pytest.fixture(scope="module")
