@@ -10,9 +10,8 @@ random-weight model gives (the keep-all tests' case). Times are the best of 5.
 import base64
 import pickle
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -20,6 +19,8 @@ from skimage import data
 from skimage.segmentation import slic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from measure import best_seconds  # noqa: E402
 
 from sam_fast_serve.rle import encode_masks, rle_to_builtins  # noqa: E402
 from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled  # noqa: E402
@@ -53,15 +54,6 @@ def fragmented_payload(shape=(512, 512), count: int = 48) -> List[Dict[str, Any]
     return annotations(torch.nn.functional.interpolate(low, size=shape, mode="bilinear")[:, 0] > 0)
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def pickle_base64(payload: Any) -> str:
     return base64.b64encode(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
 
@@ -81,9 +73,9 @@ def main() -> None:
         rows += [("JSON", lambda: encode_json(payload), None)]
         for label, encode, decode in rows:
             body = encode()
-            decode_ms = best_time(lambda: decode(body)) * 1e3 if decode else float("nan")
+            decode_ms = best_seconds(lambda: decode(body), 5) * 1e3 if decode else float("nan")
             print(f"| {name} | {label} | {len(body):,} | {len(body) / len(plain):.2f} | "
-                  f"{best_time(encode) * 1e3:.1f} | {decode_ms:.1f} |")
+                  f"{best_seconds(encode, 5) * 1e3:.1f} | {decode_ms:.1f} |")
 
 
 if __name__ == "__main__":

@@ -46,15 +46,20 @@ class PeakRss:
         self._thread.join()
 
 
-def best_rate(call: Callable[[], object], flops: float, repeats: int = 8) -> float:
-    """GFLOP/s of the fastest of `repeats` calls, after one warm-up."""
+def best_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls, after one warm-up."""
     call()
     fastest = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         fastest = min(fastest, time.perf_counter() - start)
-    return flops / fastest / 1e9
+    return fastest
+
+
+def best_rate(call: Callable[[], object], flops: float, repeats: int = 8) -> float:
+    """GFLOP/s of the fastest of `repeats` calls, after one warm-up."""
+    return flops / best_seconds(call, repeats) / 1e9
 
 
 def gemm_peaks() -> dict[str, float]:
