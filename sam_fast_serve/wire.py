@@ -16,8 +16,8 @@ from typing import Any, Dict, Mapping
 from .rle import rle_to_builtins
 
 JSON_MEDIA_TYPE = "application/json"
-# Chosen by benchmarks/bench_wire.py: level 1 is within 6% of level 9's size (0.58 vs 0.55 of
-# pickle+base64 on ~100 natural masks) and 2-4x faster to encode (30 vs 123 ms on 48 fragmented masks).
+# Chosen by benchmarks/bench_wire.py: level 1 is within 6% of level 9's size (0.56 vs 0.53 of
+# pickle+base64 on ~100 natural masks) and 4x faster to encode (29 vs 125 ms on 48 fragmented masks).
 DEFAULT_ZLIB_LEVEL = 1
 
 
