@@ -1,18 +1,20 @@
-"""TorchServe handler for SAM automatic mask generation: a thin adapter over sam_fast_serve.
+"""TorchServe handler for SAM mask generation: a thin adapter over sam_fast_serve.service.
 
-Everything but the TorchServe plumbing (config, image decoding, the engine, the wire format) lives
+TorchServe's own `handle` stays in charge (it records the HandlerTime metric); the service's three
+steps are its preprocess -> inference -> postprocess. Everything but the TorchServe plumbing lives
 in the sam_fast_serve package, which imports nothing from ts and is tested on its own.
 """
 
-import logging
+from __future__ import annotations
+
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
-from sam_fast_serve.service import MaskService
-
-logger = logging.getLogger(__name__)
+from sam_fast_serve.jobs import Job
+from sam_fast_serve.responses import Reply
+from sam_fast_serve.service import Answer, MaskService
 
 
 class SamAutomaticMaskHandler(BaseHandler):
@@ -27,13 +29,18 @@ class SamAutomaticMaskHandler(BaseHandler):
         self.context = context
         self.initialized = True
 
-    def handle(self, data: List[Dict[str, Any]], context: Any) -> List[str]:
-        requests = [(fields, context.get_all_request_header(i)) for i, fields in enumerate(data)]
-        replies = self.service.handle(requests)
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Job | Reply]:
+        return self.service.decode([(fields, self.context.get_all_request_header(i)) for i, fields in enumerate(data)])
+
+    def inference(self, data: list[Job | Reply], *args: Any, **kwargs: Any) -> list[Answer | Reply]:
+        return self.service.predict(data)
+
+    def postprocess(self, data: list[Answer | Reply]) -> list[str]:
+        replies = self.service.encode(data)
         for index, reply in enumerate(replies):
-            context.set_response_content_type(index, reply.content_type)
+            self.context.set_response_content_type(index, reply.content_type)
             for name, value in reply.headers.items():
-                context.set_response_header(index, name, value)
+                self.context.set_response_header(index, name, value)
             if reply.status != 200:
-                context.set_response_status(reply.status, "", index)
+                self.context.set_response_status(reply.status, "", index)
         return [reply.body for reply in replies]

@@ -21,7 +21,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import cv2
 import numpy as np
@@ -32,12 +32,11 @@ from sam_fast_serve.imaging import decode_image
 from sam_fast_serve.wire import decode_pickled, is_annotation_list, is_prompt_response
 
 
-
 class RequestFailed(Exception):
     """The server answered an error or could not be reached after the retries."""
 
 
-def default_token() -> Optional[str]:
+def default_token() -> str | None:
     """The inference token: $TS_INFERENCE_TOKEN, else the one in ./key_file.json if present."""
     if os.environ.get("TS_INFERENCE_TOKEN"):
         return os.environ["TS_INFERENCE_TOKEN"]
@@ -84,14 +83,14 @@ def post_image(
     raise RequestFailed(f"{problem} (after {retries + 1} attempts)")
 
 
-def parse_point(text: str) -> Tuple[List[float], int]:
+def parse_point(text: str) -> tuple[list[float], int]:
     """'X,Y' or 'X,Y:LABEL' -> ([x, y], label)."""
     where, _, label = text.partition(":")
     x, y = (float(v) for v in where.split(","))
     return [x, y], int(label or 1)
 
 
-def parse_box(text: str) -> List[float]:
+def parse_box(text: str) -> list[float]:
     """'X0,Y0,X1,Y1' -> [x0, y0, x1, y1]."""
     box = [float(v) for v in text.split(",")]
     if len(box) != 4:
@@ -120,14 +119,14 @@ def parse_reply(reply: requests.Response) -> Any:
     return payload
 
 
-def masks_of(payload: Any) -> List[dict]:
+def masks_of(payload: Any) -> list[dict]:
     """Every mask record of a payload, automatic or prompted."""
     if isinstance(payload, dict):
         return [mask for prompt in payload["prompts"] for mask in prompt["masks"]]
     return payload
 
 
-def overlay(image: np.ndarray, annotations: List[dict], prompts: dict, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, annotations: list[dict], prompts: dict, alpha: float = 0.5) -> np.ndarray:
     """The RGB image with each mask painted in its own colour (largest first so small ones show),
     foreground points green, background points red, boxes yellow."""
     canvas = image.astype(np.float32)
@@ -143,12 +142,14 @@ def overlay(image: np.ndarray, annotations: List[dict], prompts: dict, alpha: fl
     return painted
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     parser.add_argument("--model", default="sam-fast")
-    parser.add_argument("--token", default=None, help="inference token (default: $TS_INFERENCE_TOKEN or ./key_file.json)")
+    parser.add_argument(
+        "--token", default=None, help="inference token (default: $TS_INFERENCE_TOKEN or ./key_file.json)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--format", choices=("pickle", "json"), default="pickle", help="wire format to ask for")
     parser.add_argument("--retries", type=int, default=4)
@@ -178,7 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in args.images:
             try:
                 body = path.read_bytes()
-                request = json.dumps({"image": base64.b64encode(body).decode(), **prompts}).encode() if prompts else body
+                request = (
+                    json.dumps({"image": base64.b64encode(body).decode(), **prompts}).encode() if prompts else body
+                )
                 started = time.perf_counter()
                 reply = post_image(session, url, request, headers, args.retries, args.backoff, args.timeout)
                 payload = parse_reply(reply)
@@ -191,7 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             masks = masks_of(payload)
             painted = overlay(decode_image(body, max_pixels=10**9), masks, prompts)
             cv2.imwrite(str(args.out / f"{path.stem}.overlay.png"), cv2.cvtColor(painted, cv2.COLOR_RGB2BGR))
-            print(f"{path}: {len(masks)} masks, {latency:.2f} s, {len(reply.content)} bytes -> {args.out}/{path.stem}.json")
+            print(
+                f"{path}: {len(masks)} masks, {latency:.2f} s, {len(reply.content)} bytes -> {args.out}/{path.stem}.json"
+            )
     print(f"{len(args.images) - failures} of {len(args.images)} images segmented")
     return 1 if failures else 0
 

@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from segment_anything import build_sam_vit_b
 from segment_anything.modeling import MaskDecoder
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sam_fast_serve.fast_decoder import FastMaskDecoder
 

@@ -28,20 +28,15 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
+from segment_anything import build_sam_vit_b
+from segment_anything.modeling import ImageEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from measure import PeakRss, gemm_peaks, peak_for  # noqa: E402
-from segment_anything import build_sam_vit_b  # noqa: E402
-from segment_anything.modeling import ImageEncoderViT  # noqa: E402
-
-from sam_fast_serve import fast_encoder  # noqa: E402
-from sam_fast_serve.fast_encoder import accelerate_image_encoder  # noqa: E402
+from benchmarks.measure import PeakRss, gemm_peaks, peak_for
+from sam_fast_serve import fast_encoder
+from sam_fast_serve.fast_encoder import accelerate_image_encoder
 
 IMAGE_SIZE = 1024
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -212,9 +207,7 @@ def measure_compile() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--batch", type=int, default=2, help="also time this batch size in bf16; 1: skip")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes)")
@@ -238,18 +231,13 @@ def main() -> None:
     print(f"vit_b encoder at {IMAGE_SIZE}x{IMAGE_SIZE}: {flops / 1e9:.0f} GFLOP per image ({parts})")
 
     peaks = gemm_peaks()
-    print(
-        "GEMM peak (GFLOP/s, best of 8): " + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items())
-    )
+    print("GEMM peak (GFLOP/s, best of 8): " + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items()))
 
     chosen = variants(reference, args.batch)
     run_variants(chosen, image, args.repeats)
     # Measured again after the long runs, best kept: one competing process spoils a peak.
     peaks = {name: max(rate, peaks[name]) for name, rate in gemm_peaks().items()}
-    print(
-        "GEMM peak, best of both measurements: "
-        + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items())
-    )
+    print("GEMM peak, best of both measurements: " + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items()))
     print()
     print_table(chosen, flops, peaks)
     if args.chunk_sweep:

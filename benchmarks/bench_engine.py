@@ -30,29 +30,29 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any
 
 import cv2
 import numpy as np
+import segment_anything.automatic_mask_generator as reference_module
 import torch
 import yaml
+from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from skimage import data as sample_images
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import segment_anything.automatic_mask_generator as reference_module  # noqa: E402
-from measure import PeakRss, gemm_peaks, peak_for  # noqa: E402
-from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator  # noqa: E402
-
-from sam_fast_serve import automatic as engine_module  # noqa: E402
-from sam_fast_serve.agreement import match_masks  # noqa: E402
-from sam_fast_serve.automatic import SamAutomaticMaskGenerator  # noqa: E402
-from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry  # noqa: E402
-from sam_fast_serve.deploy import REPO, build_archive, save_random_checkpoint  # noqa: E402
-from sam_fast_serve.fast_decoder import FastMaskDecoder  # noqa: E402
-from sam_fast_serve.wire import annotation_to_builtins, encode_pickled  # noqa: E402
+from benchmarks.measure import PeakRss, gemm_peaks, peak_for
+from sam_fast_serve import automatic as engine_module
+from sam_fast_serve.archive import build_archive
+from sam_fast_serve.automatic import SamAutomaticMaskGenerator
+from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry
+from sam_fast_serve.cli import save_random_checkpoint
+from sam_fast_serve.fast_decoder import FastMaskDecoder
+from sam_fast_serve.wire import encode_pickled
+from tests.agreement import match_masks
+from tests.local_server import REPO
 
 SETTINGS = {
     "default": {},
@@ -62,7 +62,7 @@ STAGES = ("encoder", "decoder", "rle")
 
 
 @contextlib.contextmanager
-def timed(totals: Dict[str, float], stage: str, owner: Any, attr: str) -> Iterator[None]:
+def timed(totals: dict[str, float], stage: str, owner: Any, attr: str) -> Iterator[None]:
     """Add the time spent in owner.attr to totals[stage] while inside the block."""
     original = getattr(owner, attr)
 
@@ -80,7 +80,7 @@ def timed(totals: Dict[str, float], stage: str, owner: Any, attr: str) -> Iterat
         setattr(owner, attr, original)
 
 
-def reference_stages(generator: ReferenceGenerator, totals: Dict[str, float]) -> contextlib.ExitStack:
+def reference_stages(generator: ReferenceGenerator, totals: dict[str, float]) -> contextlib.ExitStack:
     sam = generator.predictor.model
     stack = contextlib.ExitStack()
     stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
@@ -90,7 +90,7 @@ def reference_stages(generator: ReferenceGenerator, totals: Dict[str, float]) ->
     return stack
 
 
-def engine_stages(generator: SamAutomaticMaskGenerator, totals: Dict[str, float]) -> contextlib.ExitStack:
+def engine_stages(generator: SamAutomaticMaskGenerator, totals: dict[str, float]) -> contextlib.ExitStack:
     sam = generator.predictor.model
     decoder = generator.predictor.decoder
     stack = contextlib.ExitStack()
@@ -104,11 +104,11 @@ def engine_stages(generator: SamAutomaticMaskGenerator, totals: Dict[str, float]
 def run_variant(
     name: str,
     make: Callable[[], Any],
-    stages: Callable[[Any, Dict[str, float]], contextlib.ExitStack],
-    images: List[np.ndarray],
-) -> Dict[str, Any]:
+    stages: Callable[[Any, dict[str, float]], contextlib.ExitStack],
+    images: list[np.ndarray],
+) -> dict[str, Any]:
     generator = make()
-    totals: Dict[str, float] = defaultdict(float)
+    totals: dict[str, float] = defaultdict(float)
     outputs = []
     gc.collect()
     with PeakRss() as rss, stages(generator, totals):
@@ -117,7 +117,7 @@ def run_variant(
             outputs.append(generator.generate(image))
         total = time.perf_counter() - started
     wire_started = time.perf_counter()
-    bodies = [encode_pickled([annotation_to_builtins(a) for a in anns]) for anns in outputs]
+    bodies = [encode_pickled(anns) for anns in outputs]
     totals["wire"] = time.perf_counter() - wire_started
     n = len(images)
     return {
@@ -133,8 +133,8 @@ def run_variant(
     }
 
 
-def agreement(reference: Dict[str, Any], row: Dict[str, Any]) -> str:
-    ious: List[float] = []
+def agreement(reference: dict[str, Any], row: dict[str, Any]) -> str:
+    ious: list[float] = []
     unmatched = leftover = 0
     for ref, ours in zip(reference["outputs"], row["outputs"]):
         i, u, left = match_masks(ref, ours)
@@ -144,16 +144,17 @@ def agreement(reference: Dict[str, Any], row: Dict[str, Any]) -> str:
     if not ious:
         return "n/a (no masks)" if not leftover else f"{leftover} extra"
     ious_a = np.array(ious)
-    return (
-        f"{(ious_a >= 0.9).mean():.1%} >=0.9, {(ious_a >= 0.99).mean():.1%} >=0.99, min {ious_a.min():.3f}"
-        + (f", {unmatched} unmatched, {leftover} extra" if unmatched or leftover else "")
+    return f"{(ious_a >= 0.9).mean():.1%} >=0.9, {(ious_a >= 0.99).mean():.1%} >=0.99, min {ious_a.min():.3f}" + (
+        f", {unmatched} unmatched, {leftover} extra" if unmatched or leftover else ""
     )
 
 
-def print_table(setting: str, rows: List[Dict[str, Any]]) -> None:
+def print_table(setting: str, rows: list[dict[str, Any]]) -> None:
     reference = rows[0]
     print(f"\n### {setting}: seconds per image (vit_b, {len(reference['outputs'])} images)\n")
-    print("| variant | total | encoder | decoder | post | rle | wire | peak RSS | masks | response bytes | speedup | agreement with (a) |")
+    print(
+        "| variant | total | encoder | decoder | post | rle | wire | peak RSS | masks | response bytes | speedup | agreement with (a) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
@@ -172,7 +173,7 @@ def flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def decoder_flops_per_grid(sam: torch.nn.Module, points: int) -> Dict[str, int]:
+def decoder_flops_per_grid(sam: torch.nn.Module, points: int) -> dict[str, int]:
     """FLOPs of decoding `points` point prompts with all three multimask outputs, 64 at a time:
     the reference mask decoder, and the fast decoder (per-image part once, all masks computed)."""
     image, pe, dense = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
@@ -183,27 +184,37 @@ def decoder_flops_per_grid(sam: torch.nn.Module, points: int) -> Dict[str, int]:
     state = fast.prepare_image(image, pe, dense)
     per_image = flops(lambda: fast.prepare_image(image, pe, dense))
     every_mask = torch.arange(64 * 3)
-    per_batch = flops(lambda: fast.mask_logits(fast.run_transformer(state, sparse), every_mask // 3, every_mask % 3 + 1))
+    per_batch = flops(
+        lambda: fast.mask_logits(fast.run_transformer(state, sparse), every_mask // 3, every_mask % 3 + 1)
+    )
     return {"reference": reference * batches, "fast": per_image + per_batch * batches}
 
 
-def hardware_report(sam: torch.nn.Module, rows: Dict[str, Dict[str, Any]], points: int) -> None:
+def hardware_report(sam: torch.nn.Module, rows: dict[str, dict[str, Any]], points: int) -> None:
     """Counted FLOPs over measured time, against the best measured GEMM rate of the dtype."""
     encoder_flops = flops(lambda: sam.image_encoder(torch.randn(1, 3, 1024, 1024)))
     decoder_flops = decoder_flops_per_grid(sam, points)
     peaks = gemm_peaks()
     print("\n### Hardware limit\n")
     print("measured GEMM peak (GFLOP/s, best of 8): " + "; ".join(f"{name} {rate:.0f}" for name, rate in peaks.items()))
-    print(f"FLOPs per image: image encoder {encoder_flops / 1e9:.0f} GFLOP; mask decoder for {points} points "
-          f"(all masks): reference {decoder_flops['reference'] / 1e9:.0f} GFLOP, fast decoder "
-          f"{decoder_flops['fast'] / 1e9:.0f} GFLOP ({decoder_flops['reference'] / decoder_flops['fast']:.1f}x fewer)")
+    print(
+        f"FLOPs per image: image encoder {encoder_flops / 1e9:.0f} GFLOP; mask decoder for {points} points "
+        f"(all masks): reference {decoder_flops['reference'] / 1e9:.0f} GFLOP, fast decoder "
+        f"{decoder_flops['fast'] / 1e9:.0f} GFLOP ({decoder_flops['reference'] / decoder_flops['fast']:.1f}x fewer)"
+    )
     for name, row in rows.items():
         dtype = torch.bfloat16 if "bf16" in name else torch.float32
         peak = peak_for(dtype, peaks)
         decoder = decoder_flops["reference" if name.startswith("(a)") else "fast"]
-        parts = [f"{stage} {work / row[stage] / 1e9:.0f} GFLOP/s = {work / row[stage] / 1e9 / peak:.0%}"
-                 for stage, work in (("encoder", encoder_flops), ("decoder", decoder))]
-        print(f"{name}: " + ", ".join(parts) + f" of the best measured {'bf16' if dtype == torch.bfloat16 else 'fp32'} GEMM")
+        parts = [
+            f"{stage} {work / row[stage] / 1e9:.0f} GFLOP/s = {work / row[stage] / 1e9 / peak:.0%}"
+            for stage, work in (("encoder", encoder_flops), ("decoder", decoder))
+        ]
+        print(
+            f"{name}: "
+            + ", ".join(parts)
+            + f" of the best measured {'bf16' if dtype == torch.bfloat16 else 'fp32'} GEMM"
+        )
 
 
 def engine_mode(args: argparse.Namespace) -> None:
@@ -217,27 +228,39 @@ def engine_mode(args: argparse.Namespace) -> None:
     engine_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), engine_dtype)
     fp32_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), torch.float32)
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
-    print(f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; model build+load {load_s:.1f} s")
+    print(
+        f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model build+load {load_s:.1f} s"
+    )
     try:
         import segment_anything_fast  # noqa: F401
 
         print("(c) pytorch-labs segment_anything_fast is importable but not wired into this benchmark")
     except ImportError:
         print("(c) pytorch-labs segment_anything_fast: not importable here (not on PyPI); row omitted")
-    last_rows: Dict[str, Dict[str, Any]] = {}
+    last_rows: dict[str, dict[str, Any]] = {}
     for setting in args.settings.split(","):
         kwargs = {"points_per_side": args.points_per_side, "output_mode": "coco_rle", **SETTINGS[setting]}
         rows = []
         if not args.skip_reference:
-            rows.append(run_variant("(a) reference fp32", lambda: ReferenceGenerator(reference_sam, **kwargs), reference_stages, images))
-        rows.append(run_variant(
-            f"(b) engine defaults ({dtype_name})",
-            lambda: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kwargs), engine_stages, images,
-        ))
-        rows.append(run_variant(
-            "(b') engine fp32", lambda: SamAutomaticMaskGenerator(fp32_sam, **kwargs), engine_stages, images
-        ))
+            rows.append(
+                run_variant(
+                    "(a) reference fp32", lambda: ReferenceGenerator(reference_sam, **kwargs), reference_stages, images
+                )
+            )
+        rows.append(
+            run_variant(
+                f"(b) engine defaults ({dtype_name})",
+                lambda: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kwargs),
+                engine_stages,
+                images,
+            )
+        )
+        rows.append(
+            run_variant(
+                "(b') engine fp32", lambda: SamAutomaticMaskGenerator(fp32_sam, **kwargs), engine_stages, images
+            )
+        )
         print_table(setting, rows)
         last_rows = {row["name"]: row for row in rows}
     hardware_report(reference_sam, last_rows, args.points_per_side**2)
@@ -246,16 +269,20 @@ def engine_mode(args: argparse.Namespace) -> None:
 def server_mode(args: argparse.Namespace) -> None:
     import requests
 
-    from sam_fast_serve.local_server import TorchServe
+    from tests.local_server import TorchServe
 
     checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
     png = {}
     for name in args.images.split(","):
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(getattr(sample_images, name)(), cv2.COLOR_RGB2BGR))
         png[name] = encoded.tobytes()
-    print(f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, images {args.images}")
-    print("\n| batchSize | cold start to READY | warm restart to READY | sequential s/request | "
-          f"{args.concurrency} clients: requests/s | p50 latency | worker peak RSS | response bytes |")
+    print(
+        f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, images {args.images}"
+    )
+    print(
+        "\n| batchSize | cold start to READY | warm restart to READY | sequential s/request | "
+        f"{args.concurrency} clients: requests/s | p50 latency | worker peak RSS | response bytes |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for batch_size in map(int, args.batch_sizes.split(",")):
         work = Path(tempfile.mkdtemp())
@@ -263,7 +290,9 @@ def server_mode(args: argparse.Namespace) -> None:
         config["batchSize"] = batch_size
         config["handler"]["sam_checkpoint"] = checkpoint.name
         (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-        archive = build_archive(checkpoint, work / "model-config.yaml", work / "model_store")
+        archive = build_archive(
+            REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store"
+        )
         server = TorchServe(work, archive.parent, archive.name)
         cold = server.start()
         try:
@@ -307,7 +336,7 @@ service = MaskService.load(section, model_dir, gpu_id=None)
 times = [time.perf_counter() - started]
 for image in (data.astronaut(), data.chelsea()):
     started = time.perf_counter()
-    service.generator(service.config.amg).generate(image)
+    service.engines.generator(service.config.amg).generate(image)
     times.append(time.perf_counter() - started)
 print(json.dumps(times))
 """
@@ -316,17 +345,27 @@ print(json.dumps(times))
 def load_mode(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
     cache = tempfile.mkdtemp(prefix="inductor-cache-")
-    print(f"# bench_engine --load: vit_b, repo model-config.yaml handler section, fresh process per row, "
-          f"{torch.get_num_threads()} threads")
-    print("\n| compile | start to ready (imports, build, weights, warm-up) | first image (astronaut) | next image (chelsea) |")
+    print(
+        f"# bench_engine --load: vit_b, repo model-config.yaml handler section, fresh process per row, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "\n| compile | start to ready (imports, build, weights, warm-up) | first image (astronaut) | next image (chelsea) |"
+    )
     print("|---|---|---|---|")
     for label, compile_encoder in (("off", False), ("on, empty cache", True), ("on, cache from the run above", True)):
-        section = {**yaml.safe_load((REPO / "model-config.yaml").read_text())["handler"],
-                   "sam_checkpoint": checkpoint.name, "compile": compile_encoder}
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
+        section = {
+            **yaml.safe_load((REPO / "model-config.yaml").read_text())["handler"],
+            "sam_checkpoint": checkpoint.name,
+            "compile": compile_encoder,
+        }
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         done = subprocess.run(
             [sys.executable, "-c", _LOAD_SCRIPT, json.dumps(section), str(checkpoint.parent)],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         ready, first, second = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {label} | {ready:.1f} s | {first:.2f} s | {second:.2f} s |")

@@ -8,7 +8,6 @@ import argparse
 import base64
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 from PIL import Image
 from skimage import data
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sam_fast_serve.deploy import save_random_checkpoint  # noqa: E402
-from sam_fast_serve.service import MaskService  # noqa: E402
+from sam_fast_serve.cli import save_random_checkpoint
+from sam_fast_serve.service import MaskService
 
 
 def main() -> None:
@@ -54,7 +51,9 @@ def main() -> None:
                 times.append(time.perf_counter() - started)
                 assert reply.status == 200, reply.body
             median = statistics.median(times)
-            print(f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.predictor.encoder_calls} | {first_s / median:.0f}x |")
+            print(
+                f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.predictor.encoder_calls} | {first_s / median:.0f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -9,46 +9,44 @@ random-weight model gives (the keep-all tests' case). Times are the best of 5.
 
 import base64
 import pickle
-import sys
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
 from skimage import data
 from skimage.segmentation import slic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from measure import best_seconds  # noqa: E402
-
-from sam_fast_serve.rle import encode_masks, rle_to_builtins  # noqa: E402
-from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled  # noqa: E402
+from benchmarks.measure import best_seconds
+from sam_fast_serve.records import rle_to_builtins
+from sam_fast_serve.rle import encode_masks
+from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled
 
 
-def annotations(masks: torch.Tensor) -> List[Dict[str, Any]]:
+def annotations(masks: torch.Tensor) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     records = []
     for rle, mask in zip(encode_masks(masks), masks):
         ys, xs = torch.nonzero(mask, as_tuple=True)
-        records.append({
-            "segmentation": rle_to_builtins(rle),
-            "area": int(mask.sum()),
-            "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())],
-            "predicted_iou": float(rng.uniform(0.88, 1.0)),
-            "point_coords": [[float(rng.uniform(0, 512)), float(rng.uniform(0, 512))]],
-            "stability_score": float(rng.uniform(0.95, 1.0)),
-            "crop_box": [0.0, 0.0, float(mask.shape[1]), float(mask.shape[0])],
-        })
+        records.append(
+            {
+                "segmentation": rle_to_builtins(rle),
+                "area": int(mask.sum()),
+                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())],
+                "predicted_iou": float(rng.uniform(0.88, 1.0)),
+                "point_coords": [[float(rng.uniform(0, 512)), float(rng.uniform(0, 512))]],
+                "stability_score": float(rng.uniform(0.95, 1.0)),
+                "crop_box": [0.0, 0.0, float(mask.shape[1]), float(mask.shape[0])],
+            }
+        )
     return records
 
 
-def natural_payload(image: np.ndarray, count: int = 100) -> List[Dict[str, Any]]:
+def natural_payload(image: np.ndarray, count: int = 100) -> list[dict[str, Any]]:
     labels = torch.as_tensor(slic(image, n_segments=count, start_label=0))
     return annotations(torch.stack([labels == i for i in range(int(labels.max()) + 1)]))
 
 
-def fragmented_payload(shape=(512, 512), count: int = 48) -> List[Dict[str, Any]]:
+def fragmented_payload(shape=(512, 512), count: int = 48) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
     low = torch.randn(count, 1, shape[0] // 2, shape[1] // 2, generator=generator)
     return annotations(torch.nn.functional.interpolate(low, size=shape, mode="bilinear")[:, 0] > 0)
@@ -69,13 +67,18 @@ def main() -> None:
     for name, payload in payloads.items():
         plain = pickle_base64(payload)
         rows = [("pickle+base64 (no zlib)", lambda: pickle_base64(payload), None)]
-        rows += [(f"pickle+zlib {level}+base64", lambda level=level: encode_pickled(payload, level), decode_pickled) for level in (1, 3, 6, 9)]
+        rows += [
+            (f"pickle+zlib {level}+base64", lambda level=level: encode_pickled(payload, level), decode_pickled)
+            for level in (1, 3, 6, 9)
+        ]
         rows += [("JSON", lambda: encode_json(payload), None)]
         for label, encode, decode in rows:
             body = encode()
             decode_ms = best_seconds(lambda: decode(body), 5) * 1e3 if decode else float("nan")
-            print(f"| {name} | {label} | {len(body):,} | {len(body) / len(plain):.2f} | "
-                  f"{best_seconds(encode, 5) * 1e3:.1f} | {decode_ms:.1f} |")
+            print(
+                f"| {name} | {label} | {len(body):,} | {len(body) / len(plain):.2f} | "
+                f"{best_seconds(encode, 5) * 1e3:.1f} | {decode_ms:.1f} |"
+            )
 
 
 if __name__ == "__main__":

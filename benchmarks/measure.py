@@ -31,7 +31,7 @@ class PeakRss:
         except psutil.Error:
             return 0
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.start = self.peak = self._rss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -78,9 +78,7 @@ def gemm_peaks() -> dict[str, float]:
         flops = 2 * 4096 * 768 * 3072
         rates[f"{name} linear 4096x768x3072 (aten)"] = best_rate(partial(F.linear, x, w, bias), flops)
         onednn = torch.ops.mkldnn._linear_pointwise
-        rates[f"{name} linear 4096x768x3072 (oneDNN)"] = best_rate(
-            partial(onednn, x, w, bias, "none", [], ""), flops
-        )
+        rates[f"{name} linear 4096x768x3072 (oneDNN)"] = best_rate(partial(onednn, x, w, bias, "none", [], ""), flops)
     return rates
 
 

@@ -8,13 +8,14 @@ bytes) instead of Python lists of run lengths, which the reference deep-copies o
 concatenation and encodes in a Python loop (for fragmented masks that took longer than the model).
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from segment_anything.modeling import Sam
-from pycocotools import mask as mask_utils
 from segment_anything.utils.amg import (
     MaskData,
     batched_mask_to_box,
@@ -28,7 +29,8 @@ from segment_anything.utils.amg import (
 
 from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
-from .rle import encode_masks, reserve, rle_areas, rle_to_builtins
+from .records import amg_record, rle_to_builtins
+from .rle import encode_masks, reserve, rle_areas
 
 # Low-resolution logits are computed for at most this many masks at a time (256 KiB each).
 MASKS_PER_DECODE = 256
@@ -53,7 +55,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         model: Sam,
         *args: Any,
         process_batch_size: int = 1,
-        predictor: Optional[FastSamPredictor] = None,
+        predictor: FastSamPredictor | None = None,
         decoder_dtype: torch.dtype = torch.float32,
         **kwargs: Any,
     ) -> None:
@@ -64,7 +66,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         self.predictor = predictor
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         """Masks for one RGB uint8 (H, W, 3) image: the same records as the reference's `generate`."""
         mask_data = self._generate_masks(image)
         if self.min_mask_region_area > 0:
@@ -76,30 +78,30 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             mask_data["rles"] = [mask_utils.frPyObjects(rle, *rle["size"]) for rle in mask_data["rles"]]
         return self._records(mask_data)
 
-    def _records(self, data: MaskData) -> List[Dict[str, Any]]:
+    def _records(self, data: MaskData) -> list[dict[str, Any]]:
         rles = data["rles"]
         areas = rle_areas(rles)
         if self.output_mode == "coco_rle":
-            segmentations: List[Any] = [rle_to_builtins(r) for r in rles]
+            segmentations: list[Any] = [rle_to_builtins(r) for r in rles]
         elif self.output_mode == "binary_mask":
             segmentations = [mask_utils.decode(r).astype(bool) for r in rles]
         else:
             segmentations = _uncompress(rles)
         return [
-            {
-                "segmentation": segmentations[i],
-                "area": int(areas[i]),
-                "bbox": box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                "predicted_iou": data["iou_preds"][i].item(),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": data["stability_score"][i].item(),
-                "crop_box": box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
-            }
+            amg_record(
+                segmentations[i],
+                areas[i],
+                box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                data["iou_preds"][i].item(),
+                [data["points"][i].tolist()],
+                data["stability_score"][i].item(),
+                box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+            )
             for i in range(len(rles))
         ]
 
     @torch.no_grad()
-    def generate_batch(self, images: Sequence[np.ndarray]) -> List[List[Dict[str, Any]]]:
+    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
         """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
         crops = []
         for image in images:
@@ -114,9 +116,9 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
     def _process_batch(
         self,
         points: np.ndarray,
-        im_size: Tuple[int, ...],
-        crop_box: List[int],
-        orig_size: Tuple[int, ...],
+        im_size: tuple[int, ...],
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
     ) -> MaskData:
         predictor = self.predictor
         decoder = predictor.decoder
@@ -151,7 +153,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             data = self._empty_batch()
         return data
 
-    def _masks_to_rles(self, data: MaskData, crop_box: List[int], orig_size: Tuple[int, ...]) -> MaskData:
+    def _masks_to_rles(self, data: MaskData, crop_box: list[int], orig_size: tuple[int, ...]) -> MaskData:
         """Stability filter, thresholding, boxes, crop-edge filter and RLE, as the reference does."""
         orig_h, orig_w = orig_size
         threshold = self.predictor.model.mask_threshold
@@ -179,7 +181,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         )
 
 
-def _uncompress(rles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _uncompress(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """COCO compressed RLEs as segment_anything's uncompressed ones (run lengths in a list)."""
     if not rles:
         return []

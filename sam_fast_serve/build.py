@@ -1,17 +1,19 @@
 """Building SAM models: `sam_model_fast_registry`, device and dtype choice, optional compile."""
 
+from __future__ import annotations
+
 import os
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
-from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
+from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
 from .fast_encoder import accelerate_image_encoder
 
 
-def _from_segment_anything(builder: Callable[..., Sam]) -> Callable[[Optional[str]], Sam]:
-    def build(checkpoint: Optional[str] = None) -> Sam:
+def _from_segment_anything(builder: Callable[..., Sam]) -> Callable[[str | None], Sam]:
+    def build(checkpoint: str | None = None) -> Sam:
         """Build the model; load `checkpoint` (a state dict file) with weights_only=True if given."""
         # segment_anything's own loader calls torch.load without weights_only, so it gets no path.
         sam = builder(checkpoint=None)
@@ -23,11 +25,9 @@ def _from_segment_anything(builder: Callable[..., Sam]) -> Callable[[Optional[st
     return build
 
 
-sam_model_fast_registry: Dict[str, Callable[[Optional[str]], Sam]] = {
-    "default": _from_segment_anything(build_sam_vit_h),
-    "vit_h": _from_segment_anything(build_sam_vit_h),
-    "vit_l": _from_segment_anything(build_sam_vit_l),
-    "vit_b": _from_segment_anything(build_sam_vit_b),
+# segment_anything's model types ("default" = vit_h), each loading its checkpoint safely.
+sam_model_fast_registry: dict[str, Callable[[str | None], Sam]] = {
+    name: _from_segment_anything(builder) for name, builder in sam_model_registry.items()
 }
 
 
@@ -42,7 +42,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `name` in auto|float32|bfloat16|float16 on `device`.
+    """The compute dtype for `name` ("auto" or one of config.DTYPE_NAMES) on `device`.
 
     auto: bf16 on CUDA devices that support it and on CPUs with native bf16, else fp32.
     """
@@ -50,10 +50,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype), name
+    return dtype
 
 
-def select_device(gpu_id: Optional[int]) -> torch.device:
+def select_device(gpu_id: int | None) -> torch.device:
     """`cuda:<gpu_id>` when CUDA is available and TorchServe assigned a GPU, else the CPU."""
     if torch.cuda.is_available() and gpu_id is not None:
         return torch.device(f"cuda:{gpu_id}")

@@ -1,9 +1,12 @@
-"""The official SAM checkpoints, and the checks a checkpoint file must pass before it is loaded."""
+"""The official SAM checkpoints, the checks a checkpoint file must pass before it is loaded, and
+their download."""
+
+from __future__ import annotations
 
 import hashlib
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 from .errors import ConfigError
 
@@ -20,7 +23,7 @@ class OfficialCheckpoint:
 
 _BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
-OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
+OFFICIAL_CHECKPOINTS: dict[str, OfficialCheckpoint] = {
     c.file_name: c
     for c in (
         OfficialCheckpoint(
@@ -44,9 +47,11 @@ OFFICIAL_CHECKPOINTS: Dict[str, OfficialCheckpoint] = {
     )
 }
 
+MODEL_TYPES = tuple(c.model_type for c in OFFICIAL_CHECKPOINTS.values())
+
 
 def official_for_model_type(model_type: str) -> OfficialCheckpoint:
-    """The official checkpoint of a model type (`vit_b`, `vit_l`, `vit_h`)."""
+    """The official checkpoint of a model type (one of MODEL_TYPES)."""
     return next(c for c in OFFICIAL_CHECKPOINTS.values() if c.model_type == model_type)
 
 
@@ -59,6 +64,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def where_to_get(file_name: str) -> str:
+    """Where an official checkpoint comes from ("download it from URL (sha256 ...)"), else ""."""
+    official = OFFICIAL_CHECKPOINTS.get(Path(file_name).name)
+    return "" if official is None else f"download it from {official.url} (sha256 {official.sha256})"
+
+
+def check_sha256(path: Path, official: OfficialCheckpoint) -> None:
+    """Raise ConfigError when `path` is not byte for byte the official file."""
+    actual = file_sha256(path)
+    if actual != official.sha256:
+        raise ConfigError(
+            f"{path.name} has sha256 {actual}, expected {official.sha256} "
+            f"(a partial or corrupted download? {where_to_get(official.file_name)})"
+        )
+
+
 def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path:
     """Find `file_name` in `directory` and check it.
 
@@ -67,22 +88,46 @@ def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path
     another model type, or when an official file's sha256 differs from the published one.
     """
     path = directory / file_name
-    official: Optional[OfficialCheckpoint] = OFFICIAL_CHECKPOINTS.get(Path(file_name).name)
+    official = OFFICIAL_CHECKPOINTS.get(Path(file_name).name)
     if official is not None and official.model_type != model_type:
         raise ConfigError(
             f"sam_checkpoint {file_name!r} is the official {official.model_type} checkpoint, "
             f"but model_type is {model_type!r}"
         )
     if not path.is_file():
-        hint = ""
-        if official is not None:
-            hint = f"; download it from {official.url} (sha256 {official.sha256})"
-        raise ConfigError(f"sam_checkpoint {file_name!r} not found in {directory}{hint}")
+        hint = where_to_get(file_name)
+        raise ConfigError(f"sam_checkpoint {file_name!r} not found in {directory}" + (f"; {hint}" if hint else ""))
     if official is not None:
-        actual = file_sha256(path)
-        if actual != official.sha256:
-            raise ConfigError(
-                f"sam_checkpoint {file_name!r} has sha256 {actual}, expected {official.sha256} "
-                f"(a partial or corrupted download? get it again from {official.url})"
-            )
+        check_sha256(path, official)
     return path
+
+
+def download_checkpoint(file_name: str, dest: Path) -> Path:
+    """Download the official checkpoint `file_name` to `dest`, checking its sha256.
+
+    Raises ConfigError when the name is not an official one, the download fails (the message says
+    how to use a local file instead) or the hash differs; nothing is left at `dest` then.
+    """
+    official = OFFICIAL_CHECKPOINTS.get(file_name)
+    if official is None:
+        raise ConfigError(f"{file_name!r} is not an official checkpoint; put the file at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_suffix(dest.suffix + ".part")
+    print(f"downloading {official.url} -> {dest}")
+    try:
+        urllib.request.urlretrieve(official.url, partial)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"could not download {official.url} ({exc}).\n"
+            "No SAM weights can be downloaded on this machine. Copy the file from a machine that can, then:\n"
+            f"  make demo SAM_CHECKPOINT=/path/to/{official.file_name}\n"
+            "or check the plumbing with random weights (meaningless masks): make smoke"
+        ) from exc
+    try:
+        check_sha256(partial, official)
+    except ConfigError:
+        partial.unlink()
+        raise
+    partial.rename(dest)
+    return dest

@@ -1,52 +1,28 @@
 """The `handler:` section of model-config.yaml: every key, its default and its valid range.
 
-The same rules validate per-request options, so a key means the same thing in the config file and
-in a request.
+Each key is one dataclass field whose metadata holds its check, so a key, its default and its rule
+are written once. The same rules validate per-request options, so a key means the same thing in
+the config file and in a request.
 """
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoints import MODEL_TYPES, official_for_model_type
 from .errors import ConfigError, InvalidOption
 
-MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Check = Callable[[Any], "str | None"]
+
+# Compute dtypes by their torch names; "auto" picks one per device (build.resolve_dtype).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class AmgSettings:
-    """Automatic mask generation settings (same names and defaults as segment_anything's AMG)."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    min_mask_region_area: int = 0
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Everything the mask service needs to load a model and answer requests."""
-
-    model_type: str = "vit_b"
-    # None means the official checkpoint file name of `model_type`.
-    sam_checkpoint: Optional[str] = None
-    process_batch_size: int = 4
-    dtype: str = "auto"
-    compile: bool = False
-    max_image_pixels: int = 50_000_000
-    # Masks returned per image at most (the best by predicted IoU): bounds response size.
-    max_masks: int = 1000
-    # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
-    embedding_cache_bytes: int = 256 * 1024 * 1024
-    amg: AmgSettings = field(default_factory=AmgSettings)
-
-
-def _int_in(lo: int, hi: int) -> Callable[[Any], Optional[str]]:
-    def check(v: Any) -> Optional[str]:
+def _int_in(lo: int, hi: int) -> Check:
+    def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int):
             return f"must be an integer, got {v!r}"
         return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
@@ -54,8 +30,8 @@ def _int_in(lo: int, hi: int) -> Callable[[Any], Optional[str]]:
     return check
 
 
-def _float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], Optional[str]]:
-    def check(v: Any) -> Optional[str]:
+def _float_in(lo: float, hi: float, lo_open: bool = False) -> Check:
+    def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"must be a number, got {v!r}"
         ok = (lo < v if lo_open else lo <= v) and v <= hi
@@ -65,64 +41,92 @@ def _float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[Any], Op
     return check
 
 
-def _one_of(choices: Tuple[str, ...]) -> Callable[[Any], Optional[str]]:
-    def check(v: Any) -> Optional[str]:
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(v: Any) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
     return check
 
 
-def _boolean(v: Any) -> Optional[str]:
+def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
 
 
-def _file_name(v: Any) -> Optional[str]:
+def _file_name(v: Any) -> str | None:
     if not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", ".."):
         return f"must be a file name inside the model archive (no directories), got {v!r}"
     return None
 
 
-AMG_RULES: Dict[str, Callable[[Any], Optional[str]]] = {
-    "points_per_side": _int_in(1, 128),
-    "points_per_batch": _int_in(1, 4096),
-    "pred_iou_thresh": _float_in(0.0, 1.0),
-    "stability_score_thresh": _float_in(0.0, 1.0),
-    "box_nms_thresh": _float_in(0.0, 1.0, lo_open=True),
-    "crop_n_layers": _int_in(0, 3),
-    "min_mask_region_area": _int_in(0, 10_000_000),
-}
+def _key(default: Any, check: Check) -> Any:
+    return field(default=default, metadata={"check": check})
 
-SERVICE_RULES: Dict[str, Callable[[Any], Optional[str]]] = {
-    "model_type": _one_of(MODEL_TYPES),
-    "sam_checkpoint": _file_name,
-    "process_batch_size": _int_in(1, 64),
-    "dtype": _one_of(DTYPES),
-    "compile": _boolean,
-    "max_image_pixels": _int_in(1, 1_000_000_000),
-    "max_masks": _int_in(1, 100_000),
-    "embedding_cache_bytes": _int_in(0, 1 << 40),
-}
+
+@dataclass(frozen=True)
+class AmgSettings:
+    """Automatic mask generation settings: the SamAutomaticMaskGenerator arguments a config or a
+    request may set, with segment_anything's names and defaults."""
+
+    points_per_side: int = _key(32, _int_in(1, 128))
+    points_per_batch: int = _key(64, _int_in(1, 4096))
+    pred_iou_thresh: float = _key(0.88, _float_in(0.0, 1.0))
+    stability_score_thresh: float = _key(0.95, _float_in(0.0, 1.0))
+    box_nms_thresh: float = _key(0.7, _float_in(0.0, 1.0, lo_open=True))
+    crop_n_layers: int = _key(0, _int_in(0, 3))
+    min_mask_region_area: int = _key(0, _int_in(0, 10_000_000))
+
+    def generator_arguments(self) -> dict[str, Any]:
+        """These settings as keyword arguments of SamAutomaticMaskGenerator."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the mask service needs to load a model and answer requests."""
+
+    model_type: str = _key("vit_b", _one_of(MODEL_TYPES))
+    # None means the official checkpoint file name of `model_type`.
+    sam_checkpoint: str | None = _key(None, _file_name)
+    process_batch_size: int = _key(4, _int_in(1, 64))
+    dtype: str = _key("auto", _one_of(("auto", *DTYPE_NAMES)))
+    compile: bool = _key(False, _boolean)
+    max_image_pixels: int = _key(50_000_000, _int_in(1, 1_000_000_000))
+    # Masks returned per image at most (the best by predicted IoU): bounds response size.
+    max_masks: int = _key(1000, _int_in(1, 100_000))
+    # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
+    embedding_cache_bytes: int = _key(256 * 1024 * 1024, _int_in(0, 1 << 40))
+    amg: AmgSettings = field(default_factory=AmgSettings)
+
+    @property
+    def checkpoint_file(self) -> str:
+        """The checkpoint's file name in the archive: `sam_checkpoint`, else the official one."""
+        return self.sam_checkpoint or official_for_model_type(self.model_type).file_name
+
+
+def _rules(cls: type) -> dict[str, Check]:
+    return {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
+
+
+AMG_RULES: dict[str, Check] = _rules(AmgSettings)
+SERVICE_RULES: dict[str, Check] = _rules(ServiceConfig)
 
 
 def _check_keys(
     values: Mapping[str, Any],
-    rules: Mapping[str, Callable[[Any], Optional[str]]],
+    rules: Mapping[str, Check],
     error: Callable[[str], Exception],
     where: str,
 ) -> None:
     unknown = sorted(set(values) - set(rules))
     if unknown:
-        raise error(
-            f"unknown {where} key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(sorted(rules))}"
-        )
+        raise error(f"unknown {where} key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(rules))}")
     for key, value in values.items():
         problem = rules[key](value)
         if problem:
             raise error(f"{where} key {key!r} {problem}")
 
 
-def load_service_config(handler_section: Optional[Mapping[str, Any]]) -> ServiceConfig:
+def load_service_config(handler_section: Mapping[str, Any] | None) -> ServiceConfig:
     """Validate the `handler:` section of model-config.yaml into a ServiceConfig.
 
     Raises ConfigError naming the first unknown key or bad value.

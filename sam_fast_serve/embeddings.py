@@ -3,8 +3,8 @@
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ class ImageEmbedding:
     """The image encoder's output for one image, with the sizes needed to map masks back."""
 
     features: torch.Tensor  # (1, C, 64, 64), in the encoder's dtype
-    input_size: Tuple[int, int]  # (h, w) after resizing the long side to 1024
-    original_size: Tuple[int, int]  # (h, w) of the image given
+    input_size: tuple[int, int]  # (h, w) after resizing the long side to 1024
+    original_size: tuple[int, int]  # (h, w) of the image given
 
     @property
     def nbytes(self) -> int:
@@ -34,7 +34,7 @@ def pixel_key(image: np.ndarray) -> str:
 
 
 @torch.no_grad()
-def encode_images(sam: Sam, images: Sequence[np.ndarray], batch_size: int) -> List[ImageEmbedding]:
+def encode_images(sam: Sam, images: Sequence[np.ndarray], batch_size: int) -> list[ImageEmbedding]:
     """Run the image encoder on RGB uint8 (H, W, 3) images, `batch_size` images per call.
 
     Preprocessing is segment_anything's own (resize long side to 1024, normalise, pad), so the
@@ -43,7 +43,7 @@ def encode_images(sam: Sam, images: Sequence[np.ndarray], batch_size: int) -> Li
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     device = sam.pixel_mean.device
     dtype = next(sam.image_encoder.parameters()).dtype
-    results: List[ImageEmbedding] = []
+    results: list[ImageEmbedding] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         inputs, sizes = [], []
@@ -68,11 +68,11 @@ class EmbeddingCache:
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._entries: "OrderedDict[str, ImageEmbedding]" = OrderedDict()
+        self._entries: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Optional[ImageEmbedding]:
+    def get(self, key: str) -> ImageEmbedding | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:

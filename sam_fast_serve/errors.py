@@ -1,6 +1,6 @@
 """The error contract: every rejected request is one of these, mapped to a 4xx/5xx status."""
 
-from typing import Any, Dict
+from typing import Any
 
 
 class ServiceError(Exception):
@@ -17,7 +17,7 @@ class ServiceError(Exception):
         if kind:
             self.kind = kind
 
-    def to_body(self) -> Dict[str, Any]:
+    def to_body(self) -> dict[str, Any]:
         """The JSON body every error response carries."""
         return {"code": self.status, "error": self.kind, "message": self.message}
 

@@ -110,9 +110,7 @@ def _windowed_attention(attn: Attention, x: Tensor, window: tuple[int, int]) -> 
     return out[:, :height, :width].contiguous() if pad_h or pad_w else out
 
 
-def _split_windows_and_heads(
-    qkv: Tensor, window: tuple[int, int], num_heads: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def _split_windows_and_heads(qkv: Tensor, window: tuple[int, int], num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """qkv (B, Hp, Wp, 3 * C) -> q, k, v, each (B * windows * heads, wh * ww, head_dim).
 
     One copy does both the reference's `window_partition` and its head split; rows are
@@ -153,9 +151,7 @@ def _relative_position_bias(attn: Attention, q: Tensor, window: tuple[int, int])
     return rel_h.reshape(q.shape[0], wh * ww, wh), rel_w.reshape(q.shape[0], wh * ww, ww)
 
 
-def _attend_chunked(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None
-) -> Tensor:
+def _attend_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None) -> Tensor:
     """softmax(scale * q @ k^T + bias) @ v, for (N, L, d) inputs, one cache-sized chunk at a time.
 
     Per chunk these are the reference's ops (matmul, two in-place bias adds, softmax, matmul),
@@ -222,9 +218,7 @@ def _chunk_shape(batch: int, length: int, scores: int) -> tuple[int, int]:
     return min(batch, query_rows // length), length
 
 
-def _attend_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None
-) -> Tensor:
+def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None) -> Tensor:
     """The same attention as `_attend_chunked` as one fused kernel, with the bias as a mask.
 
     For accelerators: the (N, L, L) mask is materialised (384 MiB per image in a vit_b global
@@ -235,9 +229,7 @@ def _attend_sdpa(
         rel_h, rel_w = rel_pos
         mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(q.shape[0], 1, q.shape[1], k.shape[1])
     # As (N, 1, L, d): CUDA's fused attention kernels take 4-d inputs only.
-    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[
-        :, 0
-    ]
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[:, 0]
 
 
 def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ the EXIF orientation, and the result is converted to the RGB that SAM expects.
 
 import io
 import warnings
-from typing import Tuple
 
 import cv2
 import numpy as np
@@ -16,7 +15,7 @@ from PIL import Image
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 # Magic numbers of the formats we decode; anything else is a 415 before any decoder sees it.
-_SIGNATURES: Tuple[Tuple[bytes, str], ...] = (
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"II*\x00", "TIFF"),
@@ -35,12 +34,10 @@ def sniff_format(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
-    raise UnsupportedMediaType(
-        f"the request body is not an image in a supported format; accepted: {ACCEPTED_FORMATS}"
-    )
+    raise UnsupportedMediaType(f"the request body is not an image in a supported format; accepted: {ACCEPTED_FORMATS}")
 
 
-def read_size(data: bytes, max_pixels: int) -> Tuple[int, int]:
+def read_size(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the image header; refuses empty, oversized and bomb images."""
     try:
         with warnings.catch_warnings():
@@ -79,9 +76,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
         return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if image.dtype in (np.float32, np.float64):
         return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise UnsupportedMediaType(
-        f"images with {image.dtype} samples are not supported; use 8- or 16-bit integer images"
-    )
+    raise UnsupportedMediaType(f"images with {image.dtype} samples are not supported; use 8- or 16-bit integer images")
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

@@ -9,8 +9,9 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any
 
 from .config import AMG_RULES
 from .errors import BadRequest, UnsupportedMediaType
@@ -30,11 +31,11 @@ class ParsedRequest:
     """The image file bytes of a request (None when it names a cached image by `image_id`) and
     its options (everything but the image)."""
 
-    image: Optional[bytes]
-    options: Dict[str, Any] = field(default_factory=dict)
+    image: bytes | None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-def _b64decode(text: Union[str, bytes]) -> bytes:
+def _b64decode(text: str | bytes) -> bytes:
     if isinstance(text, str):
         text = _DATA_URL.sub("", text.strip()).encode("ascii", "ignore")
     compact = b"".join(text.split())
@@ -58,7 +59,7 @@ def _from_json_object(obj: Any) -> ParsedRequest:
     return ParsedRequest(_b64decode(image), options)
 
 
-def _from_text(text: Union[str, bytes]) -> ParsedRequest:
+def _from_text(text: str | bytes) -> ParsedRequest:
     stripped = text.strip()
     if stripped[:1] in ("{", b"{"):
         try:

@@ -1,7 +1,5 @@
 """A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
 
-from typing import Dict, Optional, Tuple
-
 import numpy as np
 import torch
 from segment_anything import SamPredictor
@@ -19,15 +17,15 @@ class FastSamPredictor(SamPredictor):
     the images of the batch being served, whatever the cache's capacity.
     """
 
-    def __init__(self, sam: Sam, decoder: FastMaskDecoder, cache: Optional[EmbeddingCache] = None) -> None:
+    def __init__(self, sam: Sam, decoder: FastMaskDecoder, cache: EmbeddingCache | None = None) -> None:
         super().__init__(sam)
         self.decoder = decoder
         self.cache = cache if cache is not None else EmbeddingCache(0)
-        self.pinned: Dict[str, ImageEmbedding] = {}
-        self.decoder_state: Optional[ImageState] = None
+        self.pinned: dict[str, ImageEmbedding] = {}
+        self.decoder_state: ImageState | None = None
         self.encoder_calls = 0
 
-    def lookup(self, key: str) -> Optional[ImageEmbedding]:
+    def lookup(self, key: str) -> ImageEmbedding | None:
         """The embedding of the image with `pixel_key` `key`, if it is pinned or cached."""
         return self.pinned.get(key) or self.cache.get(key)
 
@@ -75,13 +73,13 @@ class FastSamPredictor(SamPredictor):
     @torch.no_grad()
     def predict_torch(
         self,
-        point_coords: Optional[torch.Tensor],
-        point_labels: Optional[torch.Tensor],
-        boxes: Optional[torch.Tensor] = None,
-        mask_input: Optional[torch.Tensor] = None,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SamPredictor.predict_torch (same arguments and outputs) through the fast decoder.
 
         Returns masks (B, C, H, W), their predicted IoUs (B, C) and low-res logits (B, C, 256, 256),
@@ -96,7 +94,9 @@ class FastSamPredictor(SamPredictor):
         mask_ids = torch.arange(1, 4) if multimask_output else torch.arange(0, 1)
         count = len(mask_ids)
         prompt_idx = torch.arange(sparse.shape[0]).repeat_interleave(count)
-        low_res = self.decoder.mask_logits(tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device))
+        low_res = self.decoder.mask_logits(
+            tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device)
+        )
         low_res = low_res.view(sparse.shape[0], count, *low_res.shape[-2:])
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:

@@ -1,23 +1,24 @@
 """Masks for point and box prompts on the predictor's current image, as builtins for the wire."""
 
 import base64
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 from pycocotools import mask as mask_utils
 
 from .predictor import FastSamPredictor
 from .prompts import Prompts
-from .rle import encode_masks, rle_areas, rle_to_builtins
+from .records import mask_record, rle_to_builtins
+from .rle import encode_masks, rle_areas
 
 
-def _logits_payload(logits: torch.Tensor) -> Dict[str, Any]:
+def _logits_payload(logits: torch.Tensor) -> dict[str, Any]:
     array = logits.float().cpu().numpy().astype("<f4")
     return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
 @torch.no_grad()
-def segment_prompts(predictor: FastSamPredictor, prompts: Prompts) -> List[Dict[str, Any]]:
+def segment_prompts(predictor: FastSamPredictor, prompts: Prompts) -> list[dict[str, Any]]:
     """One entry per prompt (per box, or one for points alone): its masks as COCO RLE with area,
     XYWH bbox and predicted IoU, plus the low-res logits when `prompts.return_logits`.
 
@@ -36,14 +37,9 @@ def segment_prompts(predictor: FastSamPredictor, prompts: Prompts) -> List[Dict[
     results = []
     for prompt in range(masks.shape[0]):
         rles = encode_masks(masks[prompt])
-        entry: Dict[str, Any] = {
+        entry: dict[str, Any] = {
             "masks": [
-                {
-                    "segmentation": rle_to_builtins(rle),
-                    "area": int(area),
-                    "bbox": [float(v) for v in box],
-                    "predicted_iou": float(score),
-                }
+                mask_record(rle_to_builtins(rle), area, box, score)
                 for rle, area, box, score in zip(rles, rle_areas(rles), mask_utils.toBbox(rles), iou[prompt].tolist())
             ]
         }

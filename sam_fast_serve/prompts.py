@@ -5,8 +5,9 @@ mask generation. Without boxes, all points form one prompt; with boxes, each box
 and the points (if any) join every box. Every failure is a 422 naming the field.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +22,9 @@ MAX_BOXES = 64
 class Prompts:
     """Validated prompts. points (N, 2) and labels (N,) or None; boxes (B, 4) XYXY or None."""
 
-    points: Optional[np.ndarray]
-    labels: Optional[np.ndarray]
-    boxes: Optional[np.ndarray]
+    points: np.ndarray | None
+    labels: np.ndarray | None
+    boxes: np.ndarray | None
     multimask: bool
     return_logits: bool
 
@@ -57,12 +58,12 @@ def has_prompts(options: Mapping[str, Any]) -> bool:
     return "points" in options or "boxes" in options
 
 
-def split_prompt_fields(options: Dict[str, Any]) -> Dict[str, Any]:
+def split_prompt_fields(options: dict[str, Any]) -> dict[str, Any]:
     """Remove and return the prompt fields of a request's options."""
     return {name: options.pop(name) for name in PROMPT_FIELDS if name in options}
 
 
-def parse_prompts(fields: Mapping[str, Any], image_size: Tuple[int, int]) -> Prompts:
+def parse_prompts(fields: Mapping[str, Any], image_size: tuple[int, int]) -> Prompts:
     """Validate prompt fields for an image of `image_size` (H, W).
 
     Raises InvalidOption (422) naming the field: points outside the image, labels that do not

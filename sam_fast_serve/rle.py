@@ -1,13 +1,13 @@
 """Binary masks to COCO compressed RLE with pycocotools' C encoder (one call for all masks)."""
 
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
 
-def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     """(N, H, W) boolean masks, on any device, to N COCO RLEs ({"size": [H, W], "counts": bytes})."""
     if len(masks) == 0:
         return []
@@ -26,13 +26,7 @@ def reserve(n_bytes: int) -> None:
     np.empty(n_bytes, dtype=np.uint8)
 
 
-def rle_areas(rles: List[Dict[str, Any]]) -> List[int]:
+def rle_areas(rles: list[dict[str, Any]]) -> list[int]:
     """Mask areas of COCO RLEs, one call per RLE: pycocotools 2.0.11's `area` of a list of more
     than 255 RLEs overflows a uint8 ("Python integer 256 out of bounds for uint8")."""
     return [int(mask_utils.area(rle)) for rle in rles]
-
-
-def rle_to_builtins(rle: Dict[str, Any]) -> Dict[str, Any]:
-    """A COCO RLE with counts as str and size as ints: what the wire carries."""
-    counts = rle["counts"]
-    return {"size": [int(s) for s in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}

@@ -1,67 +1,43 @@
-"""The mask service: request fields in, replies (status, body, content type, headers) out.
-Imports nothing from ts.
+"""The mask service: requests (fields, headers) in, replies (status, body, content type, headers)
+out, in three steps a TorchServe handler maps onto preprocess -> inference -> postprocess:
 
-Data flows one way: parse_request -> decode_image -> engine (SamAutomaticMaskGenerator, or
-segment_prompts when the request has points or boxes) -> wire encoding.
+    decode  (jobs.py)       each request to a Job, or its 4xx Reply
+    predict (engines.py)    each Job to an Answer; automatic jobs with the same settings share
+                            image-encoder calls
+    encode  (responses.py)  each Answer to its Reply
+
+A request that fails at any step gets its own error Reply and the others of the batch go on; an
+engine failure answers exactly the jobs that engine call was running. Imports nothing from ts.
 """
+
+from __future__ import annotations
 
 import gc
 import logging
-import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
-import numpy as np
 import torch
 
-from .automatic import SamAutomaticMaskGenerator
-from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select_device
-from .checkpoints import official_for_model_type, resolve_checkpoint
-from .config import AmgSettings, ServiceConfig, apply_request_options, load_service_config
-from .embeddings import EmbeddingCache, pixel_key
-from .errors import BadRequest, InternalError, InvalidOption, NotFound, OutOfMemory, ServiceError
-from .fast_decoder import FastMaskDecoder
-from .imaging import decode_image
-from .payload import parse_request
+from .config import AmgSettings, load_service_config
+from .engines import Engines
+from .errors import InternalError, OutOfMemory, ServiceError
+from .jobs import Job, decode_job
+from .loading import load_engines
 from .predictor import FastSamPredictor
-from .prompted import segment_prompts
-from .prompts import has_prompts, parse_prompts, split_prompt_fields
-from .wire import JSON_MEDIA_TYPE, annotation_to_builtins, encode_json, encode_pickled
+from .responses import Reply, error_reply, payload_reply
 
 logger = logging.getLogger(__name__)
 
-PICKLE_CONTENT_TYPE = "text/plain; charset=us-ascii"
-# Every 200 carries the image's embedding-cache key: send it back as "image_id" with prompts.
-IMAGE_ID_HEADER = "X-Image-Id"
-
 
 @dataclass
-class Reply:
-    """One response: HTTP status, body text, its content type and extra headers."""
+class Answer:
+    """A job's payload (builtins), to be encoded as its job asks."""
 
-    status: int
-    body: str
-    content_type: str
-    headers: Dict[str, str] = field(default_factory=dict)
-
-
-def error_reply(error: ServiceError) -> Reply:
-    return Reply(error.status, encode_json(error.to_body()), JSON_MEDIA_TYPE)
-
-
-def payload_reply(payload: Any, as_json: bool, image_id: str) -> Reply:
-    """A 200 carrying `payload` (builtins) as JSON or pickle+zlib+base64, and the image's cache key."""
-    headers = {IMAGE_ID_HEADER: image_id}
-    if as_json:
-        return Reply(200, encode_json(payload), JSON_MEDIA_TYPE, headers)
-    return Reply(200, encode_pickled(payload), PICKLE_CONTENT_TYPE, headers)
-
-
-def wants_json(headers: Mapping[str, str]) -> bool:
-    """Whether the client's Accept header asks for JSON (header names compared case-insensitively)."""
-    accept = next((v for k, v in headers.items() if k.lower() == "accept" and isinstance(v, str)), "")
-    return "application/json" in accept.lower()
+    job: Job
+    payload: Any
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -71,173 +47,106 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _free_memory() -> None:
+def as_service_error(exc: Exception, requests: int) -> ServiceError:
+    """The ServiceError to answer `requests` request(s) with after `exc`; unexpected failures are
+    logged with their traceback, and memory is freed after any of them."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if _is_out_of_memory(exc):
+        logger.error("out of memory serving %d request(s)", requests, exc_info=True)
+        failure: ServiceError = OutOfMemory(
+            "the server ran out of memory for this request; try a smaller image or fewer points"
+        )
+    else:
+        logger.exception("unexpected failure serving %d request(s)", requests)
+        failure = InternalError(f"unexpected {type(exc).__name__} while segmenting; see the worker log")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@dataclass
-class _Job:
-    """One parsed request: automatic (settings) or prompted (prompt_fields)."""
-
-    index: int
-    json: bool
-    image: Optional[np.ndarray]  # None when the request names a cached image by image_id
-    image_id: str
-    settings: Optional[AmgSettings] = None
-    prompt_fields: Optional[Dict[str, Any]] = None
+    return failure
 
 
 class MaskService:
-    """A loaded SAM model and the settings to answer mask requests with it."""
+    """Validated settings and loaded engines, answering batches of mask requests."""
 
-    def __init__(self, config: ServiceConfig, sam: torch.nn.Module, dtype: torch.dtype) -> None:
-        self.config = config
-        self.sam = sam
-        self.dtype = dtype
-        decoder = FastMaskDecoder(sam.mask_decoder, dtype)
-        self.predictor = FastSamPredictor(sam, decoder, EmbeddingCache(config.embedding_cache_bytes))
+    def __init__(self, engines: Engines) -> None:
+        self.engines = engines
+        self.config = engines.config
 
     @classmethod
-    def load(cls, handler_section: Optional[Mapping[str, Any]], model_dir: Path, gpu_id: Optional[int]) -> "MaskService":
-        """Validate the config, check the checkpoint, build the model on the right device.
+    def load(cls, handler_section: Mapping[str, Any] | None, model_dir: Path, gpu_id: int | None) -> MaskService:
+        """Validate the `handler:` section, load and warm up the model from `model_dir`.
 
         Raises ConfigError naming the offending key or file.
         """
-        started = time.perf_counter()
-        config = load_service_config(handler_section)
-        file_name = config.sam_checkpoint or official_for_model_type(config.model_type).file_name
-        checkpoint = resolve_checkpoint(Path(model_dir), file_name, config.model_type)
-        device = select_device(gpu_id)
-        dtype = resolve_dtype(config.dtype, device)
-        sam = sam_model_fast_registry[config.model_type](str(checkpoint))
-        sam = prepare_model(sam, device, dtype, compile_encoder=config.compile)
-        service = cls(config, sam, dtype)
-        loaded = time.perf_counter()
-        service.warm_up()
-        logger.info(
-            "loaded %s from %s on %s in %s in %.1f s, warmed up in %.1f s",
-            config.model_type, file_name, device, dtype, loaded - started, time.perf_counter() - loaded,
-        )
-        return service
+        return cls(load_engines(load_service_config(handler_section), Path(model_dir), gpu_id))
 
-    def warm_up(self) -> None:
-        """Run one small image through every stage (encoder, decoder, masks) at load, so that kernel
-        selection, first-touch allocations and, with `compile`, compilation are not paid by a request."""
-        image = np.zeros((64, 64, 3), dtype=np.uint8)
-        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        self.generator(settings).generate(image)
+    @property
+    def predictor(self) -> FastSamPredictor:
+        return self.engines.predictor
 
-    def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
-        """A generator for one set of AMG settings, sharing this service's predictor and cache."""
-        return SamAutomaticMaskGenerator(
-            self.sam,
-            points_per_side=settings.points_per_side,
-            points_per_batch=settings.points_per_batch,
-            pred_iou_thresh=settings.pred_iou_thresh,
-            stability_score_thresh=settings.stability_score_thresh,
-            box_nms_thresh=settings.box_nms_thresh,
-            crop_n_layers=settings.crop_n_layers,
-            min_mask_region_area=settings.min_mask_region_area,
-            output_mode="coco_rle",
-            process_batch_size=self.config.process_batch_size,
-            predictor=self.predictor,
-        )
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engines.dtype
 
-    def _parse(self, index: int, fields: Mapping[str, Any], headers: Mapping[str, str]) -> _Job:
-        request = parse_request(fields)
-        options = dict(request.options)
-        image_id = options.pop("image_id", None)
-        prompt_fields = split_prompt_fields(options)
-        as_json = wants_json(headers)
-        image = None
-        if request.image is not None:
-            image = decode_image(request.image, self.config.max_image_pixels)
-            image_id = pixel_key(image)
-        elif not isinstance(image_id, str) or not image_id:
-            raise BadRequest("'image_id' must be the string an earlier response returned")
-        if has_prompts(prompt_fields):
-            if options:
-                raise InvalidOption(
-                    f"option(s) {', '.join(map(repr, sorted(options)))} apply to automatic mask generation, "
-                    "not to a request with points or boxes"
-                )
-            if image is not None:
-                parse_prompts(prompt_fields, image.shape[:2])  # refuse bad prompts before the encoder runs
-            return _Job(index, as_json, image, image_id, prompt_fields=prompt_fields)
-        if prompt_fields:
-            raise InvalidOption(f"{', '.join(map(repr, sorted(prompt_fields)))} given without 'points' or 'boxes'")
-        if image is None:
-            raise BadRequest("automatic mask generation needs the image itself; 'image_id' works with points or boxes")
-        return _Job(index, as_json, image, image_id, settings=apply_request_options(self.config.amg, options))
-
-    def handle(self, requests: Sequence[Tuple[Mapping[str, Any], Mapping[str, str]]]) -> List[Reply]:
-        """Answer a batch of requests, each given as (fields, headers); one Reply per request.
-
-        A request that fails gets its own error reply; the others in the batch are still served.
-        Automatic requests with the same settings share image-encoder calls.
-        """
-        replies: Dict[int, Reply] = {}
-        jobs: List[_Job] = []
-        for index, (fields, headers) in enumerate(requests):
+    def decode(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Job | Reply]:
+        """Each request, given as (fields, headers), as a Job or the Reply that refuses it."""
+        decoded: list[Job | Reply] = []
+        for fields, headers in requests:
             try:
-                jobs.append(self._parse(index, fields, headers))
+                decoded.append(decode_job(fields, headers, self.config))
             except ServiceError as error:
-                replies[index] = error_reply(error)
-        groups: Dict[AmgSettings, List[_Job]] = {}
-        for job in jobs:
-            if job.settings is not None:
-                groups.setdefault(job.settings, []).append(job)
-            else:
-                replies[job.index] = self._guarded([job], self._prompted)[job.index]
-        for group in groups.values():
-            replies.update(self._guarded(group, self._automatic))
-        return [replies[i] for i in range(len(requests))]
+                decoded.append(error_reply(error))
+        return decoded
 
-    def _guarded(self, jobs: List[_Job], run: Callable[[List[_Job]], Dict[int, Reply]]) -> Dict[int, Reply]:
-        """`run(jobs)`, with any failure answered per job (the other jobs of the batch go on)."""
+    def predict(self, decoded: Sequence[Job | Reply]) -> list[Answer | Reply]:
+        """Each Job's Answer (Replies pass through). Prompted jobs run one at a time; automatic
+        jobs with the same settings run through the engine together."""
+        results: dict[int, Answer | Reply] = {i: item for i, item in enumerate(decoded) if isinstance(item, Reply)}
+        prompted: list[list[tuple[int, Job]]] = []
+        automatic: dict[AmgSettings, list[tuple[int, Job]]] = {}
+        for index, item in enumerate(decoded):
+            if isinstance(item, Job) and item.settings is None:
+                prompted.append([(index, item)])
+            elif isinstance(item, Job):
+                automatic.setdefault(item.settings, []).append((index, item))
+        for group in [*prompted, *automatic.values()]:
+            results.update(self._run(group))
+        return [results[i] for i in range(len(decoded))]
+
+    def encode(self, predicted: Sequence[Answer | Reply]) -> list[Reply]:
+        """Each Answer as the Reply its job asked for (Replies pass through)."""
+        replies = []
+        for item in predicted:
+            if isinstance(item, Answer):
+                try:
+                    item = payload_reply(item.payload, item.job.json, item.job.image_id)
+                except Exception as exc:
+                    item = error_reply(as_service_error(exc, 1))
+            replies.append(item)
+        return replies
+
+    def handle(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Reply]:
+        """decode -> predict -> encode: one Reply per request."""
+        return self.encode(self.predict(self.decode(requests)))
+
+    def _run(self, group: list[tuple[int, Job]]) -> dict[int, Answer | Reply]:
+        """The Answers of one engine call for the jobs of `group` (index, job), or the same error
+        Reply for all of them when it fails: the other jobs of the batch go on."""
+        jobs = [job for _, job in group]
         try:
-            return run(jobs)
-        except ServiceError as error:
-            failure: ServiceError = error
+            payloads = self._automatic(jobs) if jobs[0].settings is not None else self._prompted(jobs)
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                logger.error("out of memory serving %d request(s)", len(jobs), exc_info=True)
-                failure = OutOfMemory("the server ran out of memory for this request; try a smaller image or fewer points")
-            else:
-                logger.exception("unexpected failure serving %d request(s)", len(jobs))
-                failure = InternalError(f"unexpected {type(exc).__name__} while segmenting; see the worker log")
-            _free_memory()
-        return {job.index: error_reply(failure) for job in jobs}
+            reply = error_reply(as_service_error(exc, len(jobs)))
+            return {index: reply for index, _ in group}
+        return {index: Answer(job, payload) for (index, job), payload in zip(group, payloads, strict=True)}
 
-    def _automatic(self, jobs: List[_Job]) -> Dict[int, Reply]:
-        settings = jobs[0].settings
-        results = self.generator(settings).generate_batch([job.image for job in jobs])
-        return {
-            job.index: payload_reply([annotation_to_builtins(a) for a in self._best(anns)], job.json, job.image_id)
-            for job, anns in zip(jobs, results)
-        }
+    def _automatic(self, jobs: list[Job]) -> list[Any]:
+        images = [job.image for job in jobs if job.image is not None]
+        assert jobs[0].settings is not None and len(images) == len(jobs)
+        return list(self.engines.automatic(images, jobs[0].settings))
 
-    def _prompted(self, jobs: List[_Job]) -> Dict[int, Reply]:
+    def _prompted(self, jobs: list[Job]) -> list[Any]:
         (job,) = jobs
-        if job.image is not None:
-            self.predictor.set_image(job.image)
-        else:
-            embedding = self.predictor.cache.get(job.image_id)
-            if embedding is None:
-                raise NotFound(
-                    f"image_id {job.image_id!r} is not in the embedding cache (evicted, or from another "
-                    "worker or server run): send the image again"
-                )
-            self.predictor.set_embedding(embedding)
-        prompts = parse_prompts(job.prompt_fields, self.predictor.original_size)
-        payload = {"image_id": job.image_id, "prompts": segment_prompts(self.predictor, prompts)}
-        return {job.index: payload_reply(payload, job.json, job.image_id)}
-
-    def _best(self, annotations: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """At most `max_masks` annotations: the best by predicted IoU, in their original order."""
-        if len(annotations) <= self.config.max_masks:
-            return annotations
-        ranked = sorted(range(len(annotations)), key=lambda i: annotations[i]["predicted_iou"], reverse=True)
-        return [annotations[i] for i in sorted(ranked[: self.config.max_masks])]
+        assert job.prompt_fields is not None
+        return [self.engines.prompted(job.image, job.image_id, job.prompt_fields)]

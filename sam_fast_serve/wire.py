@@ -6,32 +6,21 @@ decode the pickle with `decode_pickled`, whose unpickler refuses every global: a
 needs none, and a malicious one (e.g. referencing os.system) is refused instead of run.
 """
 
+from __future__ import annotations
+
 import base64
 import io
 import json
 import pickle
 import zlib
-from typing import Any, Dict, Mapping
+from typing import Any
 
-from .rle import rle_to_builtins
+from .records import ANNOTATION_KEYS
 
 JSON_MEDIA_TYPE = "application/json"
 # Chosen by benchmarks/bench_wire.py: level 1 is within 6% of level 9's size (0.56 vs 0.53 of
 # pickle+base64 on ~100 natural masks) and 4x faster to encode (29 vs 125 ms on 48 fragmented masks).
 DEFAULT_ZLIB_LEVEL = 1
-
-
-def annotation_to_builtins(ann: Mapping[str, Any]) -> Dict[str, Any]:
-    """One segment_anything AMG record (coco_rle mode) as plain ints, floats, strs, lists, dicts."""
-    return {
-        "segmentation": rle_to_builtins(ann["segmentation"]),
-        "area": int(ann["area"]),
-        "bbox": [float(v) for v in ann["bbox"]],
-        "predicted_iou": float(ann["predicted_iou"]),
-        "point_coords": [[float(x), float(y)] for x, y in ann["point_coords"]],
-        "stability_score": float(ann["stability_score"]),
-        "crop_box": [float(v) for v in ann["crop_box"]],
-    }
 
 
 def encode_pickled(payload: Any, level: int = DEFAULT_ZLIB_LEVEL) -> str:
@@ -47,9 +36,7 @@ def encode_json(payload: Any) -> str:
 
 class _NoGlobalsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: the response must hold only builtins"
-        )
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: the response must hold only builtins")
 
 
 def decode_pickled(text: str | bytes, max_bytes: int = 1 << 30) -> Any:
@@ -81,10 +68,10 @@ def is_prompt_response(payload: Any) -> bool:
 
 def is_annotation_list(payload: Any) -> bool:
     """Whether `payload` has the shape of a list of AMG annotations (used by clients and tests)."""
-    keys = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
     return isinstance(payload, list) and all(
-        isinstance(a, dict) and keys <= set(a) and isinstance(a["segmentation"].get("counts"), str)
+        isinstance(a, dict)
+        and set(ANNOTATION_KEYS) <= set(a)
+        and isinstance(a["segmentation"], dict)
+        and isinstance(a["segmentation"].get("counts"), str)
         for a in payload
     )
-
-

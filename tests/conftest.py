@@ -4,22 +4,19 @@ import contextlib
 import io
 import os
 import struct
-import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import yaml
+from local_server import REPO, TorchServe
 from PIL import Image
 from skimage import data
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from sam_fast_serve.deploy import build_archive, save_random_checkpoint  # noqa: E402
-from sam_fast_serve.local_server import TorchServe  # noqa: E402
+from sam_fast_serve.archive import build_archive
+from sam_fast_serve.cli import save_random_checkpoint
 
 # Every mask is kept (random weights give no mask above the default thresholds), on a small grid.
 KEEP_ALL = {
@@ -82,7 +79,9 @@ def running_server(workdir: Path, checkpoint: Path, **overrides) -> Iterator[Tor
     config["handler"].update(overrides.pop("handler", {}))
     config.update(overrides)
     (workdir / "model-config.yaml").write_text(yaml.safe_dump(config))
-    archive = build_archive(checkpoint, workdir / "model-config.yaml", workdir / "model_store")
+    archive = build_archive(
+        REPO / "custom_handler.py", checkpoint, workdir / "model-config.yaml", workdir / "model_store"
+    )
     server = TorchServe(workdir, archive.parent, archive.name)
     server.start()
     try:
@@ -106,8 +105,14 @@ def fp32_service(random_checkpoint, tmp_path_factory):
 
     model_dir = tmp_path_factory.mktemp("model_dir")
     (model_dir / random_checkpoint.name).symlink_to(random_checkpoint)
-    section = {"model_type": "vit_b", "sam_checkpoint": random_checkpoint.name, "dtype": "float32",
-               "points_per_side": 8, "points_per_batch": 64, **KEEP_ALL}
+    section = {
+        "model_type": "vit_b",
+        "sam_checkpoint": random_checkpoint.name,
+        "dtype": "float32",
+        "points_per_side": 8,
+        "points_per_batch": 64,
+        **KEEP_ALL,
+    }
     return MaskService.load(section, model_dir, gpu_id=None)
 
 

@@ -124,7 +124,7 @@ def test_options_come_from_json_and_form_fields(chelsea):
         ({"body": {"image": "%%%not base64%%%"}}, "base64"),
         ({"body": "{not json"}, "JSON"),
         ({"body": b"{\x80"}, "JSON"),  # not UTF-8 (found by hypothesis)
-        ({"body": b"{\"image\": " + b"[" * 100_000}, "JSON"),  # nested past the recursion limit
+        ({"body": b'{"image": ' + b"[" * 100_000}, "JSON"),  # nested past the recursion limit
         ({"body": ["a", "list"]}, "must be an object"),
     ],
 )

@@ -7,19 +7,19 @@ between the reference's own scores, so a rounding difference cannot move a mask 
 """
 
 import copy
-from typing import Any, Dict, List
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from agreement import match_masks
 from conftest import KEEP_ALL
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import Sam
 
-from sam_fast_serve.agreement import match_masks
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
 from sam_fast_serve.build import prepare_model
 
@@ -58,15 +58,15 @@ def photo(chelsea) -> np.ndarray:
     return chelsea  # 300 x 451: not square, so masks are cropped out of the padded input
 
 
-def reference(model: Sam, image: np.ndarray, **options: Any) -> List[Dict[str, Any]]:
+def reference(model: Sam, image: np.ndarray, **options: Any) -> list[dict[str, Any]]:
     return ReferenceGenerator(model, **{**GRID, **options}).generate(image)
 
 
-def engine(models, image: np.ndarray, dtype=torch.float32, **options: Any) -> List[Dict[str, Any]]:
+def engine(models, image: np.ndarray, dtype=torch.float32, **options: Any) -> list[dict[str, Any]]:
     return SamAutomaticMaskGenerator(models[dtype], decoder_dtype=dtype, **{**GRID, **options}).generate(image)
 
 
-def assert_same_masks(expected: List[Dict[str, Any]], ours: List[Dict[str, Any]]) -> None:
+def assert_same_masks(expected: list[dict[str, Any]], ours: list[dict[str, Any]]) -> None:
     assert len(expected) > 0
     ious, unmatched, leftover = match_masks(expected, ours)
     assert (unmatched, leftover) == (0, 0), f"{len(expected)} reference masks, {len(ours)} ours"
@@ -76,7 +76,7 @@ def assert_same_masks(expected: List[Dict[str, Any]], ours: List[Dict[str, Any]]
     assert sorted(a["area"] for a in expected) == pytest.approx(sorted(a["area"] for a in ours), rel=0.02, abs=5)
 
 
-def threshold_between(values: List[float]) -> float:
+def threshold_between(values: list[float]) -> float:
     """A threshold > 0 (the reference filters only then) in the widest gap between consecutive
     positive values of the middle half, so that about half of them pass and none lies within
     rounding distance of it."""
@@ -99,7 +99,9 @@ def test_keep_all(engine_models, keep_all_reference, photo):
 
 
 # The predicted-IoU filter runs before the masks are upsampled in the engine, after in the reference.
-@pytest.mark.parametrize("option, score", [("pred_iou_thresh", "predicted_iou"), ("stability_score_thresh", "stability_score")])
+@pytest.mark.parametrize(
+    "option, score", [("pred_iou_thresh", "predicted_iou"), ("stability_score_thresh", "stability_score")]
+)
 def test_score_filters(reference_model, engine_models, keep_all_reference, photo, option, score):
     options = {**KEEP_ALL, option: threshold_between([a[score] for a in keep_all_reference])}
     expected = reference(reference_model, photo, **options)
@@ -133,7 +135,7 @@ def test_small_region_cleanup(reference_model, engine_models, keep_all_reference
     assert_same_masks(expected, engine(engine_models, photo, **options))
 
 
-def as_coco_rle(annotations: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def as_coco_rle(annotations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same annotations with binary-mask or uncompressed-RLE segmentations as COCO RLE."""
     converted = []
     for ann in annotations:

@@ -6,10 +6,10 @@ on a real photo, keep-all settings (thresholds 0, NMS off) so every mask is comp
 
 import numpy as np
 import pytest
+from agreement import match_masks
 from conftest import KEEP_ALL, encode
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 
-from sam_fast_serve.agreement import match_masks
 from sam_fast_serve.wire import decode_pickled
 
 SETTINGS = {"points_per_side": 8, "points_per_batch": 64, **KEEP_ALL}

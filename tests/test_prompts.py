@@ -23,7 +23,11 @@ CASES = {
     "mixed points": {"points": [[200.0, 150.0], [320.0, 400.0], [60.0, 80.0]], "labels": [1, 0, 1]},
     "one box": {"boxes": [[100.0, 50.0, 400.0, 460.0]]},
     "several boxes": {"boxes": [[100.0, 50.0, 400.0, 460.0], [10.0, 300.0, 200.0, 500.0], [250.0, 20.0, 500.0, 200.0]]},
-    "box and points": {"boxes": [[100.0, 50.0, 400.0, 460.0]], "points": [[250.0, 250.0], [120.0, 70.0]], "labels": [1, 0]},
+    "box and points": {
+        "boxes": [[100.0, 50.0, 400.0, 460.0]],
+        "points": [[250.0, 250.0], [120.0, 70.0]],
+        "labels": [1, 0],
+    },
 }
 
 
@@ -46,7 +50,9 @@ def reference_answer(predictor: SamPredictor, case: dict, multimask: bool):
 def ask(service, document: dict, json_reply: bool = False):
     headers = {"Accept": "application/json"} if json_reply else {}
     reply = service.handle([({"body": document}, headers)])[0]
-    return reply, (json.loads(reply.body) if json_reply else decode_pickled(reply.body)) if reply.status == 200 else None
+    return reply, (
+        json.loads(reply.body) if json_reply else decode_pickled(reply.body)
+    ) if reply.status == 200 else None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,7 +82,9 @@ def test_cached_prompts_skip_the_encoder_and_image_id_works(fp32_service, chelse
     image_id = answer["image_id"]
     assert image_id == first.headers["X-Image-Id"] == pixel_key(chelsea)
     # The same pixels in another file format are the same image; image_id alone works too.
-    again, same = ask(service, {"image": base64.b64encode(encode(chelsea, "BMP")).decode(), "points": [[100, 100]]}, True)
+    again, same = ask(
+        service, {"image": base64.b64encode(encode(chelsea, "BMP")).decode(), "points": [[100, 100]]}, True
+    )
     by_id, by_id_answer = ask(service, {"image_id": image_id, "points": [[100, 100]]}, json_reply=True)
     assert service.predictor.encoder_calls == calls + 1
     assert same == by_id_answer == answer

@@ -15,8 +15,8 @@ import psutil
 import pytest
 import requests
 from conftest import encode, png_claiming, running_server
+from local_server import REPO
 
-from sam_fast_serve.deploy import REPO
 from sam_fast_serve.wire import decode_pickled
 
 MAX_PIXELS = 600_000  # handler key max_image_pixels of this server
@@ -113,7 +113,9 @@ def test_bad_requests_beyond_the_image(server, expected):
     pid = server.worker_pids()
     b64 = base64.b64encode(images["chelsea"]).decode()
     headers = {**client.headers, "Content-Type": "text/plain"}
-    assert_error(requests.post(client.url, data="%%% not base64 %%%", headers=headers, timeout=60), 400, "bad_request", "base64")
+    assert_error(
+        requests.post(client.url, data="%%% not base64 %%%", headers=headers, timeout=60), 400, "bad_request", "base64"
+    )
     assert_error(client.json({"picture": b64}), 400, "bad_request", '"image"')
     assert_error(client.json({"image": b64, "points_per_side": 0}), 422, "invalid_option", "'points_per_side'")
     assert_error(client.json({"image": b64, "colour": "red"}), 422, "invalid_option", "'colour'")
@@ -158,9 +160,24 @@ def test_worker_killed_during_a_request(server, expected, astronaut, tmp_path):
         paths[-1].write_bytes(encode(np.ascontiguousarray(image)))  # not cached: each runs the encoder
     old_pid = server.worker_pids()[0]
     run = subprocess.Popen(
-        [sys.executable, str(REPO / "inference.py"), *map(str, paths), "--url", server.inference_url,
-         "--token", server.token(), "--out", str(tmp_path / "out"), "--backoff", "2", "--retries", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            *map(str, paths),
+            "--url",
+            server.inference_url,
+            "--token",
+            server.token(),
+            "--out",
+            str(tmp_path / "out"),
+            "--backoff",
+            "2",
+            "--retries",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     killer = threading.Timer(3.0, os.kill, (old_pid, signal.SIGKILL))
     killer.start()
@@ -191,4 +208,3 @@ def test_soak_worker_memory_is_flat(server, expected):
     rss_end = worker.memory_info().rss
     print(f"worker RSS after 20 requests {rss_after_20 / 2**20:.0f} MiB, after 200 {rss_end / 2**20:.0f} MiB")
     assert abs(rss_end - rss_after_20) / rss_after_20 < 0.10
-

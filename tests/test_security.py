@@ -10,8 +10,7 @@ import threading
 import zlib
 
 from conftest import RunsCommand, encode
-
-from sam_fast_serve.deploy import REPO
+from local_server import REPO
 
 SERVER_SIDE = [REPO / "custom_handler.py", *sorted((REPO / "sam_fast_serve").glob("*.py"))]
 
@@ -37,9 +36,20 @@ def test_client_refuses_a_hostile_pickle_from_the_server(tmp_path, chelsea):
     image.write_bytes(encode(chelsea))
     try:
         run = subprocess.run(
-            [sys.executable, str(REPO / "inference.py"), str(image), "--url", f"http://127.0.0.1:{fake.server_port}",
-             "--token", "x", "--out", str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                str(REPO / "inference.py"),
+                str(image),
+                "--url",
+                f"http://127.0.0.1:{fake.server_port}",
+                "--token",
+                "x",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         fake.shutdown()
@@ -49,7 +59,9 @@ def test_client_refuses_a_hostile_pickle_from_the_server(tmp_path, chelsea):
 
 
 def test_nothing_server_side_unpickles_or_evals():
-    pattern = re.compile(r"(pickle\.loads?|pickle\.Unpickler|(?<![\w.])eval|(?<![\w.])exec|yaml\.load|torch\.load)\s*\(")
+    pattern = re.compile(
+        r"(pickle\.loads?|pickle\.Unpickler|(?<![\w.])eval|(?<![\w.])exec|yaml\.load|torch\.load)\s*\("
+    )
     found = {}
     for path in SERVER_SIDE:
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import requests
 from conftest import encode, running_server
+from local_server import REPO, free_port
 from pycocotools import mask as mask_utils
 
-from sam_fast_serve.deploy import REPO
-from sam_fast_serve.local_server import free_port
 from sam_fast_serve.wire import decode_pickled, is_annotation_list
 
 MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
@@ -46,7 +45,9 @@ def check_annotations(annotations, height, width):
 
 def post(server, body, **kwargs):
     headers = {**server.auth(), **kwargs.pop("headers", {})}
-    return requests.post(f"{server.inference_url}/predictions/sam-fast", data=body, headers=headers, timeout=300, **kwargs)
+    return requests.post(
+        f"{server.inference_url}/predictions/sam-fast", data=body, headers=headers, timeout=300, **kwargs
+    )
 
 
 def test_shipped_config_binds_loopback_and_keeps_token_auth():
@@ -79,8 +80,11 @@ def test_raw_multipart_and_json_requests_segment_the_same(server, astronaut):
     assert multipart.status_code == 200, multipart.text[:500]
     assert decode_pickled(multipart.text) == annotations
 
-    as_json = post(server, json.dumps({"image": base64.b64encode(png).decode()}),
-                   headers={"Content-Type": "application/json", "Accept": "application/json"})
+    as_json = post(
+        server,
+        json.dumps({"image": base64.b64encode(png).decode()}),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
     assert as_json.status_code == 200 and as_json.headers["Content-Type"].startswith("application/json")
     assert as_json.json() == annotations
 
@@ -103,9 +107,21 @@ def test_inference_client(server, tmp_path, chelsea, astronaut):
         paths.append(tmp_path / f"{name}.png")
         paths[-1].write_bytes(encode(image))  # same pixels as earlier requests: cached embeddings
     run = subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), *map(str, paths), "--url", server.inference_url,
-         "--token", server.token(), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            *map(str, paths),
+            "--url",
+            server.inference_url,
+            "--token",
+            server.token(),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
     assert "2 of 2 images segmented" in run.stdout
@@ -121,9 +137,21 @@ def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
     good.write_bytes(encode(chelsea))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     run = subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), str(bad), str(good), "--url", server.inference_url,
-         "--token", server.token(), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            str(bad),
+            str(good),
+            "--url",
+            server.inference_url,
+            "--token",
+            server.token(),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 1
     assert "bad.png: FAILED: HTTP 400" in run.stderr
@@ -134,9 +162,22 @@ def test_inference_client_when_server_is_down(tmp_path, chelsea):
     image = tmp_path / "c.png"
     image.write_bytes(encode(chelsea))
     run = subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), str(image), "--url", f"http://127.0.0.1:{free_port()}",
-         "--retries", "1", "--backoff", "0.1", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            str(image),
+            "--url",
+            f"http://127.0.0.1:{free_port()}",
+            "--retries",
+            "1",
+            "--backoff",
+            "0.1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
 
@@ -164,8 +205,11 @@ def test_image_id_then_concurrent_prompts_on_one_image(server, astronaut):
     clicks = [[[40.0 + 50 * i, 60.0 + 40 * i]] for i in range(8)]
 
     def ask(points):
-        reply = post(server, json.dumps({"image_id": image_id, "points": points}),
-                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        reply = post(
+            server,
+            json.dumps({"image_id": image_id, "points": points}),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
         assert reply.status_code == 200, reply.text[:300]
         return reply.json()
 
@@ -181,7 +225,8 @@ def test_prompt_as_multipart_form_fields(server, chelsea):
         f"{server.inference_url}/predictions/sam-fast",
         files={"image": ("c.png", encode(chelsea), "image/png")},
         data={"points": "[[100, 120], [300, 200]]", "labels": "[1, 0]"},
-        headers=server.auth(), timeout=300,
+        headers=server.auth(),
+        timeout=300,
     )
     assert reply.status_code == 200, reply.text[:300]
     answer = decode_pickled(reply.text)
@@ -189,7 +234,9 @@ def test_prompt_as_multipart_form_fields(server, chelsea):
     bad = requests.post(
         f"{server.inference_url}/predictions/sam-fast",
         files={"image": ("c.png", encode(chelsea), "image/png")},
-        data={"points": "[[1000, 120]]"}, headers=server.auth(), timeout=300,
+        data={"points": "[[1000, 120]]"},
+        headers=server.auth(),
+        timeout=300,
     )
     assert bad.status_code == 422 and "'points'" in bad.json()["message"]
 
@@ -198,10 +245,28 @@ def test_inference_client_with_prompts(server, tmp_path, astronaut):
     path = tmp_path / "astronaut.png"
     path.write_bytes(encode(astronaut))
     run = subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), str(path), "--url", server.inference_url, "--token", server.token(),
-         "--out", str(tmp_path / "out"), "--point", "200,150", "--point", "320,400:0",
-         "--box", "100,50,400,460", "--box", "10,300,200,500"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            str(path),
+            "--url",
+            server.inference_url,
+            "--token",
+            server.token(),
+            "--out",
+            str(tmp_path / "out"),
+            "--point",
+            "200,150",
+            "--point",
+            "320,400:0",
+            "--box",
+            "100,50,400,460",
+            "--box",
+            "10,300,200,500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     answer = json.loads((tmp_path / "out" / "astronaut.json").read_text())

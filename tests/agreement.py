@@ -1,25 +1,25 @@
 """Mask agreement between two lists of COCO-RLE annotations (used by tests and benchmarks)."""
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 from pycocotools import mask as mask_utils
 
 
-def _point_key(ann: Dict) -> Tuple[float, float]:
+def _point_key(ann: dict) -> tuple[float, float]:
     x, y = ann["point_coords"][0]
     return round(float(x), 3), round(float(y), 3)
 
 
-def match_masks(reference: Sequence[Dict], candidate: Sequence[Dict]) -> Tuple[List[float], int, int]:
+def match_masks(reference: Sequence[dict], candidate: Sequence[dict]) -> tuple[list[float], int, int]:
     """Pair masks one to one by their prompt point, then by best IoU among that point's masks.
 
     Returns (the IoU of each reference mask with its partner (0.0 when it has none), number of
     reference masks without a partner, number of candidate masks left over).
     """
-    by_point: Dict[Tuple[float, float], List[Dict]] = {}
+    by_point: dict[tuple[float, float], list[dict]] = {}
     for ann in candidate:
         by_point.setdefault(_point_key(ann), []).append(ann)
-    ious: List[float] = []
+    ious: list[float] = []
     unmatched = 0
     for ann in reference:
         pool = by_point.get(_point_key(ann), [])

@@ -1,4 +1,4 @@
-"""A real TorchServe on 127.0.0.1 in a directory of its own (tests and benchmarks): started from
+"""Test and benchmark tooling (not shipped): a real TorchServe on 127.0.0.1 in a directory of its own (tests and benchmarks): started from
 a real archive with the repo's config.properties (ports swapped for free ones), stopped in every case."""
 
 import os
@@ -8,12 +8,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional
 
 import requests
 
-from .deploy import MODEL_NAME, REPO, read_token, wait_until_ready
+from sam_fast_serve.endpoint import MODEL_NAME, read_token, wait_until_ready
 
+REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
@@ -31,12 +31,17 @@ class TorchServe:
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         properties = (REPO / "config.properties").read_text()
         for api, port in self.ports.items():
-            properties = re.sub(rf"^{api}_address=http://127\.0\.0\.1:\d+", f"{api}_address=http://127.0.0.1:{port}", properties, flags=re.M)
+            properties = re.sub(
+                rf"^{api}_address=http://127\.0\.0\.1:\d+",
+                f"{api}_address=http://127.0.0.1:{port}",
+                properties,
+                flags=re.M,
+            )
         properties = re.sub(r"^model_store=.*$", f"model_store={model_store}", properties, flags=re.M)
         self.config = workdir / "config.properties"
         self.config.write_text(properties + extra_properties)
         self.archive_name = archive_name
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
     @property
     def inference_url(self) -> str:
@@ -53,16 +58,27 @@ class TorchServe:
     def token(self, api: str = "inference") -> str:
         return read_token(self.key_file, api)
 
-    def auth(self, api: str = "inference") -> Dict[str, str]:
+    def auth(self, api: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(api)}"}
 
     def start(self, timeout: float = 300) -> float:
         """Start and wait until the model is READY; returns the seconds that took."""
         env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
         self.process = subprocess.Popen(
-            [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(self.config),
-             "--models", f"{MODEL_NAME}={self.archive_name}"],
-            cwd=self.workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(BIN / "torchserve"),
+                "--start",
+                "--foreground",
+                "--ncs",
+                "--ts-config",
+                str(self.config),
+                "--models",
+                f"{MODEL_NAME}={self.archive_name}",
+            ],
+            cwd=self.workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:

@@ -1,0 +1,31 @@
+"""sam-fast-serve: SAM mask generation behind TorchServe, and a torch-free client.
+
+Importing the package imports no torch: the client names load with it, the server names
+(`sam_model_fast_registry`, `SamAutomaticMaskGenerator`, `MaskService`) on first use, and those
+need the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.3.0"
+
+# Public name -> module that defines it.
+_PUBLIC = {
+    "decode_pickled": "wire",
+    "encode_pickled": "wire",
+    "encode_json": "wire",
+    "sam_model_fast_registry": "build",
+    "SamAutomaticMaskGenerator": "automatic",
+    "MaskService": "service",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -1,0 +1,81 @@
+"""Running the engines: automatic mask generation for a group of images, masks for prompts.
+
+Inputs are decoded images (or a cached image's id) and validated settings; outputs are payloads of
+builtins, ready for the wire. Failures are exceptions: the service maps them to replies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from .automatic import SamAutomaticMaskGenerator
+from .config import AmgSettings, ServiceConfig
+from .embeddings import EmbeddingCache
+from .errors import NotFound
+from .fast_decoder import FastMaskDecoder
+from .predictor import FastSamPredictor
+from .prompted import segment_prompts
+from .prompts import parse_prompts
+
+
+class Engines:
+    """A prepared SAM model, its predictor (fast decoder, embedding cache) and the limits of the
+    config it serves."""
+
+    def __init__(self, config: ServiceConfig, sam: Sam, dtype: torch.dtype) -> None:
+        self.config = config
+        self.sam = sam
+        self.dtype = dtype
+        decoder = FastMaskDecoder(sam.mask_decoder, dtype)
+        self.predictor = FastSamPredictor(sam, decoder, EmbeddingCache(config.embedding_cache_bytes))
+
+    def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
+        """A generator for one set of AMG settings, sharing this model's predictor and cache."""
+        return SamAutomaticMaskGenerator(
+            self.sam,
+            **settings.generator_arguments(),
+            output_mode="coco_rle",
+            process_batch_size=self.config.process_batch_size,
+            predictor=self.predictor,
+        )
+
+    def warm_up(self) -> None:
+        """Run one small image through every stage (encoder, decoder, masks), so that kernel
+        selection, first-touch allocations and, with `compile`, compilation are not paid by a request."""
+        image = np.zeros((64, 64, 3), dtype=np.uint8)
+        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        self.generator(settings).generate(image)
+
+    def automatic(self, images: list[np.ndarray], settings: AmgSettings) -> list[list[dict[str, Any]]]:
+        """Each image's mask records (coco_rle, builtins), at most `max_masks` each; the images go
+        through the image encoder together."""
+        return [self._best(records) for records in self.generator(settings).generate_batch(images)]
+
+    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> dict[str, Any]:
+        """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
+        `image_id` when `image` is None (NotFound when it is not cached)."""
+        predictor = self.predictor
+        if image is not None:
+            predictor.set_image(image)
+        else:
+            embedding = predictor.cache.get(image_id)
+            if embedding is None:
+                raise NotFound(
+                    f"image_id {image_id!r} is not in the embedding cache (evicted, or from another "
+                    "worker or server run): send the image again"
+                )
+            predictor.set_embedding(embedding)
+        assert predictor.original_size is not None
+        prompts = parse_prompts(prompt_fields, predictor.original_size)
+        return {"image_id": image_id, "prompts": segment_prompts(predictor, prompts)}
+
+    def _best(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """At most `max_masks` records: the best by predicted IoU, in their original order."""
+        if len(records) <= self.config.max_masks:
+            return records
+        ranked = sorted(range(len(records)), key=lambda i: records[i]["predicted_iou"], reverse=True)
+        return [records[i] for i in sorted(ranked[: self.config.max_masks])]
