@@ -7,6 +7,7 @@ the image embedding (pinned in batches of `process_batch_size`), the per-batch d
 bytes) instead of Python lists of run lengths, which the reference deep-copies on every
 concatenation and encodes in a Python loop (for fragmented masks that took longer than the model).
 """
+from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
@@ -103,7 +104,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
     @torch.no_grad()
     def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
         """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
-        crops = []
+        crops: list[np.ndarray] = []
         for image in images:
             boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
@@ -128,7 +129,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         sparse, _ = self.predictor.model.prompt_encoder(
             points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
         )
-        tokens = decoder.run_transformer(predictor.decoder_state, sparse)
+        tokens = decoder.run_transformer(predictor.image_state(), sparse)
         # Multimask output: mask tokens 1..3, flattened point-major like the reference.
         iou_preds = tokens.iou_pred[:, 1:].flatten()
         keep = torch.arange(iou_preds.numel(), device=iou_preds.device)

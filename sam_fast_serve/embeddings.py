@@ -1,4 +1,5 @@
 """Image embeddings: computing them in batches, and keeping recent ones in a byte-bounded LRU."""
+from __future__ import annotations
 
 import hashlib
 import threading
@@ -46,11 +47,12 @@ def encode_images(sam: Sam, images: Sequence[np.ndarray], batch_size: int) -> li
     results: list[ImageEmbedding] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        inputs, sizes = [], []
+        inputs: list[torch.Tensor] = []
+        sizes: list[tuple[tuple[int, int], tuple[int, int]]] = []
         for image in chunk:
             resized = torch.as_tensor(transform.apply_image(image), device=device)
             resized = resized.permute(2, 0, 1).contiguous()[None, :, :, :]
-            sizes.append((tuple(resized.shape[-2:]), tuple(image.shape[:2])))
+            sizes.append(((resized.shape[-2], resized.shape[-1]), (image.shape[0], image.shape[1])))
             inputs.append(sam.preprocess(resized))
         features = sam.image_encoder(torch.cat(inputs).to(dtype))
         results.extend(

@@ -115,7 +115,9 @@ class _UpscalingWeights:
 
     w1: Tensor  # (4 * C1, C)
     b1: Tensor  # (4 * C1,)
-    norm: nn.Module  # LayerNorm2d over the C1 channels
+    norm_w: Tensor  # (C1,): LayerNorm2d over the C1 channels
+    norm_b: Tensor  # (C1,)
+    norm_eps: float
     act1: nn.Module
     w2: Tensor  # (4 * C2, C1)
     b2: Tensor  # (4 * C2,)
@@ -126,12 +128,22 @@ class _UpscalingWeights:
         """Reads the layers of `upscaling` (already in the target dtype)."""
         conv1, norm, act1, conv2, act2 = upscaling
         for conv in (conv1, conv2):
-            if tuple(conv.kernel_size) != (2, 2) or tuple(conv.stride) != (2, 2):
-                raise NotImplementedError("output_upscaling must use 2x2, stride-2 convolutions")
+            if (
+                not isinstance(conv, nn.ConvTranspose2d)
+                or conv.bias is None
+                or tuple(conv.kernel_size) != (2, 2)
+                or tuple(conv.stride) != (2, 2)
+            ):
+                raise NotImplementedError("output_upscaling must use 2x2, stride-2 transposed convolutions")
+        assert isinstance(conv1, nn.ConvTranspose2d) and isinstance(conv2, nn.ConvTranspose2d)
+        assert conv1.bias is not None and conv2.bias is not None
+        norm_w, norm_b = (p.detach() for p in norm.parameters())  # LayerNorm2d: weight, then bias
         return cls(
             w1=_pixelwise_weight(conv1),
             b1=conv1.bias.detach().repeat(4),
-            norm=norm,
+            norm_w=norm_w,
+            norm_b=norm_b,
+            norm_eps=float(norm.eps),  # type: ignore[arg-type]  # LayerNorm2d.eps is a float
             act1=act1,
             w2=_pixelwise_weight(conv2),
             b2=conv2.bias.detach().repeat(4),
@@ -399,7 +411,9 @@ class FastMaskDecoder:
         b = sparse_embeddings.shape[0]
         output_tokens = self._output_tokens.unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat([output_tokens, sparse_embeddings.to(self.dtype)], dim=1)
-        iou_pred, mask_tokens, src = [], [], []
+        iou_pred: list[Tensor] = []
+        mask_tokens: list[Tensor] = []
+        src: list[Tensor] = []
         for chunk in tokens.split(self._chunk_size(state)):
             outputs, keys = self._transformer(state, chunk)
             iou_pred.append(self._decoder.iou_prediction_head(outputs[:, 0]).float())
@@ -496,6 +510,6 @@ class FastMaskDecoder:
         up = self._upscaling
         h, w = size
         x = F.linear(src, up.w1, up.b1).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
-        x = up.act1(F.layer_norm(x, x.shape[-1:], up.norm.weight, up.norm.bias, up.norm.eps))
+        x = up.act1(F.layer_norm(x, x.shape[-1:], up.norm_w, up.norm_b, up.norm_eps))
         x = up.act2(F.linear(x, up.w2, up.b2).view(h * w * 16, -1))  # (y, x, dy, dx, dY, dX)
         return (hyper @ x.t()).view(-1, h, w, 2, 2, 2, 2)

@@ -1,4 +1,5 @@
 """A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
+from __future__ import annotations
 
 import numpy as np
 import torch
@@ -39,7 +40,10 @@ class FastSamPredictor(SamPredictor):
                 self.cache.put(key, embedding)
                 self.pinned[key] = embedding
         for key in keys:
-            self.pinned.setdefault(key, self.lookup(key))
+            if key not in self.pinned:
+                known = self.lookup(key)
+                assert known is not None  # encoded above if it was not known
+                self.pinned[key] = known
 
     def unpin(self) -> None:
         self.pinned.clear()
@@ -70,6 +74,12 @@ class FastSamPredictor(SamPredictor):
         self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
         self.is_image_set = True
 
+    def image_state(self) -> ImageState:
+        """The decoder's per-image state of the current image (RuntimeError when none is set)."""
+        if self.decoder_state is None:
+            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
+        return self.decoder_state
+
     @torch.no_grad()
     def predict_torch(
         self,
@@ -90,7 +100,7 @@ class FastSamPredictor(SamPredictor):
             return super().predict_torch(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, _ = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        tokens = self.decoder.run_transformer(self.decoder_state, sparse)
+        tokens = self.decoder.run_transformer(self.image_state(), sparse)
         mask_ids = torch.arange(1, 4) if multimask_output else torch.arange(0, 1)
         count = len(mask_ids)
         prompt_idx = torch.arange(sparse.shape[0]).repeat_interleave(count)

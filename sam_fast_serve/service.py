@@ -108,7 +108,7 @@ class MaskService:
         for index, item in enumerate(decoded):
             if isinstance(item, Job) and item.settings is None:
                 prompted.append([(index, item)])
-            elif isinstance(item, Job):
+            elif isinstance(item, Job) and item.settings is not None:
                 automatic.setdefault(item.settings, []).append((index, item))
         for group in [*prompted, *automatic.values()]:
             results.update(self._run(group))

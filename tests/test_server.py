@@ -1,10 +1,13 @@
 """The handler end to end: a real archive in a real TorchServe on 127.0.0.1, token auth on."""
 
+from __future__ import annotations
+
 import base64
 import json
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -300,3 +303,23 @@ def test_out_of_memory_is_a_507_and_the_worker_goes_on(server, chelsea):
     assert reply.json()["error"] == "out_of_memory"
     good = post(server, encode(chelsea), headers={"Content-Type": "application/octet-stream"})
     assert good.status_code == 200 and int(server.worker_pids()[0]) == pid
+
+
+def test_handler_time_metric_is_recorded_per_batch(server, chelsea):
+    """TorchServe's own HandlerTime metric (its BaseHandler.handle records it; the handler keeps
+    that method and supplies preprocess -> inference -> postprocess)."""
+    log = server.workdir / "logs" / "model_metrics.log"
+
+    def handler_times() -> list[float]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [float(line.split("HandlerTime.ms:")[1].split("|")[0]) for line in lines if "HandlerTime.ms:" in line]
+
+    before = len(handler_times())
+    reply = post(server, encode(chelsea), headers={"Content-Type": "application/octet-stream"})
+    assert reply.status_code == 200
+    deadline = time.monotonic() + 10
+    while len(handler_times()) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    times = handler_times()
+    assert len(times) == before + 1, log.read_text()[-2000:]
+    assert times[-1] > 0
