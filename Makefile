@@ -1,51 +1,59 @@
 # sam-fast-serve: build the archive, run TorchServe on 127.0.0.1, segment images.
+# Every step is a console command of the package (sam-fast-serve, sam-fast-client) run from .venv.
 VENV         ?= .venv
-PY           := $(VENV)/bin/python
+BIN          := $(VENV)/bin
 MODEL_NAME   ?= sam-fast
 MODEL_CONFIG ?= model-config.yaml
 # Default: checkpoints/<the file name model-config.yaml names>.
-SAM_CHECKPOINT ?= checkpoints/$(shell $(PY) -c "from pathlib import Path; from sam_fast_serve.deploy import checkpoint_name; print(checkpoint_name(Path('$(MODEL_CONFIG)')))" 2>/dev/null)
-IMAGES       ?= out/samples/astronaut.png out/samples/chelsea.png
+SAM_CHECKPOINT ?= checkpoints/$(shell $(BIN)/sam-fast-serve checkpoint-name --config $(MODEL_CONFIG) 2>/dev/null)
+IMAGES       ?= out/samples
 
-.PHONY: install test archive serve stop demo smoke download samples bench
+.PHONY: install test lint archive serve stop demo smoke download samples bench
 
 install:
 	bash install_segment_anything_fast.sh
 
 test:
-	$(PY) -m pytest -q tests
+	$(BIN)/python -m pytest -q tests
+
+# What CI checks after the tests: lint and format (ruff) everywhere, types (mypy) on the package.
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 download:
-	$(PY) -m sam_fast_serve.deploy download --config $(MODEL_CONFIG) --dest $(SAM_CHECKPOINT)
+	$(BIN)/sam-fast-serve download --config $(MODEL_CONFIG) --dest $(SAM_CHECKPOINT)
 
 archive:
-	$(PY) -m sam_fast_serve.deploy archive --checkpoint $(SAM_CHECKPOINT) --config $(MODEL_CONFIG) --model-name $(MODEL_NAME)
+	$(BIN)/sam-fast-serve archive --checkpoint $(SAM_CHECKPOINT) --config $(MODEL_CONFIG) \
+		--handler custom_handler.py --export-path model_store --model-name $(MODEL_NAME)
 
 serve:
 	@test -f model_store/$(MODEL_NAME).tar.gz || { echo "no model_store/$(MODEL_NAME).tar.gz: run make archive first" >&2; exit 1; }
 	@mkdir -p logs
-	$(VENV)/bin/torchserve --start --ncs --ts-config config.properties --model-store model_store \
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store \
 		--models $(MODEL_NAME)=$(MODEL_NAME).tar.gz > logs/console.log 2>&1
-	$(PY) -m sam_fast_serve.deploy wait-ready --model $(MODEL_NAME)
+	$(BIN)/sam-fast-serve wait-ready --model $(MODEL_NAME) --key-file key_file.json
 
 stop:
-	-$(VENV)/bin/torchserve --stop
+	-$(BIN)/torchserve --stop
 
 samples:
-	$(PY) -m sam_fast_serve.deploy samples out/samples
+	$(BIN)/sam-fast-serve samples out/samples
 
 # The main job, end to end: real weights (downloaded if missing), archive, serve, segment, stop.
 demo: samples
 	@test -f $(SAM_CHECKPOINT) || $(MAKE) --no-print-directory download
 	$(MAKE) --no-print-directory archive serve
-	$(PY) inference.py $(IMAGES) --out out/demo; status=$$?; $(MAKE) --no-print-directory stop; exit $$status
+	$(BIN)/sam-fast-client $(IMAGES) --out out/demo --coco out/demo/coco.json; status=$$?; $(MAKE) --no-print-directory stop; exit $$status
 
 # SMOKE MODE: random weights, a small grid, thresholds 0 and NMS off. Checks the plumbing only;
 # the masks mean nothing.
 smoke: samples
-	$(PY) -m sam_fast_serve.deploy random-checkpoint checkpoints/random_vit_b.pth
+	$(BIN)/sam-fast-serve random-checkpoint checkpoints/random_vit_b.pth
 	$(MAKE) --no-print-directory archive serve SAM_CHECKPOINT=checkpoints/random_vit_b.pth MODEL_CONFIG=tests/smoke-config.yaml
-	$(PY) inference.py $(IMAGES) --out out/smoke; status=$$?; $(MAKE) --no-print-directory stop; exit $$status
+	$(BIN)/sam-fast-client $(IMAGES) --out out/smoke --coco out/smoke/coco.json; status=$$?; $(MAKE) --no-print-directory stop; exit $$status
 
 bench:
-	$(PY) benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine

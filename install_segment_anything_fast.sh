@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) a virtualenv and install sam-fast-serve's requirements. Safe to run again.
+# Create (or reuse) a virtualenv, install the pinned requirements.txt, then this checkout as the
+# sam-fast-serve package (editable: the console commands run the checkout's code). Safe to run again.
 # An already installed torch is never uninstalled or replaced: the torch pins are then skipped.
 #   VENV=path/to/venv bash install_segment_anything_fast.sh     (default: .venv next to this script)
 set -euo pipefail
@@ -30,4 +31,5 @@ if "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 else
   "${PIP[@]}" -r requirements.txt
 fi
-"$VENV/bin/python" -c "import torch, segment_anything, ts, cv2, pycocotools; print('sam-fast-serve environment ready: torch', torch.__version__)"
+"${PIP[@]}" --no-deps -e .
+"$VENV/bin/python" -c "import torch, segment_anything, ts, cv2, pycocotools, sam_fast_serve; print('sam-fast-serve', sam_fast_serve.__version__, 'environment ready: torch', torch.__version__)"

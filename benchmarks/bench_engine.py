@@ -19,6 +19,7 @@ Load mode times, in fresh processes, what a worker does before it is ready (impo
 weights, warm-up) with `compile` off, then on with an empty inductor cache, then on with the
 cache the previous run left, and the first two images after that.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@ next prompts on the same image (embedding cache hit: decoder only), through the 
 
     python benchmarks/bench_prompts.py [--dtype auto] [--prompts 10]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ Payloads: annotations shaped like SAM's for natural masks (SLIC superpixels of t
 grouped into ~100 masks of varied size, like a real AMG answer), and for the fragmented masks a
 random-weight model gives (the keep-all tests' case). Times are the best of 5.
 """
+
 from __future__ import annotations
 
 import base64

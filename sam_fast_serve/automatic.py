@@ -7,6 +7,7 @@ the image embedding (pinned in batches of `process_batch_size`), the per-batch d
 bytes) instead of Python lists of run lengths, which the reference deep-copies on every
 concatenation and encodes in a Python loop (for fragmented masks that took longer than the model).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

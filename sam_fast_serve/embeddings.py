@@ -1,4 +1,5 @@
 """Image embeddings: computing them in batches, and keeping recent ones in a byte-bounded LRU."""
+
 from __future__ import annotations
 
 import hashlib

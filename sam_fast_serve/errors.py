@@ -1,4 +1,5 @@
 """The error contract: every rejected request is one of these, mapped to a 4xx/5xx status."""
+
 from __future__ import annotations
 
 from typing import Any

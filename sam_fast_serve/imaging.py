@@ -4,6 +4,7 @@ The header is read first (PIL reads only the header on open) so an image over th
 decompression bomb is refused before its pixels are allocated. OpenCV then decodes to BGR, applying
 the EXIF orientation, and the result is converted to the RGB that SAM expects.
 """
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ Accepted forms: a raw body (`curl -T img.jpg`), a multipart file, a base64 strin
 `data:` URL), and JSON `{"image": "<base64>", ...options}`. TorchServe hands JSON bodies over
 already parsed and text bodies as str; everything else arrives as bytes.
 """
+
 from __future__ import annotations
 
 import base64

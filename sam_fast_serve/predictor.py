@@ -1,4 +1,5 @@
 """A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
+
 from __future__ import annotations
 
 import numpy as np

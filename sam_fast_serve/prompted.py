@@ -1,4 +1,5 @@
 """Masks for point and box prompts on the predictor's current image, as builtins for the wire."""
+
 from __future__ import annotations
 
 import base64

@@ -4,6 +4,7 @@ A request with `points` and/or `boxes` asks for the masks of those prompts inste
 mask generation. Without boxes, all points form one prompt; with boxes, each box is one prompt
 and the points (if any) join every box. Every failure is a 422 naming the field.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

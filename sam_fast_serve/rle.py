@@ -1,4 +1,5 @@
 """Binary masks to COCO compressed RLE with pycocotools' C encoder (one call for all masks)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Mask agreement between two lists of COCO-RLE annotations (used by tests and benchmarks)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """Shared fixtures: a random-weight vit_b checkpoint, sample photos, image file encoders."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,7 @@
 """Config validation and checkpoint checks: each failure names the key or the file."""
 
+from __future__ import annotations
+
 import hashlib
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Request decoding: every input form and image mode becomes the same 8-bit RGB pixels."""
+
 from __future__ import annotations
 
 import base64

@@ -5,6 +5,7 @@ decoder and prompt encoder, built by segment_anything's own builder, random weig
 then costs little, so each option can be compared against the reference (fp32) on its own. Thresholds are placed in the widest gap
 between the reference's own scores, so a rounding difference cannot move a mask across them.
 """
+
 from __future__ import annotations
 
 import copy

@@ -3,6 +3,7 @@
 Reference: segment_anything.SamAutomaticMaskGenerator in fp32 on the same random-weight vit_b,
 on a real photo, keep-all settings (thresholds 0, NMS off) so every mask is compared.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Property-based: random and mutated bytes through the request parser and image decoder give
 an RGB image or one of the documented errors, never an unhandled exception."""
+
 from __future__ import annotations
 
 import numpy as np

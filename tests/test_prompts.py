@@ -4,6 +4,7 @@ Equivalence: the service (fp32, random-weight vit_b) against segment_anything.Sa
 same photo, for single points, mixed positive/negative points, one box, several boxes, and a box
 with points: masks at IoU >= 0.99, scores within 1e-3.
 """
+
 from __future__ import annotations
 
 import base64

@@ -1,5 +1,6 @@
 """Bad input, load and faults against a real TorchServe (batchSize 4): every bad request gets its
 documented 4xx and JSON body, the worker survives, and no good request is lost or mixed up."""
+
 from __future__ import annotations
 
 import base64

@@ -1,4 +1,5 @@
 """The wire codec: round trips, and a client decoder that refuses any pickled global."""
+
 from __future__ import annotations
 
 import base64
