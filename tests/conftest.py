@@ -6,9 +6,12 @@ import contextlib
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,6 +93,23 @@ def running_server(workdir: Path, checkpoint: Path, **overrides) -> Iterator[Tor
         yield server
     finally:
         server.stop()
+
+
+def client_command(server: TorchServe | None = None) -> list[str]:
+    """The client as users run it from a checkout (`python inference.py`), pointed at `server`."""
+    command = [sys.executable, str(REPO / "inference.py")]
+    if server is not None:
+        command += ["--url", server.inference_url, "--token", server.token()]
+    return command
+
+
+def run_client(
+    *args: object, server: TorchServe | None = None, timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """Run the client with `args` to the end; its output captured as text."""
+    return subprocess.run(
+        [*client_command(server), *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 @pytest.fixture(scope="session")

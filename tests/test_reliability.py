@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import encode, png_claiming, running_server
-from local_server import REPO
+from conftest import client_command, encode, png_claiming, running_server
 
 from sam_fast_serve.wire import decode_pickled
 
@@ -162,21 +160,7 @@ def test_worker_killed_during_a_request(server, expected, astronaut, tmp_path):
         paths[-1].write_bytes(encode(np.ascontiguousarray(image)))  # not cached: each runs the encoder
     old_pid = server.worker_pids()[0]
     run = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            *map(str, paths),
-            "--url",
-            server.inference_url,
-            "--token",
-            server.token(),
-            "--out",
-            str(tmp_path / "out"),
-            "--backoff",
-            "2",
-            "--retries",
-            "5",
-        ],
+        [*client_command(server), *map(str, paths), "--out", str(tmp_path / "out"), "--backoff", "2", "--retries", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -6,12 +6,10 @@ import base64
 import http.server
 import pickle
 import re
-import subprocess
-import sys
 import threading
 import zlib
 
-from conftest import RunsCommand, encode
+from conftest import RunsCommand, encode, run_client
 from local_server import REPO
 
 from sam_fast_serve.archive import PACKAGE_DIR, runtime_modules
@@ -42,20 +40,14 @@ def test_client_refuses_a_hostile_pickle_from_the_server(tmp_path, chelsea):
     image = tmp_path / "c.png"
     image.write_bytes(encode(chelsea))
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "inference.py"),
-                str(image),
-                "--url",
-                f"http://127.0.0.1:{fake.server_port}",
-                "--token",
-                "x",
-                "--out",
-                str(tmp_path / "out"),
-            ],
-            capture_output=True,
-            text=True,
+        run = run_client(
+            image,
+            "--url",
+            f"http://127.0.0.1:{fake.server_port}",
+            "--token",
+            "x",
+            "--out",
+            tmp_path / "out",
             timeout=120,
         )
     finally:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
-from conftest import encode, running_server
+from conftest import encode, run_client, running_server
 from local_server import REPO, free_port
 from pycocotools import mask as mask_utils
 
@@ -109,23 +107,7 @@ def test_inference_client(server, tmp_path, chelsea, astronaut):
     for name, image in (("chelsea", chelsea), ("astronaut", astronaut)):
         paths.append(tmp_path / f"{name}.png")
         paths[-1].write_bytes(encode(image))  # same pixels as earlier requests: cached embeddings
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            *map(str, paths),
-            "--url",
-            server.inference_url,
-            "--token",
-            server.token(),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    run = run_client(*paths, "--out", tmp_path / "out", server=server, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "2 of 2 images segmented" in run.stdout
     for path, image in zip(paths, (chelsea, astronaut)):
@@ -139,23 +121,7 @@ def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     good.write_bytes(encode(chelsea))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            str(bad),
-            str(good),
-            "--url",
-            server.inference_url,
-            "--token",
-            server.token(),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_client(bad, good, "--out", tmp_path / "out", server=server)
     assert run.returncode == 1
     assert "bad.png: FAILED: HTTP 400" in run.stderr
     assert "1 of 2 images segmented" in run.stdout
@@ -164,24 +130,8 @@ def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
 def test_inference_client_when_server_is_down(tmp_path, chelsea):
     image = tmp_path / "c.png"
     image.write_bytes(encode(chelsea))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            str(image),
-            "--url",
-            f"http://127.0.0.1:{free_port()}",
-            "--retries",
-            "1",
-            "--backoff",
-            "0.1",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    url = f"http://127.0.0.1:{free_port()}"
+    run = run_client(image, "--url", url, "--retries", 1, "--backoff", 0.1, "--out", tmp_path / "out", timeout=120)
     assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
 
 
@@ -247,30 +197,8 @@ def test_prompt_as_multipart_form_fields(server, chelsea):
 def test_inference_client_with_prompts(server, tmp_path, astronaut):
     path = tmp_path / "astronaut.png"
     path.write_bytes(encode(astronaut))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "inference.py"),
-            str(path),
-            "--url",
-            server.inference_url,
-            "--token",
-            server.token(),
-            "--out",
-            str(tmp_path / "out"),
-            "--point",
-            "200,150",
-            "--point",
-            "320,400:0",
-            "--box",
-            "100,50,400,460",
-            "--box",
-            "10,300,200,500",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    prompts = ["--point", "200,150", "--point", "320,400:0", "--box", "100,50,400,460", "--box", "10,300,200,500"]
+    run = run_client(path, "--out", tmp_path / "out", *prompts, server=server)
     assert run.returncode == 0, run.stderr
     answer = json.loads((tmp_path / "out" / "astronaut.json").read_text())
     assert len(answer["prompts"]) == 2 and all(len(p["masks"]) == 1 for p in answer["prompts"])
