@@ -76,7 +76,7 @@ def timed_run(server: TorchServe, folder: Path, out: Path, concurrency: int) -> 
     """Seconds for `sam-fast-client` over `folder` into `out` at `concurrency`; it must succeed."""
     started = time.perf_counter()
     subprocess.run(
-        [str(CLIENT), str(folder), "--url", server.inference_url, "--token", server.token(), "--out", str(out),
+        [str(CLIENT), str(folder), "--url", server.inference_url, f"--token={server.token()}", "--out", str(out),
          "--concurrency", str(concurrency), "--progress", "never"],
         check=True,
         stdout=subprocess.DEVNULL,

@@ -522,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=MODEL_NAME, metavar="NAME", help=f"model name (default {MODEL_NAME})")
     parser.add_argument(
-        "--token", default=None, help="inference token (default: $TS_INFERENCE_TOKEN, else ./key_file.json)"
+        "--token",
+        default=None,
+        help="inference token, written --token=VALUE (tokens may begin with '-'; default: $TS_INFERENCE_TOKEN, else ./key_file.json)",
     )
     parser.add_argument("--out", type=Path, metavar="DIR", default=Path("out"), help="output folder (default out)")
     parser.add_argument("--format", choices=("pickle", "json"), default="pickle", help="wire format to ask for")

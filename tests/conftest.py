@@ -99,7 +99,8 @@ def client_command(server: TorchServe | None = None) -> list[str]:
     """The client as users run it from a checkout (`python inference.py`), pointed at `server`."""
     command = [sys.executable, str(REPO / "inference.py")]
     if server is not None:
-        command += ["--url", server.inference_url, "--token", server.token()]
+        # --token=VALUE: a TorchServe token may begin with "-", which argparse would take for an option.
+        command += ["--url", server.inference_url, f"--token={server.token()}"]
     return command
 
 

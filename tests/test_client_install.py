@@ -83,7 +83,7 @@ def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, t
         (folder / name).write_bytes(encode(np.ascontiguousarray(rgb), "JPEG" if name.endswith(".jpg") else "PNG"))
     out = tmp_path / "out"
     command = [
-        str(client_bin / "sam-fast-client"), str(folder), "--url", server.inference_url, "--token", server.token(),
+        str(client_bin / "sam-fast-client"), str(folder), "--url", server.inference_url, f"--token={server.token()}",
         "--out", str(out), "--coco", str(out / "coco.json"),
     ]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)

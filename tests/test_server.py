@@ -131,7 +131,9 @@ def test_inference_client_when_server_is_down(tmp_path, chelsea):
     image = tmp_path / "c.png"
     image.write_bytes(encode(chelsea))
     url = f"http://127.0.0.1:{free_port()}"
-    run = run_client(image, "--url", url, "--retries", 1, "--backoff", 0.1, "--out", tmp_path / "out", timeout=120)
+    # A token that begins with "-" (TorchServe's may) is taken whole when written --token=VALUE.
+    args = ("--url", url, "--token=-dash-first", "--retries", 1, "--backoff", 0.1, "--out", tmp_path / "out")
+    run = run_client(image, *args, timeout=120)
     assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
 
 
