@@ -8,12 +8,21 @@ MODEL_CONFIG ?= model-config.yaml
 SAM_CHECKPOINT ?= checkpoints/$(shell $(BIN)/sam-fast-serve checkpoint-name --config $(MODEL_CONFIG) 2>/dev/null)
 IMAGES       ?= out/samples
 
-.PHONY: install test lint archive serve stop demo smoke download samples bench
+# The real services tests start on 127.0.0.1 (Debian packages; each command is its package's name).
+TEST_SERVICES := redis-server
+SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test-services test lint archive serve stop demo smoke download samples bench
 
 install:
 	bash install_segment_anything_fast.sh
 
-test:
+test-services:
+	@missing=""; for bin in $(TEST_SERVICES); do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (Debian packages the tests run)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq$$missing >/dev/null; fi
+
+test: test-services
 	$(BIN)/python -m pytest -q tests
 
 # What CI checks after the tests: lint and format (ruff) everywhere, types (mypy) on the package.

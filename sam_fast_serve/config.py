@@ -58,6 +58,12 @@ def _file_name(v: Any) -> str | None:
     return None
 
 
+def _store(v: Any) -> str | None:
+    if v == "memory" or (isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://"))):
+        return None
+    return f"must be 'memory' or a Redis URL (redis://host:port/db, rediss://...), got {v!r}"
+
+
 def _key(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -95,6 +101,11 @@ class ServiceConfig:
     max_masks: int = _key(1000, _int_in(1, 100_000))
     # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
     embedding_cache_bytes: int = _key(256 * 1024 * 1024, _int_in(0, 1 << 40))
+    # Where embeddings are shared between workers and replicas: "memory" (this worker's cache only)
+    # or a Redis URL; its password from the URL or $SAM_FAST_REDIS_PASSWORD.
+    embedding_store: str = _key("memory", _store)
+    # Seconds a Redis entry lives.
+    embedding_ttl_s: int = _key(3600, _int_in(1, 30 * 24 * 3600))
     amg: AmgSettings = field(default_factory=AmgSettings)
 
     @property

@@ -14,24 +14,23 @@ from segment_anything.modeling import Sam
 
 from .automatic import SamAutomaticMaskGenerator
 from .config import AmgSettings, ServiceConfig
-from .embeddings import EmbeddingCache
 from .errors import NotFound
 from .fast_decoder import FastMaskDecoder
 from .predictor import FastSamPredictor
 from .prompted import segment_prompts
 from .prompts import parse_prompts
+from .store import EmbeddingStore
 
 
 class Engines:
     """A prepared SAM model, its predictor (fast decoder, embedding cache) and the limits of the
     config it serves."""
 
-    def __init__(self, config: ServiceConfig, sam: Sam, dtype: torch.dtype) -> None:
+    def __init__(self, config: ServiceConfig, sam: Sam, dtype: torch.dtype, store: EmbeddingStore) -> None:
         self.config = config
         self.sam = sam
         self.dtype = dtype
-        decoder = FastMaskDecoder(sam.mask_decoder, dtype)
-        self.predictor = FastSamPredictor(sam, decoder, EmbeddingCache(config.embedding_cache_bytes))
+        self.predictor = FastSamPredictor(sam, FastMaskDecoder(sam.mask_decoder, dtype), store)
 
     def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
         """A generator for one set of AMG settings, sharing this model's predictor and cache."""
@@ -57,15 +56,17 @@ class Engines:
 
     def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> dict[str, Any]:
         """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
-        `image_id` when `image` is None (NotFound when it is not cached)."""
+        `image_id` when `image` is None: NotFound when no store has it, ServiceUnavailable when the
+        shared store cannot answer."""
         predictor = self.predictor
         if image is not None:
             predictor.set_image(image)
         else:
-            embedding = predictor.cache.get(image_id)
+            embedding = predictor.store.fetch(image_id, predictor.device)
             if embedding is None:
+                where = "the embedding store" if predictor.store.shared else "this worker's embedding cache"
                 raise NotFound(
-                    f"image_id {image_id!r} is not in the embedding cache (evicted, or from another "
+                    f"image_id {image_id!r} is not in {where} (expired or evicted, or from another "
                     "worker or server run): send the image again"
                 )
             predictor.set_embedding(embedding)

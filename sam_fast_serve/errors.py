@@ -75,3 +75,10 @@ class InternalError(ServiceError):
 
 class ConfigError(ValueError):
     """The model configuration is invalid; raised at model load, names the key or file."""
+
+
+class ServiceUnavailable(ServiceError):
+    """A store the request needs is not answering; retrying later may succeed."""
+
+    status = 503
+    kind = "store_unavailable"

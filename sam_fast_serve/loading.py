@@ -6,10 +6,15 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+from segment_anything.modeling import Sam
+
 from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select_device
-from .checkpoints import resolve_checkpoint
+from .checkpoints import file_sha256, resolve_checkpoint
 from .config import ServiceConfig
+from .embeddings import EmbeddingCache
 from .engines import Engines
+from .store import EmbeddingStore, ModelIdentity, RedisEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +29,8 @@ def load_engines(config: ServiceConfig, model_dir: Path, gpu_id: int | None) -> 
     device = select_device(gpu_id)
     dtype = resolve_dtype(config.dtype, device)
     sam = sam_model_fast_registry[config.model_type](str(checkpoint))
-    engines = Engines(config, prepare_model(sam, device, dtype, compile_encoder=config.compile), dtype)
+    sam = prepare_model(sam, device, dtype, compile_encoder=config.compile)
+    engines = Engines(config, sam, dtype, _embedding_store(config, checkpoint, sam, dtype))
     loaded = time.perf_counter()
     engines.warm_up()
     logger.info(
@@ -37,3 +43,15 @@ def load_engines(config: ServiceConfig, model_dir: Path, gpu_id: int | None) -> 
         time.perf_counter() - loaded,
     )
     return engines
+
+
+def _embedding_store(config: ServiceConfig, checkpoint: Path, sam: Sam, dtype: torch.dtype) -> EmbeddingStore:
+    """The worker's LRU, behind it the shared Redis store when the config names one."""
+    local = EmbeddingCache(config.embedding_cache_bytes)
+    if config.embedding_store == "memory":
+        return EmbeddingStore(local)
+    identity = ModelIdentity(config.model_type, file_sha256(checkpoint), dtype)
+    prompt_encoder = sam.prompt_encoder  # the decoder's view of an embedding: (C, H, W)
+    channels_shape = (prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
+    shared = RedisEmbeddings(config.embedding_store, identity, channels_shape, config.embedding_ttl_s)
+    return EmbeddingStore(local, shared)

@@ -1,4 +1,4 @@
-"""A SamPredictor whose image embeddings can come from a batch or a cache, decoding with FastMaskDecoder."""
+"""A SamPredictor whose image embeddings can come from a batch or a store, decoding with FastMaskDecoder."""
 
 from __future__ import annotations
 
@@ -9,27 +9,28 @@ from segment_anything.modeling import Sam
 
 from .embeddings import EmbeddingCache, ImageEmbedding, encode_images, pixel_key
 from .fast_decoder import FastMaskDecoder, ImageState
+from .store import EmbeddingStore
 
 
 class FastSamPredictor(SamPredictor):
     """SamPredictor plus: embeddings looked up by pixel key before the encoder runs, and the
     per-image part of the mask decoder done once in `set_embedding`.
 
-    `cache` keeps embeddings across requests; `pinned` (filled by `pin`) holds the embeddings of
-    the images of the batch being served, whatever the cache's capacity.
+    `store` keeps embeddings across requests (and workers, when it is shared); `pinned` (filled by
+    `pin`) holds the embeddings of the images of the batch being served, whatever the store keeps.
     """
 
-    def __init__(self, sam: Sam, decoder: FastMaskDecoder, cache: EmbeddingCache | None = None) -> None:
+    def __init__(self, sam: Sam, decoder: FastMaskDecoder, store: EmbeddingStore | None = None) -> None:
         super().__init__(sam)
         self.decoder = decoder
-        self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.store = store if store is not None else EmbeddingStore(EmbeddingCache(0))
         self.pinned: dict[str, ImageEmbedding] = {}
         self.decoder_state: ImageState | None = None
         self.encoder_calls = 0
 
     def lookup(self, key: str) -> ImageEmbedding | None:
         """The embedding of the image with `pixel_key` `key`, if it is pinned or cached."""
-        return self.pinned.get(key) or self.cache.get(key)
+        return self.pinned.get(key) or self.store.get(key, self.device)
 
     def pin(self, images: list, batch_size: int) -> None:
         """Encode the images not yet known, `batch_size` per encoder call, and pin all of them."""
@@ -38,7 +39,7 @@ class FastSamPredictor(SamPredictor):
         if missing:
             self.encoder_calls += -(-len(missing) // batch_size)
             for key, embedding in zip(missing, encode_images(self.model, list(missing.values()), batch_size)):
-                self.cache.put(key, embedding)
+                self.store.put(key, embedding)
                 self.pinned[key] = embedding
         for key in keys:
             if key not in self.pinned:
@@ -58,7 +59,7 @@ class FastSamPredictor(SamPredictor):
         if embedding is None:
             self.encoder_calls += 1
             embedding = encode_images(self.model, [image], 1)[0]
-            self.cache.put(key, embedding)
+            self.store.put(key, embedding)
         self.set_embedding(embedding)
 
     @torch.no_grad()
