@@ -1,7 +1,7 @@
 """Prompted masks: the first prompt on an image (decode + image encoder + decoder) against the
 next prompts on the same image (embedding cache hit: decoder only), through the mask service.
 
-    python benchmarks/bench_prompts.py [--dtype auto] [--prompts 10]
+    python -m benchmarks.bench_prompts [--dtype auto] [--prompts 10]
 """
 
 from __future__ import annotations
