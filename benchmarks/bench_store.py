@@ -67,7 +67,7 @@ def main() -> None:
         ]
         print(f"# bench_store: vit_b, dtype {encoding.dtype}, astronaut 512x512, one click per request, "
               f"median of {args.prompts} (miss: of 3)\n")  # fmt: skip
-        print("| prompt by image_id | seconds | vs local hit |")
+        print("| prompt | seconds | vs local hit |")
         print("|---|---|---|")
         local_s = None
         for label, run in rows:
