@@ -27,12 +27,20 @@ class ImageEmbedding:
         return self.features.numel() * self.features.element_size()
 
 
+_KEY_BYTES = 16
+
+
 def pixel_key(image: np.ndarray) -> str:
     """A key for decoded pixels: the same pixels give the same key whatever file they came from."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.blake2b(digest_size=_KEY_BYTES)
     digest.update(repr((image.shape, image.dtype.str)).encode())
     digest.update(np.ascontiguousarray(image).data)
     return digest.hexdigest()
+
+
+def is_pixel_key(text: str) -> bool:
+    """Whether `text` has the form of a `pixel_key` (lowercase hex of its digest)."""
+    return len(text) == 2 * _KEY_BYTES and all(c in "0123456789abcdef" for c in text)
 
 
 @torch.no_grad()

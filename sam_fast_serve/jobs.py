@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .config import AmgSettings, ServiceConfig, apply_request_options
-from .embeddings import pixel_key
+from .embeddings import is_pixel_key, pixel_key
 from .errors import BadRequest, InvalidOption
 from .imaging import decode_image
 from .payload import parse_request
@@ -48,8 +48,9 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     if request.image is not None:
         image = decode_image(request.image, config.max_image_pixels)
         image_id = pixel_key(image)
-    elif not isinstance(image_id, str) or not image_id:
-        raise BadRequest("'image_id' must be the string an earlier response returned")
+    elif not isinstance(image_id, str) or not is_pixel_key(image_id):
+        # Checked before any store sees it: an id is also (part of) a Redis key.
+        raise BadRequest("'image_id' must be the string an earlier response returned (32 hex digits)")
     if has_prompts(prompt_fields):
         if options:
             raise InvalidOption(

@@ -155,3 +155,9 @@ def test_bad_prompts_get_422_naming_the_field(fp32_service, astronaut, fields, s
 def test_unknown_or_evicted_image_id_is_404(fp32_service):
     reply, _ = ask(fp32_service, {"image_id": "0" * 32, "points": [[1, 1]]})
     assert reply.status == 404 and "send the image again" in json.loads(reply.body)["message"]
+
+
+@pytest.mark.parametrize("image_id", ["", "0" * 31, "0" * 33, "G" * 32, "A" * 32, "*", "x" * 100_000, 7, None])
+def test_malformed_image_id_is_400(fp32_service, image_id):
+    reply, _ = ask(fp32_service, {"image_id": image_id, "points": [[1, 1]]})
+    assert reply.status == 400 and "'image_id'" in json.loads(reply.body)["message"]
