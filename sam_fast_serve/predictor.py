@@ -35,17 +35,15 @@ class FastSamPredictor(SamPredictor):
     def pin(self, images: list, batch_size: int) -> None:
         """Encode the images not yet known, `batch_size` per encoder call, and pin all of them."""
         keys = [pixel_key(image) for image in images]
-        missing = {k: im for k, im in zip(keys, images) if self.lookup(k) is None}
+        # One lookup per distinct image: with a shared store each one may be a Redis read.
+        known = {key: self.lookup(key) for key in dict.fromkeys(keys)}
+        missing = {key: image for key, image in zip(keys, images) if known[key] is None}
         if missing:
             self.encoder_calls += -(-len(missing) // batch_size)
             for key, embedding in zip(missing, encode_images(self.model, list(missing.values()), batch_size)):
                 self.store.put(key, embedding)
-                self.pinned[key] = embedding
-        for key in keys:
-            if key not in self.pinned:
-                known = self.lookup(key)
-                assert known is not None  # encoded above if it was not known
-                self.pinned[key] = known
+                known[key] = embedding
+        self.pinned.update({key: embedding for key, embedding in known.items() if embedding is not None})
 
     def unpin(self) -> None:
         self.pinned.clear()

@@ -190,3 +190,17 @@ def test_an_image_id_from_one_worker_is_answered_by_another(services_on_one_redi
         server.start()
     status, again = ask(second, {"image": image, "points": [[100, 120]]})
     assert status == 200 and again == direct
+
+
+def test_automatic_request_reads_another_workers_embedding_once(services_on_one_redis, astronaut):
+    (first, second), _ = services_on_one_redis
+    image = base64.b64encode(encode(astronaut[:300, :400])).decode()
+    status, encoded_there = ask(first, {"image": image})
+    assert status == 200
+    calls, counts = second.predictor.encoder_calls, dict(second.predictor.store.counts)
+    status, answered_here = ask(second, {"image": image})
+    assert status == 200 and answered_here == encoded_there
+    assert second.predictor.encoder_calls == calls  # the embedding came from Redis
+    after = second.predictor.store.counts
+    read = {name: after[name] - counts.get(name, 0) for name in ("local_hit", "local_miss", "shared_hit")}
+    assert read == {"local_hit": 0, "local_miss": 1, "shared_hit": 1}  # one lookup, not one per step
