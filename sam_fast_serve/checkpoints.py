@@ -102,6 +102,13 @@ def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path
     return path
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint `resolve_checkpoint` accepted: for an official file name the
+    published one (`resolve_checkpoint` has just checked the file against it), else computed."""
+    official = OFFICIAL_CHECKPOINTS.get(path.name)
+    return official.sha256 if official is not None else file_sha256(path)
+
+
 def download_checkpoint(file_name: str, dest: Path) -> Path:
     """Download the official checkpoint `file_name` to `dest`, checking its sha256.
 

@@ -10,7 +10,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select_device
-from .checkpoints import file_sha256, resolve_checkpoint
+from .checkpoints import checkpoint_sha256, resolve_checkpoint
 from .config import ServiceConfig
 from .embeddings import EmbeddingCache
 from .engines import Engines
@@ -50,7 +50,7 @@ def _embedding_store(config: ServiceConfig, checkpoint: Path, sam: Sam, dtype: t
     local = EmbeddingCache(config.embedding_cache_bytes)
     if config.embedding_store == "memory":
         return EmbeddingStore(local)
-    identity = ModelIdentity(config.model_type, file_sha256(checkpoint), dtype)
+    identity = ModelIdentity(config.model_type, checkpoint_sha256(checkpoint), dtype)
     prompt_encoder = sam.prompt_encoder  # the decoder's view of an embedding: (C, H, W)
     channels_shape = (prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
     shared = RedisEmbeddings(config.embedding_store, identity, channels_shape, config.embedding_ttl_s)
