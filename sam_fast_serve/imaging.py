@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .intensity import linear_16_to_8
 
 # Magic numbers of the formats we decode; anything else is a 415 before any decoder sees it.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -74,8 +75,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.uint16:
-        # Linear 16 -> 8 bit: 65535 maps to 255, so relative brightness is kept.
-        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return linear_16_to_8(image)
     if image.dtype in (np.float32, np.float64):
         return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     raise UnsupportedMediaType(f"images with {image.dtype} samples are not supported; use 8- or 16-bit integer images")

@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from pycocotools import mask as mask_utils
 
+from .intensity import linear_16_to_8
+
 FOREGROUND, BACKGROUND, BOX = (0, 255, 0), (255, 0, 0), (255, 255, 0)
 POINT_RADIUS, BOX_WIDTH = 6, 2
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -23,8 +25,7 @@ def _rgb(data: bytes) -> Image.Image:
         image = ImageOps.exif_transpose(opened)
     if image.mode in _SIXTEEN_BIT_MODES:
         # PIL's own conversion clips 16-bit values at 255, which would paint the photo white.
-        samples = np.asarray(image, dtype=np.uint32)
-        image = Image.fromarray(((samples + 128) // 257).astype(np.uint8))
+        image = Image.fromarray(linear_16_to_8(np.asarray(image)))
     return image.convert("RGB")
 
 
