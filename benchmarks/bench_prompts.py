@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import statistics
+import itertools
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 from skimage import data
 
+from benchmarks.measure import median_seconds
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.service import MaskService
 
@@ -46,13 +48,13 @@ def main() -> None:
             ("next box (image_id)", lambda i: {"image_id": image_id, "boxes": [[10 + i, 20, 200 + 5 * i, 260]]}),
             ("next click (image sent again)", lambda i: {"image": image, "points": [[20 + 15 * i, 40 + 10 * i]]}),
         ):
-            times = []
-            for i in range(args.prompts):
-                started = time.perf_counter()
-                reply = service.handle([({"body": request(i)}, {})])[0]
-                times.append(time.perf_counter() - started)
+            numbers = itertools.count()
+
+            def one(request: Callable[[int], dict] = request) -> None:
+                reply = service.handle([({"body": request(next(numbers))}, {})])[0]
                 assert reply.status == 200, reply.body
-            median = statistics.median(times)
+
+            median = median_seconds(one, args.prompts)
             print(
                 f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.predictor.encoder_calls} | {first_s / median:.0f}x |"
             )

@@ -11,27 +11,16 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 from skimage import data
 
+from benchmarks.measure import median_seconds
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.service import MaskService
 from tests.local_server import RedisServer
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def answer(service: MaskService, document: dict) -> None:

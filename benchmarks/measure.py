@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,17 @@ def best_seconds(call: Callable[[], object], repeats: int) -> float:
         call()
         fastest = min(fastest, time.perf_counter() - start)
     return fastest
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls, no warm-up: for calls that are not all alike (a cache
+    filled by the first, a different prompt each time)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def best_rate(call: Callable[[], object], flops: float, repeats: int = 8) -> float:
