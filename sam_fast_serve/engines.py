@@ -32,22 +32,25 @@ class Engines:
         self.dtype = dtype
         self.predictor = FastSamPredictor(sam, FastMaskDecoder(sam.mask_decoder, dtype), store)
 
-    def generator(self, settings: AmgSettings) -> SamAutomaticMaskGenerator:
-        """A generator for one set of AMG settings, sharing this model's predictor and cache."""
+    def generator(self, settings: AmgSettings, predictor: FastSamPredictor | None = None) -> SamAutomaticMaskGenerator:
+        """A generator for one set of AMG settings, sharing this model's predictor (decoder and
+        embedding store) unless given another."""
         return SamAutomaticMaskGenerator(
             self.sam,
             **settings.generator_arguments(),
             output_mode="coco_rle",
             process_batch_size=self.config.process_batch_size,
-            predictor=self.predictor,
+            predictor=predictor or self.predictor,
         )
 
     def warm_up(self) -> None:
         """Run one small image through every stage (encoder, decoder, masks), so that kernel
-        selection, first-touch allocations and, with `compile`, compilation are not paid by a request."""
+        selection, first-touch allocations and, with `compile`, compilation are not paid by a request.
+        Its predictor shares the decoder but keeps nothing: a blank warm-up image has no place in
+        the embedding store, and a shared store that is down must not slow or log a worker's start."""
         image = np.zeros((64, 64, 3), dtype=np.uint8)
         settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        self.generator(settings).generate(image)
+        self.generator(settings, FastSamPredictor(self.sam, self.predictor.decoder)).generate(image)
 
     def automatic(self, images: list[np.ndarray], settings: AmgSettings) -> list[list[dict[str, Any]]]:
         """Each image's mask records (coco_rle, builtins), at most `max_masks` each; the images go

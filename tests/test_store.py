@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+import redis
 import torch
 from conftest import encode
 from local_server import RedisServer
@@ -162,6 +163,13 @@ def services_on_one_redis(random_checkpoint, tmp_path_factory):
 def ask(service: MaskService, document: dict) -> tuple[int, dict]:
     reply = service.handle([({"body": document}, {"Accept": "application/json"})])[0]
     return reply.status, json.loads(reply.body)
+
+
+def test_loading_a_worker_leaves_the_shared_store_alone(services_on_one_redis):
+    # Runs first on the fixture: two workers loaded and warmed up, no request yet.
+    services, server = services_on_one_redis
+    assert redis.Redis.from_url(server.url).dbsize() == 0
+    assert all(not service.predictor.store.counts for service in services)
 
 
 def test_an_image_id_from_one_worker_is_answered_by_another(services_on_one_redis, chelsea):
