@@ -9,7 +9,7 @@ SAM_CHECKPOINT ?= checkpoints/$(shell $(BIN)/sam-fast-serve checkpoint-name --co
 IMAGES       ?= out/samples
 
 # The real services tests start on 127.0.0.1 (Debian packages; each command is its package's name).
-TEST_SERVICES := redis-server
+TEST_SERVICES := redis-server prometheus
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test-services test lint archive serve stop demo smoke download samples bench
@@ -20,7 +20,7 @@ install:
 test-services:
 	@missing=""; for bin in $(TEST_SERVICES); do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (Debian packages the tests run)"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq$$missing >/dev/null; fi
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends$$missing >/dev/null; fi
 
 test: test-services
 	$(BIN)/python -m pytest -q tests

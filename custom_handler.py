@@ -1,18 +1,23 @@
 """TorchServe handler for SAM mask generation: a thin adapter over sam_fast_serve.service.
 
 TorchServe's own `handle` stays in charge (it records the HandlerTime metric); the service's three
-steps are its preprocess -> inference -> postprocess. Everything but the TorchServe plumbing lives
-in the sam_fast_serve package, which imports nothing from ts and is tested on its own.
+steps are its preprocess -> inference -> postprocess, and its metrics go to TorchServe's metrics API.
+Everything but the TorchServe plumbing lives in the sam_fast_serve package, which imports nothing
+from ts and is tested on its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from sam_fast_serve.jobs import Job
+from sam_fast_serve.metrics import Metric
 from sam_fast_serve.responses import Reply
 from sam_fast_serve.service import Answer, MaskService
 
@@ -25,9 +30,18 @@ class SamAutomaticMaskHandler(BaseHandler):
         properties = context.system_properties
         handler_section = (context.model_yaml_config or {}).get("handler")
         # A ConfigError raised here fails the model load; its message names the key or file.
-        self.service = MaskService.load(handler_section, Path(properties["model_dir"]), properties.get("gpu_id"))
         self.context = context
+        self.service = MaskService.load(
+            handler_section, Path(properties["model_dir"]), properties.get("gpu_id"), self.publish
+        )
         self.initialized = True
+
+    def publish(self, metric: Metric, value: float, labels: Mapping[str, str]) -> None:
+        """One observation to TorchServe's metrics API, under the labels TorchServe gives model
+        metrics (ModelName, Level; it adds Hostname) and the metric's own."""
+        dimensions = [Dimension("ModelName", self.context.model_name), Dimension("Level", "Model")]
+        dimensions += [Dimension(name, value) for name, value in labels.items()]
+        self.context.metrics.add_metric(metric.name, value, metric.unit, None, dimensions, MetricTypes(metric.kind))
 
     def preprocess(self, data: list[dict[str, Any]]) -> list[Job | Reply]:
         return self.service.decode([(fields, self.context.get_all_request_header(i)) for i, fields in enumerate(data)])

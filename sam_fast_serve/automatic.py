@@ -10,7 +10,8 @@ concatenation and encodes in a Python loop (for fragmented masks that took longe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -102,18 +103,25 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             for i in range(len(rles))
         ]
 
-    @torch.no_grad()
-    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
+    @contextmanager
+    def pinned(self, images: Sequence[np.ndarray]) -> Iterator[None]:
+        """Within: the embeddings of `images` (and of their crops) are computed, `process_batch_size`
+        per encoder call, and kept for `generate`."""
         crops: list[np.ndarray] = []
         for image in images:
             boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
             crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
-        self.predictor.pin(crops, self.process_batch_size)
+        with torch.no_grad():
+            self.predictor.pin(crops, self.process_batch_size)
         try:
-            return [self.generate(image) for image in images]
+            yield
         finally:
             self.predictor.unpin()
+
+    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
+        with self.pinned(images):
+            return [self.generate(image) for image in images]
 
     def _process_batch(
         self,
@@ -130,7 +138,8 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         sparse, _ = self.predictor.model.prompt_encoder(
             points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
         )
-        tokens = decoder.run_transformer(predictor.image_state(), sparse)
+        with predictor.clock.stage("mask_decoder"):
+            tokens = decoder.run_transformer(predictor.image_state(), sparse)
         # Multimask output: mask tokens 1..3, flattened point-major like the reference.
         iou_preds = tokens.iou_pred[:, 1:].flatten()
         keep = torch.arange(iou_preds.numel(), device=iou_preds.device)
@@ -144,7 +153,8 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
         per_upsample = max(1, UPSAMPLE_CHUNK_BYTES // largest) if predictor.device.type == "cpu" else MASKS_PER_DECODE
         for chunk in keep.split(MASKS_PER_DECODE):
             prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
-            low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
+            with predictor.clock.stage("mask_decoder"):
+                low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
             for rows in torch.arange(len(chunk)).split(per_upsample):
                 masks = predictor.model.postprocess_masks(low_res[rows], predictor.input_size, predictor.original_size)
                 chunk_data = MaskData(

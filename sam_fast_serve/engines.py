@@ -6,6 +6,9 @@ builtins, ready for the wire. Failures are exceptions: the service maps them to 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +19,28 @@ from .automatic import SamAutomaticMaskGenerator
 from .config import AmgSettings, ServiceConfig
 from .errors import NotFound
 from .fast_decoder import FastMaskDecoder
+from .metrics import ENGINE_STAGES
 from .predictor import FastSamPredictor
 from .prompted import segment_prompts
 from .prompts import parse_prompts
 from .store import EmbeddingStore
+
+
+@dataclass
+class Segmented:
+    """One image's answer (builtins), the masks in it, and the seconds each engine stage took for it."""
+
+    payload: Any
+    masks: int
+    seconds: dict[str, float]
+
+
+def _stage_seconds(measured: Mapping[str, float], elapsed: float) -> dict[str, float]:
+    """Every engine stage's seconds (0 for a stage skipped); postprocess is what the clock's
+    stages do not account for of `elapsed`."""
+    seconds = {stage: measured.get(stage, 0.0) for stage in ENGINE_STAGES}
+    seconds["postprocess"] = max(0.0, elapsed - sum(measured.values()))
+    return seconds
 
 
 class Engines:
@@ -52,20 +73,37 @@ class Engines:
         settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
         self.generator(settings, FastSamPredictor(self.sam, self.predictor.decoder)).generate(image)
 
-    def automatic(self, images: list[np.ndarray], settings: AmgSettings) -> list[list[dict[str, Any]]]:
+    def automatic(self, images: list[np.ndarray], settings: AmgSettings) -> list[Segmented]:
         """Each image's mask records (coco_rle, builtins), at most `max_masks` each; the images go
-        through the image encoder together."""
-        return [self._best(records) for records in self.generator(settings).generate_batch(images)]
+        through the image encoder together, and share that call's seconds evenly."""
+        clock = self.predictor.clock
+        generator = self.generator(settings)
+        clock.take()
+        results = []
+        with generator.pinned(images):
+            pinning = clock.take()
+            for image in images:
+                start = time.perf_counter()
+                records = self._best(generator.generate(image))
+                results.append(
+                    Segmented(records, len(records), _stage_seconds(clock.take(), time.perf_counter() - start))
+                )
+        for result in results:
+            for stage, seconds in pinning.items():
+                result.seconds[stage] += seconds / len(results)
+        return results
 
-    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> dict[str, Any]:
+    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> Segmented:
         """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
         `image_id` when `image` is None: NotFound when no store has it, ServiceUnavailable when the
         shared store cannot answer."""
         predictor = self.predictor
+        predictor.clock.take()
+        start = time.perf_counter()
         if image is not None:
             predictor.set_image(image)
         else:
-            embedding = predictor.store.fetch(image_id, predictor.device)
+            embedding = predictor.fetch(image_id)
             if embedding is None:
                 where = "the embedding store" if predictor.store.shared else "this worker's embedding cache"
                 raise NotFound(
@@ -75,7 +113,10 @@ class Engines:
             predictor.set_embedding(embedding)
         assert predictor.original_size is not None
         prompts = parse_prompts(prompt_fields, predictor.original_size)
-        return {"image_id": image_id, "prompts": segment_prompts(predictor, prompts)}
+        answers = segment_prompts(predictor, prompts)
+        seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
+        masks = sum(len(answer["masks"]) for answer in answers)
+        return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)
 
     def _best(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """At most `max_masks` records: the best by predicted IoU, in their original order."""

@@ -10,6 +10,7 @@ from segment_anything.modeling import Sam
 from .embeddings import EmbeddingCache, ImageEmbedding, encode_images, pixel_key
 from .fast_decoder import FastMaskDecoder, ImageState
 from .store import EmbeddingStore
+from .timing import StageClock
 
 
 class FastSamPredictor(SamPredictor):
@@ -18,6 +19,7 @@ class FastSamPredictor(SamPredictor):
 
     `store` keeps embeddings across requests (and workers, when it is shared); `pinned` (filled by
     `pin`) holds the embeddings of the images of the batch being served, whatever the store keeps.
+    `clock` gathers the seconds spent in the embedding store, the image encoder and the mask decoder.
     """
 
     def __init__(self, sam: Sam, decoder: FastMaskDecoder, store: EmbeddingStore | None = None) -> None:
@@ -27,10 +29,31 @@ class FastSamPredictor(SamPredictor):
         self.pinned: dict[str, ImageEmbedding] = {}
         self.decoder_state: ImageState | None = None
         self.encoder_calls = 0
+        self.clock = StageClock(self.device)
 
     def lookup(self, key: str) -> ImageEmbedding | None:
         """The embedding of the image with `pixel_key` `key`, if it is pinned or cached."""
-        return self.pinned.get(key) or self.store.get(key, self.device)
+        pinned = self.pinned.get(key)
+        if pinned is not None:
+            return pinned
+        with self.clock.stage("embedding_store"):
+            return self.store.get(key, self.device)
+
+    def fetch(self, key: str) -> ImageEmbedding | None:
+        """The stored embedding of `key` (EmbeddingStore.fetch: ServiceUnavailable when the shared
+        store cannot answer)."""
+        with self.clock.stage("embedding_store"):
+            return self.store.fetch(key, self.device)
+
+    def _encode(self, images: list[np.ndarray], keys: list[str], batch_size: int) -> list[ImageEmbedding]:
+        """Run the encoder on `images` and keep each embedding under its key."""
+        self.encoder_calls += -(-len(images) // batch_size)
+        with self.clock.stage("image_encoder"):
+            embeddings = encode_images(self.model, images, batch_size)
+        with self.clock.stage("embedding_store"):
+            for key, embedding in zip(keys, embeddings, strict=True):
+                self.store.put(key, embedding)
+        return embeddings
 
     def pin(self, images: list, batch_size: int) -> None:
         """Encode the images not yet known, `batch_size` per encoder call, and pin all of them."""
@@ -39,10 +62,7 @@ class FastSamPredictor(SamPredictor):
         known = {key: self.lookup(key) for key in dict.fromkeys(keys)}
         missing = {key: image for key, image in zip(keys, images) if known[key] is None}
         if missing:
-            self.encoder_calls += -(-len(missing) // batch_size)
-            for key, embedding in zip(missing, encode_images(self.model, list(missing.values()), batch_size)):
-                self.store.put(key, embedding)
-                known[key] = embedding
+            known.update(zip(missing, self._encode(list(missing.values()), list(missing), batch_size)))
         self.pinned.update({key: embedding for key, embedding in known.items() if embedding is not None})
 
     def unpin(self) -> None:
@@ -55,9 +75,7 @@ class FastSamPredictor(SamPredictor):
         key = pixel_key(image)
         embedding = self.lookup(key)
         if embedding is None:
-            self.encoder_calls += 1
-            embedding = encode_images(self.model, [image], 1)[0]
-            self.store.put(key, embedding)
+            (embedding,) = self._encode([image], [key], 1)
         self.set_embedding(embedding)
 
     @torch.no_grad()
@@ -71,7 +89,8 @@ class FastSamPredictor(SamPredictor):
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             1, -1, *prompt_encoder.image_embedding_size
         )
-        self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
+        with self.clock.stage("mask_decoder"):
+            self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
         self.is_image_set = True
 
     def image_state(self) -> ImageState:
@@ -100,13 +119,14 @@ class FastSamPredictor(SamPredictor):
             return super().predict_torch(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits)
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, _ = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        tokens = self.decoder.run_transformer(self.image_state(), sparse)
         mask_ids = torch.arange(1, 4) if multimask_output else torch.arange(0, 1)
         count = len(mask_ids)
         prompt_idx = torch.arange(sparse.shape[0]).repeat_interleave(count)
-        low_res = self.decoder.mask_logits(
-            tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device)
-        )
+        with self.clock.stage("mask_decoder"):
+            tokens = self.decoder.run_transformer(self.image_state(), sparse)
+            low_res = self.decoder.mask_logits(
+                tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device)
+            )
         low_res = low_res.view(sparse.shape[0], count, *low_res.shape[-2:])
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:

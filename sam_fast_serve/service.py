@@ -7,13 +7,15 @@ out, in three steps a TorchServe handler maps onto preprocess -> inference -> po
     encode  (responses.py)  each Answer to its Reply
 
 A request that fails at any step gets its own error Reply and the others of the batch go on; an
-engine failure answers exactly the jobs that engine call was running. Imports nothing from ts.
+engine failure answers exactly the jobs that engine call was running. Every step reports what it
+measured to the service's Recorder (metrics.py). Imports nothing from ts.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,11 @@ from typing import Any
 import torch
 
 from .config import AmgSettings, load_service_config
-from .engines import Engines
+from .engines import Engines, Segmented
 from .errors import InternalError, OutOfMemory, ServiceError
 from .jobs import Job, decode_job
 from .loading import load_engines
+from .metrics import ANSWERS, IMAGE_MEGAPIXELS, IMAGES, MASKS, Recorder, Sink, discard
 from .predictor import FastSamPredictor
 from .responses import Reply, error_reply, payload_reply
 
@@ -34,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Answer:
-    """A job's payload (builtins), to be encoded as its job asks."""
+    """A job's result, to be encoded as its job asks."""
 
     job: Job
-    payload: Any
+    result: Segmented
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -69,17 +72,22 @@ def as_service_error(exc: Exception, requests: int) -> ServiceError:
 class MaskService:
     """Validated settings and loaded engines, answering batches of mask requests."""
 
-    def __init__(self, engines: Engines) -> None:
+    def __init__(self, engines: Engines, sink: Sink = discard) -> None:
         self.engines = engines
         self.config = engines.config
+        self.recorder = Recorder(sink)
+        self.recorder.start()
 
     @classmethod
-    def load(cls, handler_section: Mapping[str, Any] | None, model_dir: Path, gpu_id: int | None) -> MaskService:
-        """Validate the `handler:` section, load and warm up the model from `model_dir`.
+    def load(
+        cls, handler_section: Mapping[str, Any] | None, model_dir: Path, gpu_id: int | None, sink: Sink = discard
+    ) -> MaskService:
+        """Validate the `handler:` section, load and warm up the model from `model_dir`; metrics go
+        to `sink`.
 
         Raises ConfigError naming the offending key or file.
         """
-        return cls(load_engines(load_service_config(handler_section), Path(model_dir), gpu_id))
+        return cls(load_engines(load_service_config(handler_section), Path(model_dir), gpu_id), sink)
 
     @property
     def predictor(self) -> FastSamPredictor:
@@ -93,10 +101,16 @@ class MaskService:
         """Each request, given as (fields, headers), as a Job or the Reply that refuses it."""
         decoded: list[Job | Reply] = []
         for fields, headers in requests:
+            start = time.perf_counter()
             try:
-                decoded.append(decode_job(fields, headers, self.config))
+                job = decode_job(fields, headers, self.config)
             except ServiceError as error:
                 decoded.append(error_reply(error))
+            else:
+                decoded.append(job)
+                if job.image is not None:
+                    self.recorder.emit(IMAGE_MEGAPIXELS, job.image.shape[0] * job.image.shape[1] / 1e6)
+            self.recorder.stages({"decode": time.perf_counter() - start})
         return decoded
 
     def predict(self, decoded: Sequence[Job | Reply]) -> list[Answer | Reply]:
@@ -112,19 +126,29 @@ class MaskService:
                 automatic.setdefault(item.settings, []).append((index, item))
         for group in [*prompted, *automatic.values()]:
             results.update(self._run(group))
+        self.recorder.store_counts(self.predictor.store.counts)
         return [results[i] for i in range(len(decoded))]
 
     def encode(self, predicted: Sequence[Answer | Reply]) -> list[Reply]:
         """Each Answer as the Reply its job asked for (Replies pass through)."""
         replies = []
         for item in predicted:
-            if isinstance(item, Answer):
-                try:
-                    item = payload_reply(item.payload, item.job.json, item.job.image_id)
-                except Exception as exc:
-                    item = error_reply(as_service_error(exc, 1))
-            replies.append(item)
+            reply = self._encode(item) if isinstance(item, Answer) else item
+            self.recorder.emit(ANSWERS, 1, status=str(reply.status))
+            replies.append(reply)
         return replies
+
+    def _encode(self, answer: Answer) -> Reply:
+        start = time.perf_counter()
+        try:
+            reply = payload_reply(answer.result.payload, answer.job.json, answer.job.image_id)
+        except Exception as exc:
+            return error_reply(as_service_error(exc, 1))
+        mode = "automatic" if answer.job.settings is not None else "prompted"
+        self.recorder.stages({**answer.result.seconds, "wire_encode": time.perf_counter() - start})
+        self.recorder.emit(IMAGES, 1, mode=mode)
+        self.recorder.emit(MASKS, answer.result.masks, mode=mode)
+        return reply
 
     def handle(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Reply]:
         """decode -> predict -> encode: one Reply per request."""
@@ -135,18 +159,18 @@ class MaskService:
         Reply for all of them when it fails: the other jobs of the batch go on."""
         jobs = [job for _, job in group]
         try:
-            payloads = self._automatic(jobs) if jobs[0].settings is not None else self._prompted(jobs)
+            results = self._automatic(jobs) if jobs[0].settings is not None else self._prompted(jobs)
         except Exception as exc:
             reply = error_reply(as_service_error(exc, len(jobs)))
             return {index: reply for index, _ in group}
-        return {index: Answer(job, payload) for (index, job), payload in zip(group, payloads, strict=True)}
+        return {index: Answer(job, result) for (index, job), result in zip(group, results, strict=True)}
 
-    def _automatic(self, jobs: list[Job]) -> list[Any]:
+    def _automatic(self, jobs: list[Job]) -> list[Segmented]:
         images = [job.image for job in jobs if job.image is not None]
         assert jobs[0].settings is not None and len(images) == len(jobs)
-        return list(self.engines.automatic(images, jobs[0].settings))
+        return self.engines.automatic(images, jobs[0].settings)
 
-    def _prompted(self, jobs: list[Job]) -> list[Any]:
+    def _prompted(self, jobs: list[Job]) -> list[Segmented]:
         (job,) = jobs
         assert job.prompt_fields is not None
         return [self.engines.prompted(job.image, job.image_id, job.prompt_fields)]

@@ -3,6 +3,7 @@ a real archive with the repo's config.properties (ports swapped for free ones), 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,40 +119,87 @@ class TorchServe:
             self.process = None
 
 
-class RedisServer:
-    """Debian's redis-server on a free loopback port in `workdir`, no persistence, bounded memory
-    (oldest-used keys evicted); stop() and start() again keep the port, as a restarted Redis would."""
+class LocalService:
+    """A Debian package's server on a free loopback port in `workdir`; stop() and start() again keep
+    the port, as a restarted server would. Subclasses say how to run it and when it is ready."""
 
-    def __init__(self, workdir: Path, maxmemory: str = "64mb") -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.maxmemory = maxmemory
         self.process: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, timeout: float = 10) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60) -> None:
+        command = self.command()
+        log = (self.workdir / f"{Path(command[0]).name}.log").open("a")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
+                if self.ready():
+                    return
+            except OSError:  # not listening yet (requests' ConnectionError is an OSError too)
+                pass
+            time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"redis-server did not answer on port {self.port}")
+        raise TimeoutError(f"{command[0]} did not answer on port {self.port}")
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.kill()
             self.process.wait(timeout=30)
             self.process = None
+
+
+class RedisServer(LocalService):
+    """Debian's redis-server: no persistence, bounded memory (oldest-used keys evicted)."""
+
+    def __init__(self, workdir: Path, maxmemory: str = "64mb") -> None:
+        super().__init__(workdir)
+        self.maxmemory = maxmemory
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", str(self.workdir)]  # fmt: skip
+
+    def ready(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+
+class Prometheus(LocalService):
+    """Debian's prometheus, scraping `targets` (host:port) every second; `query` asks its HTTP API."""
+
+    def __init__(self, workdir: Path, targets: list[str]) -> None:
+        super().__init__(workdir)
+        self.config = workdir / "prometheus.yml"
+        scrape = {"job_name": "torchserve", "scrape_interval": "1s", "static_configs": [{"targets": targets}]}
+        self.config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [scrape]}))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]  # fmt: skip
+
+    def ready(self) -> bool:
+        return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+
+    def query(self, expression: str) -> list[dict]:
+        """The instant vector of `expression` now: [{"metric": labels, "value": [time, "text"]}]."""
+        reply = requests.get(f"{self.url}/api/v1/query", params={"query": expression}, timeout=10)
+        body = reply.json()
+        assert reply.status_code == 200 and body["status"] == "success", (expression, body)
+        return body["data"]["result"]

@@ -235,21 +235,21 @@ def test_out_of_memory_is_a_507_and_the_worker_goes_on(server, chelsea):
     assert good.status_code == 200 and int(server.worker_pids()[0]) == pid
 
 
-def test_handler_time_metric_is_recorded_per_batch(server, chelsea):
-    """TorchServe's own HandlerTime metric (its BaseHandler.handle records it; the handler keeps
-    that method and supplies preprocess -> inference -> postprocess)."""
-    log = server.workdir / "logs" / "model_metrics.log"
-
-    def handler_times() -> list[float]:
-        lines = log.read_text().splitlines() if log.exists() else []
-        return [float(line.split("HandlerTime.ms:")[1].split("|")[0]) for line in lines if "HandlerTime.ms:" in line]
-
-    before = len(handler_times())
+def test_metrics_port_speaks_prometheus_with_handler_time(server, chelsea):
+    """The shipped config's metrics mode: GET /metrics (no token) in Prometheus text, with TorchServe's
+    own HandlerTime (its BaseHandler.handle records it: the handler keeps that method and supplies
+    preprocess -> inference -> postprocess) and the handler's metrics. tests/test_metrics.py checks
+    the values through a real Prometheus."""
     reply = post(server, encode(chelsea), headers={"Content-Type": "application/octet-stream"})
     assert reply.status_code == 200
+    url = f"http://127.0.0.1:{server.ports['metrics']}/metrics"
     deadline = time.monotonic() + 10
-    while len(handler_times()) == before and time.monotonic() < deadline:
+    while True:
+        text = requests.get(url, timeout=10).text
+        handler_time = re.search(r'^HandlerTime\{ModelName="sam-fast",.*\} (\S+)$', text, re.M)
+        if handler_time or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    times = handler_times()
-    assert len(times) == before + 1, log.read_text()[-2000:]
-    assert times[-1] > 0
+    assert handler_time and float(handler_time.group(1)) > 0, text[-2000:]
+    assert "# TYPE sam_stage_seconds histogram" in text
+    assert re.search(r'^sam_answers_total\{ModelName="sam-fast",.*status="200".*\} [1-9]', text, re.M)
