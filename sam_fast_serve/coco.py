@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import tifffile
 from PIL import Image
+
+from .tiff import is_tiff
 
 CATEGORY_ID = 1
 CATEGORIES = [{"id": CATEGORY_ID, "name": "object", "supercategory": "object"}]
@@ -83,9 +86,17 @@ def mask_size(payload: Any) -> tuple[int, int] | None:
 
 
 def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) of the image file at `path` as the server sees it: read from the header
-    alone, swapped when the EXIF orientation turns the picture a quarter. Raises OSError when PIL
-    cannot read the header."""
+    """(width, height) of the image file at `path` as the server sees it with its defaults, from
+    the header alone: page 0 of a TIFF; otherwise swapped when the EXIF orientation turns the
+    picture a quarter. Raises OSError when the header cannot be read."""
+    with open(path, "rb") as f:
+        if is_tiff(f.read(4)):
+            try:
+                with tifffile.TiffFile(path) as tif:
+                    page = tif.pages.first
+                    return page.imagewidth, page.imagelength
+            except (tifffile.TiffFileError, IndexError, ValueError) as exc:
+                raise OSError(f"cannot read the TIFF header: {exc}") from exc
     with Image.open(path) as image:
         width, height = image.size
         orientation = image.getexif().get(_EXIF_ORIENTATION)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .checkpoints import MODEL_TYPES, official_for_model_type
 from .errors import ConfigError, InvalidOption
+from .intensity import DEFAULT_PERCENTILES, INTENSITY_MODES
 
 Check = Callable[[Any], "str | None"]
 
@@ -64,6 +65,16 @@ def _store(v: Any) -> str | None:
     return f"must be 'memory' or a Redis URL (redis://host:port/db, rediss://...), got {v!r}"
 
 
+def _channels(v: Any) -> str | None:
+    if v is None or (
+        isinstance(v, (list, tuple))
+        and len(v) in (1, 3)
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1024 for c in v)
+    ):
+        return None
+    return f"must be a list of one or three channel numbers (from 0), got {v!r}"
+
+
 def _key(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
@@ -87,6 +98,35 @@ class AmgSettings:
 
 
 @dataclass(frozen=True)
+class ImageSettings:
+    """How an image file becomes the 8-bit RGB that SAM sees (imaging.py): a config or a request may
+    set each key."""
+
+    intensity: str = _key("auto", _one_of(INTENSITY_MODES))
+    percentile_low: float = _key(DEFAULT_PERCENTILES[0], _float_in(0.0, 100.0))
+    percentile_high: float = _key(DEFAULT_PERCENTILES[1], _float_in(0.0, 100.0))
+    # The page (TIFF IFD) to segment; an image file of one page has only page 0.
+    page: int = _key(0, _int_in(0, 1_000_000))
+    # One channel (shown as gray) or three (as R, G, B); None: gray as gray, RGB(A) as RGB, any
+    # other count its first channel as gray.
+    channels: tuple[int, ...] | None = _key(None, _channels)
+
+    def __post_init__(self) -> None:
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(self.channels))
+
+    @property
+    def percentiles(self) -> tuple[float, float]:
+        return self.percentile_low, self.percentile_high
+
+    def problem(self) -> str | None:
+        """What is wrong with the keys taken together, if anything."""
+        if self.percentile_low >= self.percentile_high:
+            return f"percentile_low ({self.percentile_low}) must be below percentile_high ({self.percentile_high})"
+        return None
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything the mask service needs to load a model and answer requests."""
 
@@ -107,6 +147,7 @@ class ServiceConfig:
     # Seconds a Redis entry lives.
     embedding_ttl_s: int = _key(3600, _int_in(1, 30 * 24 * 3600))
     amg: AmgSettings = field(default_factory=AmgSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
 
     @property
     def checkpoint_file(self) -> str:
@@ -119,6 +160,7 @@ def _rules(cls: type) -> dict[str, Check]:
 
 
 AMG_RULES: dict[str, Check] = _rules(AmgSettings)
+IMAGE_RULES: dict[str, Check] = _rules(ImageSettings)
 SERVICE_RULES: dict[str, Check] = _rules(ServiceConfig)
 
 
@@ -143,9 +185,12 @@ def load_service_config(handler_section: Mapping[str, Any] | None) -> ServiceCon
     Raises ConfigError naming the first unknown key or bad value.
     """
     section = dict(handler_section or {})
-    _check_keys(section, {**SERVICE_RULES, **AMG_RULES}, ConfigError, "handler")
+    _check_keys(section, {**SERVICE_RULES, **AMG_RULES, **IMAGE_RULES}, ConfigError, "handler")
     amg = AmgSettings(**{k: section.pop(k) for k in list(section) if k in AMG_RULES})
-    return ServiceConfig(amg=amg, **section)
+    image = ImageSettings(**{k: section.pop(k) for k in list(section) if k in IMAGE_RULES})
+    if image.problem():
+        raise ConfigError(f"handler keys: {image.problem()}")
+    return ServiceConfig(amg=amg, image=image, **section)
 
 
 def apply_request_options(amg: AmgSettings, options: Mapping[str, Any]) -> AmgSettings:
@@ -155,3 +200,15 @@ def apply_request_options(amg: AmgSettings, options: Mapping[str, Any]) -> AmgSe
     """
     _check_keys(options, AMG_RULES, InvalidOption, "request option")
     return dataclasses.replace(amg, **options)
+
+
+def apply_image_options(image: ImageSettings, options: Mapping[str, Any]) -> ImageSettings:
+    """The image settings for one request: `image` with the request's options applied.
+
+    Raises InvalidOption (HTTP 422) naming an unknown option, a value out of range, or a bad pair.
+    """
+    _check_keys(options, IMAGE_RULES, InvalidOption, "request option")
+    settings = dataclasses.replace(image, **options)
+    if settings.problem():
+        raise InvalidOption(f"request options: {settings.problem()}")
+    return settings

@@ -1,8 +1,9 @@
 """Image bytes in, an 8-bit RGB array out, or a clear error.
 
-The header is read first (PIL reads only the header on open) so an image over the pixel limit or a
-decompression bomb is refused before its pixels are allocated. OpenCV then decodes to BGR, applying
-the EXIF orientation, and the result is converted to the RGB that SAM expects.
+The header is read first so an image over the pixel limit or a decompression bomb is refused before
+its pixels are allocated. TIFF files are read by tifffile (tiff.py: any sample type, page and channel
+count); the other formats by OpenCV (PIL reads their header), applying the EXIF orientation. The
+samples then become the 8-bit RGB that SAM expects: the chosen channels, mapped by `intensity`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from .intensity import linear_16_to_8
+from .config import ImageSettings
+from .errors import BadRequest, InvalidOption, PayloadTooLarge, UnsupportedMediaType
+from .intensity import rgb_for_sam
+from .tiff import TIFF_MAGIC, read_tiff
 
 # Magic numbers of the formats we decode; anything else is a 415 before any decoder sees it.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
+    *((magic, "TIFF") for magic in TIFF_MAGIC),
     (b"BM", "BMP"),
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
@@ -71,27 +73,10 @@ def _check_complete(data: bytes, fmt: str) -> None:
         raise BadRequest("the PNG is truncated (no IEND chunk); upload the whole file")
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.uint16:
-        return linear_16_to_8(image)
-    if image.dtype in (np.float32, np.float64):
-        return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise UnsupportedMediaType(f"images with {image.dtype} samples are not supported; use 8- or 16-bit integer images")
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode image file bytes to an RGB array.
-
-    Returns an (H, W, 3) uint8 array in RGB order with EXIF orientation applied. Grayscale, RGBA
-    (alpha dropped), palette and 16-bit images all come out as 8-bit RGB. Raises BadRequest (empty,
-    corrupt or truncated), UnsupportedMediaType (not a supported format) or PayloadTooLarge (over
-    `max_pixels`, or a decompression bomb).
-    """
-    if not data:
-        raise BadRequest("the request has no image: the body is empty")
-    fmt = sniff_format(data)
+def _decode_other(data: bytes, fmt: str, settings: ImageSettings, max_pixels: int) -> np.ndarray:
+    """A single-page image (not TIFF) as RGB samples (H, W, 3) of its own depth."""
+    if settings.page != 0:
+        raise InvalidOption(f"page {settings.page} does not exist: a {fmt} image has 1 page, page 0")
     read_size(data, max_pixels)
     _check_complete(data, fmt)
     try:
@@ -100,4 +85,24 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         bgr = None
     if bgr is None or bgr.size == 0:
         raise BadRequest(f"the {fmt} image is corrupt and cannot be decoded")
-    return cv2.cvtColor(_to_uint8(bgr), cv2.COLOR_BGR2RGB)
+    return bgr[:, :, ::-1]
+
+
+def decode_image(data: bytes, max_pixels: int, settings: ImageSettings | None = None) -> np.ndarray:
+    """Decode image file bytes to the RGB array SAM sees.
+
+    Returns an (H, W, 3) uint8 array in RGB order (EXIF orientation applied, except in TIFF files):
+    the page and channels `settings` choose, mapped to 8 bits by its `intensity`. Raises BadRequest
+    (empty, corrupt or truncated), UnsupportedMediaType (not a supported format, sample type or
+    layout), PayloadTooLarge (over `max_pixels`, too many pages, or a decompression bomb) or
+    InvalidOption (no such page or channel).
+    """
+    settings = settings or ImageSettings()
+    if not data:
+        raise BadRequest("the request has no image: the body is empty")
+    fmt = sniff_format(data)
+    if fmt == "TIFF":
+        samples = read_tiff(data, settings.page, max_pixels)
+    else:
+        samples = _decode_other(data, fmt, settings, max_pixels)
+    return rgb_for_sam(samples, settings.channels, settings.intensity, settings.percentiles)

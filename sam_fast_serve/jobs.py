@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import AmgSettings, ServiceConfig, apply_request_options
+from .config import IMAGE_RULES, AmgSettings, ServiceConfig, apply_image_options, apply_request_options
 from .embeddings import is_pixel_key, pixel_key
 from .errors import BadRequest, InvalidOption
 from .imaging import decode_image
@@ -42,12 +42,17 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     request = parse_request(fields)
     options = dict(request.options)
     image_id = options.pop("image_id", None)
+    image_options = {key: options.pop(key) for key in list(options) if key in IMAGE_RULES}
     prompt_fields = split_prompt_fields(options)
     as_json = wants_json(headers)
     image = None
     if request.image is not None:
-        image = decode_image(request.image, config.max_image_pixels)
+        image = decode_image(request.image, config.max_image_pixels, apply_image_options(config.image, image_options))
         image_id = pixel_key(image)
+    elif image_options:
+        raise InvalidOption(
+            f"{', '.join(map(repr, sorted(image_options)))} apply to an image sent, not to an 'image_id'"
+        )
     elif not isinstance(image_id, str) or not is_pixel_key(image_id):
         # Checked before any store sees it: an id is also (part of) a Redis key.
         raise BadRequest("'image_id' must be the string an earlier response returned (32 hex digits)")

@@ -11,21 +11,26 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 from pycocotools import mask as mask_utils
 
-from .intensity import linear_16_to_8
+from .intensity import rgb_for_sam
+from .tiff import is_tiff, read_tiff
 
 FOREGROUND, BACKGROUND, BOX = (0, 255, 0), (255, 0, 0), (255, 255, 0)
 POINT_RADIUS, BOX_WIDTH = 6, 2
-_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The overlay only needs the picture back: no pixel limit beyond what the server accepted.
+_ANY_SIZE = 1 << 62
 
 
 def _rgb(data: bytes) -> Image.Image:
-    """Image file bytes -> 8-bit RGB image as the server decodes them: EXIF orientation applied,
-    16-bit samples scaled linearly (65535 -> 255), alpha dropped."""
+    """Image file bytes -> 8-bit RGB image as the server decodes them with its default settings:
+    page 0, default channels, `auto` intensity, EXIF orientation applied (not in TIFF files)."""
+    if is_tiff(data):
+        return Image.fromarray(rgb_for_sam(read_tiff(data, 0, _ANY_SIZE)))
     with Image.open(io.BytesIO(data)) as opened:
         image = ImageOps.exif_transpose(opened)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # PIL's own conversion clips 16-bit values at 255, which would paint the photo white.
-        image = Image.fromarray(linear_16_to_8(np.asarray(image)))
+    if image.mode in _WIDE_MODES:
+        # PIL's own conversion clips wide samples at 255, which would paint the photo white.
+        return Image.fromarray(rgb_for_sam(np.asarray(image)[:, :, None]))
     return image.convert("RGB")
 
 

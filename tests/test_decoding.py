@@ -11,8 +11,10 @@ import pytest
 from conftest import encode, png_claiming
 from PIL import Image
 
+from sam_fast_serve.config import ImageSettings
 from sam_fast_serve.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from sam_fast_serve.imaging import decode_image
+from sam_fast_serve.intensity import to_uint8
 from sam_fast_serve.payload import parse_request
 
 LIMIT = 50_000_000
@@ -44,11 +46,14 @@ def test_grayscale_rgba_palette_become_rgb(astronaut):
 
 
 def test_16_bit_becomes_8_bit(astronaut):
+    """`linear` keeps the full 16-bit range (65535 -> 255); the default `auto` stretches by percentile."""
     wide = astronaut.astype(np.uint16) * 257
     ok, png = cv2.imencode(".png", cv2.cvtColor(wide, cv2.COLOR_RGB2BGR))
-    assert np.array_equal(decode_image(png.tobytes(), LIMIT), astronaut)
+    linear = ImageSettings(intensity="linear")
+    assert np.array_equal(decode_image(png.tobytes(), LIMIT, linear), astronaut)
+    assert np.array_equal(decode_image(png.tobytes(), LIMIT), to_uint8(wide, "percentile"))
     ok, tiff = cv2.imencode(".tif", wide[..., 1])
-    decoded = decode_image(tiff.tobytes(), LIMIT)
+    decoded = decode_image(tiff.tobytes(), LIMIT, linear)
     assert np.array_equal(decoded[..., 0], astronaut[..., 1])
 
 
