@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tifffile
 import yaml
 from local_server import REPO, TorchServe
 from PIL import Image
@@ -66,6 +67,22 @@ def png_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096))
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + pixels + _png_chunk(b"IEND", b"")
+
+
+def tiff(samples: np.ndarray, **options: Any) -> bytes:
+    """TIFF file bytes of `samples`, written by tifffile with `options` (photometric, compression, ...)."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, samples, **options)
+    return buffer.getvalue()
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A small TIFF whose first page's header claims width x height (tifffile writes both as LONG)."""
+    data = bytearray(tiff(np.zeros((4, 4), np.uint8)))
+    for tag, value in ((256, width), (257, height)):
+        at = data.index(struct.pack("<HHI", tag, 4, 1)) + 8
+        data[at : at + 4] = struct.pack("<I", value)
+    return bytes(data)
 
 
 def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import base64
 import json
 import re
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from conftest import encode, run_client, running_server
+from conftest import encode, run_client, running_server, tiff, tiff_claiming
 from local_server import REPO, free_port
 from pycocotools import mask as mask_utils
 
+from sam_fast_serve.intensity import rgb_for_sam
 from sam_fast_serve.wire import decode_pickled, is_annotation_list
 
 MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
@@ -253,3 +256,69 @@ def test_metrics_port_speaks_prometheus_with_handler_time(server, chelsea):
     assert handler_time and float(handler_time.group(1)) > 0, text[-2000:]
     assert "# TYPE sam_stage_seconds histogram" in text
     assert re.search(r'^sam_answers_total\{ModelName="sam-fast",.*status="200".*\} [1-9]', text, re.M)
+
+
+def _answer(server, image: bytes, **options) -> requests.Response:
+    body = json.dumps({"image": base64.b64encode(image).decode(), **options})
+    return post(server, body, headers={"Content-Type": "application/json", "Accept": "application/json"})
+
+
+def test_scientific_tiffs_segment_as_the_8_bit_images_they_become(server, chelsea):
+    """12-bit-in-16 (auto: percentile stretch), float32 with NaNs, a 3-page stack, 5 channels and an
+    LZW-compressed file, each answered as the 8-bit PNG of what the service makes of it; hostile
+    TIFFs are 4xx and the worker goes on."""
+    gray = chelsea.mean(axis=2).astype(np.uint8)
+    pids = server.worker_pids()
+    twelve = (gray.astype(np.uint16) * 16 + 7).astype(np.uint16)
+    floats = gray.astype(np.float32) / 255
+    floats[::7, ::5] = np.nan
+    stack = np.stack([gray, 255 - gray, gray // 2])
+    planes = np.stack([gray, 255 - gray, gray // 2, gray // 3, gray // 4], axis=-1)
+    cases = [
+        (tiff(twelve), {}, rgb_for_sam(twelve[:, :, None])),
+        (tiff(twelve, compression="lzw"), {}, rgb_for_sam(twelve[:, :, None])),
+        (tiff(floats), {"intensity": "minmax"}, rgb_for_sam(floats[:, :, None], mode="minmax")),
+        (tiff(stack, photometric="minisblack"), {"page": 2}, rgb_for_sam(stack[2][:, :, None])),
+        (tiff(planes, photometric="minisblack"), {}, rgb_for_sam(planes[:, :, :1])),
+        (tiff(planes, photometric="minisblack"), {"channels": [4, 1, 2]}, planes[:, :, [4, 1, 2]]),
+    ]
+    for data, options, as_8_bit in cases:
+        reply = _answer(server, data, **options)
+        assert reply.status_code == 200, (options, reply.text[:300])
+        assert reply.json() == _answer(server, encode(np.ascontiguousarray(as_8_bit))).json(), options
+        check_annotations(reply.json(), *gray.shape)
+    missing_page = _answer(server, tiff(stack, photometric="minisblack"), page=3)
+    assert missing_page.status_code == 422 and "the TIFF has 3 page(s)" in missing_page.json()["message"]
+    missing_channel = _answer(server, tiff(planes, photometric="minisblack"), channels=[5])
+    assert missing_channel.status_code == 422 and "5 channel(s)" in missing_channel.json()["message"]
+    bad_offset = bytearray(tiff(twelve))
+    bad_offset[4:8] = struct.pack("<I", 10**9)
+    for body, status in (
+        (tiff_claiming(10**6, 10**6), 413),
+        (bytes(bad_offset), 400),
+        (tiff(np.zeros((8, 8), np.complex64)), 415),
+    ):
+        reply = post(server, body, headers={"Content-Type": "application/octet-stream"})
+        assert reply.status_code == status, reply.text[:300]
+        assert reply.json()["message"]
+    assert server.worker_pids() == pids
+    assert post(server, tiff(twelve), headers={"Content-Type": "application/octet-stream"}).status_code == 200
+
+
+def test_client_coco_records_the_size_of_scientific_tiffs(server, tmp_path, chelsea):
+    gray = chelsea.mean(axis=2).astype(np.uint8)[:200, :320]
+    files = {
+        "twelve.tif": tiff((gray.astype(np.uint16) * 16).astype(np.uint16)),
+        "float.tiff": tiff(gray.astype(np.float32) / 255),
+        "five.tif": tiff(np.stack([gray] * 5, axis=-1), photometric="minisblack", compression="zlib"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    run = run_client(tmp_path, "--out", tmp_path / "out", "--coco", tmp_path / "coco.json", server=server)
+    assert run.returncode == 0, run.stdout + run.stderr
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert {image["file_name"]: (image["width"], image["height"]) for image in coco["images"]} == {
+        name: (320, 200) for name in files
+    }
+    for name in files:
+        assert (tmp_path / "out" / f"{Path(name).stem}.overlay.png").stat().st_size > 1000

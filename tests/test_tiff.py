@@ -3,12 +3,11 @@ pages, many channels, compressions, hostile headers) and the intensity mapping t
 
 from __future__ import annotations
 
-import io
 import struct
 
 import numpy as np
 import pytest
-import tifffile
+from conftest import tiff, tiff_claiming
 
 from sam_fast_serve.config import ImageSettings, load_service_config
 from sam_fast_serve.errors import BadRequest, ConfigError, InvalidOption, PayloadTooLarge, UnsupportedMediaType
@@ -17,13 +16,6 @@ from sam_fast_serve.intensity import rgb_for_sam, to_uint8
 from sam_fast_serve.tiff import MAX_PAGES
 
 LIMIT = 50_000_000
-
-
-def tiff(samples: np.ndarray, **options) -> bytes:
-    """TIFF file bytes of `samples`, written by tifffile with `options` (photometric, compression, ...)."""
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, samples, **options)
-    return buffer.getvalue()
 
 
 def twelve_bit(gray: np.ndarray) -> np.ndarray:
@@ -146,16 +138,8 @@ def test_jpeg_in_tiff(astronaut):
 
 
 def test_huge_declared_size_is_refused_before_decoding():
-    data = bytearray(tiff(np.zeros((4, 4), np.uint8)))
-    # The first IFD's ImageWidth/ImageLength (tags 256/257, SHORT): claim 60000 x 60000.
-    offset = struct.unpack("<I", data[4:8])[0]
-    for entry in range(struct.unpack("<H", data[offset : offset + 2])[0]):
-        at = offset + 2 + 12 * entry
-        tag, kind = struct.unpack("<HH", data[at : at + 4])
-        if tag in (256, 257):
-            data[at + 8 : at + 12] = struct.pack("<H" if kind == 3 else "<I", 60000).ljust(4, b"\0")
     with pytest.raises(PayloadTooLarge, match="60000x60000"):
-        decode_image(bytes(data), LIMIT)
+        decode_image(tiff_claiming(60000, 60000), LIMIT)
 
 
 def test_too_many_pages_is_refused():
@@ -186,3 +170,11 @@ def test_settings_are_checked_in_config_and_request():
     with pytest.raises(ConfigError, match="intensity"):
         load_service_config({"intensity": "gamma"})
     assert load_service_config({"intensity": "minmax", "channels": [2]}).image.channels == (2,)
+
+
+def test_client_reads_the_size_of_a_tiff_as_the_server_sees_it(tmp_path):
+    from sam_fast_serve.coco import header_size
+
+    path = tmp_path / "five.tif"
+    path.write_bytes(tiff(np.zeros((5, 30, 40), np.uint16), photometric="minisblack", planarconfig="separate"))
+    assert header_size(path) == (40, 30)
