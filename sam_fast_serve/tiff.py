@@ -36,6 +36,8 @@ def _page_count(tif: tifffile.TiffFile) -> int:
 def _checked_page(page: tifffile.TiffPage, max_pixels: int) -> None:
     """Refuse a page whose header says it is too large or laid out in a way we do not read."""
     height, width, samples = page.imagelength, page.imagewidth, page.samplesperpixel
+    if not all(type(value) is int for value in (height, width, samples, page.imagedepth)):
+        raise BadRequest("the TIFF page's size tags are malformed; the file is corrupt")
     if height <= 0 or width <= 0:
         raise BadRequest(f"the TIFF page is {width}x{height} pixels; it must not be empty")
     if height * width > max_pixels:

@@ -4,7 +4,7 @@ an RGB image or one of the documented errors, never an unhandled exception."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import encode
+from conftest import encode, tiff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage import data
@@ -16,6 +16,14 @@ from sam_fast_serve.payload import parse_request
 SEEDS = [
     encode(data.chelsea()[:64, :64], fmt, **params)
     for fmt, params in (("PNG", {}), ("JPEG", {"quality": 80}), ("WEBP", {}), ("TIFF", {}), ("BMP", {}), ("GIF", {}))
+]
+_GRAY = data.chelsea()[:48, :48, 1]
+# Scientific TIFFs as tifffile writes them: their headers and codecs are fuzzed too.
+SEEDS += [
+    tiff(_GRAY.astype(np.uint16) * 16, compression="lzw"),
+    tiff(_GRAY.astype(np.float32) / 255, compression="zlib"),
+    tiff(np.stack([_GRAY] * 5), photometric="minisblack", planarconfig="separate", compression="packbits"),
+    tiff(np.stack([_GRAY] * 3), photometric="minisblack"),
 ]
 DOCUMENTED = {400, 413, 415}
 
