@@ -279,8 +279,12 @@ def test_scientific_tiffs_segment_as_the_8_bit_images_they_become(server, chelse
         (tiff(twelve, compression="lzw"), {}, rgb_for_sam(twelve[:, :, None])),
         (tiff(floats), {"intensity": "minmax"}, rgb_for_sam(floats[:, :, None], mode="minmax")),
         (tiff(stack, photometric="minisblack"), {"page": 2}, rgb_for_sam(stack[2][:, :, None])),
-        (tiff(planes, photometric="minisblack"), {}, rgb_for_sam(planes[:, :, :1])),
-        (tiff(planes, photometric="minisblack"), {"channels": [4, 1, 2]}, planes[:, :, [4, 1, 2]]),
+        (tiff(planes, photometric="minisblack", planarconfig="contig"), {}, rgb_for_sam(planes[:, :, :1])),
+        (
+            tiff(planes, photometric="minisblack", planarconfig="contig"),
+            {"channels": [4, 1, 2]},
+            planes[:, :, [4, 1, 2]],
+        ),
     ]
     for data, options, as_8_bit in cases:
         reply = _answer(server, data, **options)
@@ -289,7 +293,7 @@ def test_scientific_tiffs_segment_as_the_8_bit_images_they_become(server, chelse
         check_annotations(reply.json(), *gray.shape)
     missing_page = _answer(server, tiff(stack, photometric="minisblack"), page=3)
     assert missing_page.status_code == 422 and "the TIFF has 3 page(s)" in missing_page.json()["message"]
-    missing_channel = _answer(server, tiff(planes, photometric="minisblack"), channels=[5])
+    missing_channel = _answer(server, tiff(planes, photometric="minisblack", planarconfig="contig"), channels=[5])
     assert missing_channel.status_code == 422 and "5 channel(s)" in missing_channel.json()["message"]
     bad_offset = bytearray(tiff(twelve))
     bad_offset[4:8] = struct.pack("<I", 10**9)
@@ -310,7 +314,9 @@ def test_client_coco_records_the_size_of_scientific_tiffs(server, tmp_path, chel
     files = {
         "twelve.tif": tiff((gray.astype(np.uint16) * 16).astype(np.uint16)),
         "float.tiff": tiff(gray.astype(np.float32) / 255),
-        "five.tif": tiff(np.stack([gray] * 5, axis=-1), photometric="minisblack", compression="zlib"),
+        "five.tif": tiff(
+            np.stack([gray] * 5, axis=-1), photometric="minisblack", planarconfig="contig", compression="zlib"
+        ),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
