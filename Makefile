@@ -8,8 +8,9 @@ MODEL_CONFIG ?= model-config.yaml
 SAM_CHECKPOINT ?= checkpoints/$(shell $(BIN)/sam-fast-serve checkpoint-name --config $(MODEL_CONFIG) 2>/dev/null)
 IMAGES       ?= out/samples
 
-# The real services tests start on 127.0.0.1 (Debian packages; each command is its package's name).
-TEST_SERVICES := redis-server prometheus
+# The real services tests start on 127.0.0.1 (Debian packages): the embedding store, metrics, and
+# the balancer (nginx with its JavaScript module, which swaps the shared token for each replica's key).
+TEST_PACKAGES := redis-server prometheus nginx libnginx-mod-http-js
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test-services test lint archive serve stop demo smoke download samples bench
@@ -18,7 +19,8 @@ install:
 	bash install_segment_anything_fast.sh
 
 test-services:
-	@missing=""; for bin in $(TEST_SERVICES); do command -v $$bin >/dev/null || missing="$$missing $$bin"; done; \
+	@missing=""; for pkg in $(TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (Debian packages the tests run)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends$$missing >/dev/null; fi
 

@@ -4,6 +4,7 @@ the checkpoint under the file name the config names, and the config; stamped wit
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -113,5 +114,8 @@ def build_archive(
                 "-f",
             ],
             check=True,
+            # The archiver stages files in $TMPDIR/<model-name>: two builds of one model name at once
+            # (CI beside a developer, two replicas' archives) would share it without a TMPDIR of their own.
+            env={**os.environ, "TMPDIR": staging_dir},
         )  # fmt: skip
     return export_path / f"{model_name}.tar.gz"

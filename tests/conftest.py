@@ -23,6 +23,7 @@ from skimage import data
 
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.cli import save_random_checkpoint
+from sam_fast_serve.endpoint import MODEL_NAME
 
 # Every mask is kept (random weights give no mask above the default thresholds), on a small grid.
 KEEP_ALL = {
@@ -93,17 +94,26 @@ def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def running_server(workdir: Path, checkpoint: Path, **overrides) -> Iterator[TorchServe]:
-    """TorchServe from a real archive of `checkpoint` with the smoke config plus `overrides`
-    (top-level TorchServe keys, or `handler` keys given as handler={...}); stopped in every case."""
+def smoke_archive(workdir: Path, checkpoint: Path, model_name: str = MODEL_NAME, **overrides: Any) -> Path:
+    """A real archive in workdir/model_store of `checkpoint` with the smoke config plus `overrides`
+    (top-level TorchServe keys, or `handler` keys given as handler={...})."""
     config = yaml.safe_load((REPO / "tests" / "smoke-config.yaml").read_text())
     config["handler"].update(overrides.pop("handler", {}))
     config.update(overrides)
-    (workdir / "model-config.yaml").write_text(yaml.safe_dump(config))
-    archive = build_archive(
-        REPO / "custom_handler.py", checkpoint, workdir / "model-config.yaml", workdir / "model_store"
+    (workdir / f"{model_name}-config.yaml").write_text(yaml.safe_dump(config))
+    return build_archive(
+        REPO / "custom_handler.py",
+        checkpoint,
+        workdir / f"{model_name}-config.yaml",
+        workdir / "model_store",
+        model_name,
     )
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, checkpoint: Path, **overrides: Any) -> Iterator[TorchServe]:
+    """TorchServe serving a smoke_archive (see there for `overrides`); stopped in every case."""
+    archive = smoke_archive(workdir, checkpoint, **overrides)
     server = TorchServe(workdir, archive.parent, archive.name)
     server.start()
     try:

@@ -3,6 +3,7 @@ a real archive with the repo's config.properties (ports swapped for free ones), 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -28,9 +29,13 @@ def free_port() -> int:
 
 
 class TorchServe:
-    """TorchServe with the repo's config.properties (ports swapped for free ones) in `workdir`."""
+    """TorchServe with the repo's config.properties (ports swapped for free ones) in `workdir`,
+    serving `models` ({name: archive file name} in `model_store`; a str is the archive of MODEL_NAME).
+    Its gRPC listeners and worker sockets get free numbers too, so several can run side by side."""
 
-    def __init__(self, workdir: Path, model_store: Path, archive_name: str, extra_properties: str = "") -> None:
+    def __init__(
+        self, workdir: Path, model_store: Path, models: str | dict[str, str], extra_properties: str = ""
+    ) -> None:
         self.workdir = workdir
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         properties = (REPO / "config.properties").read_text()
@@ -42,9 +47,12 @@ class TorchServe:
                 flags=re.M,
             )
         properties = re.sub(r"^model_store=.*$", f"model_store={model_store}", properties, flags=re.M)
+        # Worker sockets are /tmp/.ts.sock.<port>: a free TCP port number is a name no other server here uses.
+        properties += f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
+        properties += f"initial_worker_port={free_port()}\n"
         self.config = workdir / "config.properties"
         self.config.write_text(properties + extra_properties)
-        self.archive_name = archive_name
+        self.models = {MODEL_NAME: models} if isinstance(models, str) else models
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,8 +74,24 @@ class TorchServe:
         return {"Authorization": f"Bearer {self.token(api)}"}
 
     def start(self, timeout: float = 300) -> float:
-        """Start and wait until the model is READY; returns the seconds that took."""
-        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
+        """Start and wait until every model is READY; returns the seconds that took."""
+        self.launch()
+        try:
+            return max(wait_until_ready(self.management_url, name, self.key_file, timeout) for name in self.models)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def launch(self) -> None:
+        """Start the frontend (it loads the models in the background)."""
+        # The launcher keeps its pid file in $TMPDIR and refuses to start while another is listed there.
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        env = dict(
+            os.environ,
+            LOG_LOCATION=str(self.workdir / "logs"),
+            METRICS_LOCATION=str(self.workdir / "logs"),
+            TMPDIR=str(self.workdir / "tmp"),
+        )
         self.process = subprocess.Popen(
             [
                 str(BIN / "torchserve"),
@@ -76,8 +100,7 @@ class TorchServe:
                 "--ncs",
                 "--ts-config",
                 str(self.config),
-                "--models",
-                f"{MODEL_NAME}={self.archive_name}",
+                *(["--models", *(f"{name}={archive}" for name, archive in self.models.items())] if self.models else []),
             ],
             cwd=self.workdir,
             env=env,
@@ -85,11 +108,6 @@ class TorchServe:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        try:
-            return wait_until_ready(self.management_url, MODEL_NAME, self.key_file, timeout)
-        except TimeoutError:
-            self.stop()
-            raise
 
     def worker_pids(self):
         reply = requests.get(f"{self.management_url}/models/{MODEL_NAME}", headers=self.auth("management"), timeout=10)
@@ -123,6 +141,9 @@ class LocalService:
     """A Debian package's server on a free loopback port in `workdir`; stop() and start() again keep
     the port, as a restarted server would. Subclasses say how to run it and when it is ready."""
 
+    # How stop() ends it: Redis is killed, as a crash would; nginx must tell its workers to go.
+    stop_signal = signal.SIGKILL
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
@@ -151,8 +172,12 @@ class LocalService:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=30)
+            self.process.send_signal(self.stop_signal)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
             self.process = None
 
 
@@ -180,6 +205,8 @@ class RedisServer(LocalService):
 class Prometheus(LocalService):
     """Debian's prometheus, scraping `targets` (host:port) every second; `query` asks its HTTP API."""
 
+    stop_signal = signal.SIGTERM
+
     def __init__(self, workdir: Path, targets: list[str]) -> None:
         super().__init__(workdir)
         self.config = workdir / "prometheus.yml"
@@ -203,3 +230,46 @@ class Prometheus(LocalService):
         body = reply.json()
         assert reply.status_code == 200 and body["status"] == "success", (expression, body)
         return body["data"]["result"]
+
+
+class Balancer(LocalService):
+    """Debian's nginx running deploy/nginx/balancer.conf in `workdir`: its ports swapped for free
+    ones, its two replicas pointed at `replicas` (one TorchServe given twice: a single replica), its
+    paths at `workdir` and the repo's files; clients send `token`."""
+
+    stop_signal = signal.SIGTERM
+
+    def __init__(self, workdir: Path, replicas: list[TorchServe], token: str) -> None:
+        super().__init__(workdir)
+        assert len(replicas) == 2
+        (workdir / "token").write_text(token + "\n")
+        self.log = workdir / "balancer.log"
+        swaps = {
+            "user sam-fast;": f"user {getpass.getuser()};",
+            "/run/sam-fast-balancer.pid": str(workdir / "nginx.pid"),
+            "/var/log/nginx/sam-fast-balancer.log": str(self.log),
+            "js_path /etc/sam-fast;": f"js_path {REPO / 'deploy' / 'kubernetes'};",
+            "/etc/sam-fast/replica.conf": str(REPO / "deploy" / "nginx" / "replica.conf"),
+            "/etc/sam-fast/token": str(workdir / "token"),
+            "127.0.0.1:8000;": f"127.0.0.1:{self.port};",
+        }
+        for n, replica in enumerate(replicas, start=1):
+            swaps[f"127.0.0.1:910{n}"] = f"127.0.0.1:{free_port()}"  # the upstream entry and its server
+            swaps[f"http://127.0.0.1:{8080 + 10 * (n - 1)};"] = f"{replica.inference_url};"
+            swaps[f"/srv/sam-fast/replica-{n}/key_file.json"] = str(replica.key_file)
+        conf = (REPO / "deploy" / "nginx" / "balancer.conf").read_text()
+        for old, new in swaps.items():
+            assert old in conf, old
+            conf = conf.replace(old, new)
+        self.config = workdir / "balancer.conf"
+        self.config.write_text(conf)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return ["nginx", "-p", str(self.workdir), "-c", str(self.config), "-e", "stderr", "-g", "daemon off;"]
+
+    def ready(self) -> bool:
+        return requests.get(f"{self.url}/balancer-health", timeout=2).status_code == 200

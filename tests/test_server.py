@@ -8,6 +8,7 @@ import re
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_shipped_config_binds_loopback_and_keeps_token_auth():
     for api in ("inference", "management", "metrics"):
         assert re.search(rf"^{api}_address=http://127\.0\.0\.1:\d+$", properties, re.M), api
     assert not re.search(r"^disable_token_authorization\s*=\s*true", properties, re.M)
+
+
+def test_keys_outlive_a_long_running_server(server):
+    """TorchServe expires its keys after token_expiration_min (default 60 minutes: a server would
+    refuse everything after an hour); the shipped config makes them last ten years."""
+    keys = json.loads(server.key_file.read_text())
+    a_year = datetime.now(timezone.utc) + timedelta(days=365)
+    for api in ("inference", "management"):
+        expires = datetime.fromisoformat(keys[api]["expiration time"].replace("Z", "+00:00"))
+        assert expires > a_year, (api, expires)
 
 
 def test_request_without_token_is_refused(server, astronaut):
