@@ -34,9 +34,15 @@ class TorchServe:
     Its gRPC listeners and worker sockets get free numbers too, so several can run side by side."""
 
     def __init__(
-        self, workdir: Path, model_store: Path, models: str | dict[str, str], extra_properties: str = ""
+        self,
+        workdir: Path,
+        model_store: Path,
+        models: str | dict[str, str],
+        extra_properties: str = "",
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.environment = environment or {}
         self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
         properties = (REPO / "config.properties").read_text()
         for api, port in self.ports.items():
@@ -91,6 +97,7 @@ class TorchServe:
             LOG_LOCATION=str(self.workdir / "logs"),
             METRICS_LOCATION=str(self.workdir / "logs"),
             TMPDIR=str(self.workdir / "tmp"),
+            **self.environment,
         )
         self.process = subprocess.Popen(
             [

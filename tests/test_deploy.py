@@ -653,3 +653,12 @@ def test_dockerignore_keeps_local_state_out() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     for entry in (".venv", "logs", "model_store/*", "checkpoints", "out", ".pytest_cache", "key_file.json", "*.pth"):
         assert entry in ignored, entry
+
+
+def test_pod_config_keeps_every_setting_of_the_shipped_config() -> None:
+    """The in-pod config.properties differs from the repo's only where a pod must: its listeners
+    (0.0.0.0) and model store path."""
+    shipped = parse_properties((REPO / "config.properties").read_text())
+    pod = parse_properties((KUBE / "config.properties").read_text())
+    differ = set(LISTENERS.values()) | {"model_store"}
+    assert {k: v for k, v in shipped.items() if k not in differ} == {k: v for k, v in pod.items() if k not in differ}

@@ -1,0 +1,124 @@
+"""Throughput as replicas grow: 1 and 2 TorchServe instances behind the shipped nginx balancer
+(deploy/nginx/balancer.conf), each worker given its share of the cores, under sam-fast-client at
+volume through the balancer.
+
+    python -m benchmarks.bench_replicas                  # 16 images, concurrency 8, default thresholds
+    python -m benchmarks.bench_replicas --images 32 --keep-all
+
+Each instance is a real TorchServe from an archive of a random-weight vit_b with the repo's
+model-config.yaml (batchSize 4, one worker), embedding cache off (every image is encoded), its torch
+threads set by OMP_NUM_THREADS to cores / instances so that instances do not fight over the cores.
+One instance is put behind the balancer as both of its replicas. Latency is the client's own per-image
+time (request sent to answer read), p50 and p95 over the images. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import yaml
+
+from benchmarks.bench_client import make_images
+from benchmarks.bench_engine import SETTINGS
+from sam_fast_serve.archive import build_archive
+from sam_fast_serve.cli import save_random_checkpoint
+from tests.local_server import REPO, Balancer, TorchServe
+
+CLIENT = Path(sys.executable).parent / "sam-fast-client"
+LATENCY = re.compile(r": \d+ masks, ([\d.]+) s,")
+
+
+def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
+    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    config["handler"].update(sam_checkpoint=checkpoint.name, embedding_cache_bytes=0)
+    if keep_all:
+        config["handler"].update(SETTINGS["keep-all"])
+    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
+
+
+def run(work: Path, tgz: Path, instances: int, images: Path, concurrency: int) -> tuple[float, list[float]]:
+    """Wall seconds of one client run through the balancer, and each image's latency."""
+    threads = max(1, (os.cpu_count() or 1) // instances)
+    work.mkdir()
+    servers = []
+    for n in range(instances):
+        (work / f"replica-{n}").mkdir()
+        servers.append(
+            TorchServe(work / f"replica-{n}", tgz.parent, tgz.name, environment={"OMP_NUM_THREADS": str(threads)})
+        )
+    token = secrets.token_urlsafe(24)
+    (work / "balancer").mkdir()
+    balancer = Balancer(work / "balancer", (servers * 2)[:2], token)
+    try:
+        for server in servers:
+            server.start()
+        balancer.start()
+        # One image per instance first, so that no timed request pays for a worker's first call.
+        warm = (images / "image0000.png").read_bytes()
+        for server in servers:
+            url = f"{server.inference_url}/predictions/sam-fast"
+            requests.post(url, data=warm, headers=server.auth(), timeout=900).raise_for_status()
+        started = time.perf_counter()
+        done = subprocess.run(
+            [str(CLIENT), str(images), "--url", balancer.url, f"--token={token}", "--out", str(work / "out"),
+             "--concurrency", str(concurrency), "--progress", "never", "--no-overlay"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        wall = time.perf_counter() - started
+    finally:
+        balancer.stop()
+        for server in servers:
+            server.stop()
+    return wall, [float(m) for m in LATENCY.findall(done.stdout)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--instances", default="1,2", help="comma-separated; the first is the baseline")
+    parser.add_argument("--keep-all", action="store_true", help="thresholds 0 and NMS off")
+    parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
+    checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
+    make_images(work / "images", args.images)
+    tgz = archive(work, checkpoint, args.keep_all)
+    cores = os.cpu_count() or 1
+    setting = "keep-all" if args.keep_all else "default thresholds (random weights keep no mask: a lower bound)"
+    print(
+        f"# bench_replicas: {args.images} images 512x512, sam-fast-client --concurrency {args.concurrency} through "
+        f"the nginx balancer; each instance one worker, batchSize 4, {setting}; {cores} cores\n"
+    )
+    print(
+        "| instances | threads per worker | images | wall s | images/s | p50 s | p95 s | vs "
+        + args.instances.split(",")[0]
+        + " |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    baseline = None
+    for instances in map(int, args.instances.split(",")):
+        wall, latencies = run(work / f"x{instances}", tgz, instances, work / "images", args.concurrency)
+        rate = args.images / wall
+        baseline = baseline or rate
+        p50, p95 = np.percentile(latencies, [50, 95])
+        print(
+            f"| {instances} | {max(1, cores // instances)} | {len(latencies)} | {wall:.1f} | {rate:.3f} | {p50:.1f} | "
+            f"{p95:.1f} | {rate / baseline:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
