@@ -3,11 +3,12 @@
 volume through the balancer.
 
     python -m benchmarks.bench_replicas                  # 16 images, concurrency 8, default thresholds
-    python -m benchmarks.bench_replicas --images 32 --keep-all
+    python -m benchmarks.bench_replicas --images 32 --keep-all --runs 1:2,2:1
 
 Each instance is a real TorchServe from an archive of a random-weight vit_b with the repo's
 model-config.yaml (batchSize 4, one worker), embedding cache off (every image is encoded), its torch
-threads set by OMP_NUM_THREADS to cores / instances so that instances do not fight over the cores.
+threads set by OMP_NUM_THREADS: by default cores / instances, so that instances do not fight over the
+cores, and once more with every instance on all cores, to show what that fight costs.
 One instance is put behind the balancer as both of its replicas. Latency is the client's own per-image
 time (request sent to answer read), p50 and p95 over the images. Prints markdown tables.
 """
@@ -47,9 +48,11 @@ def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
     return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
 
 
-def run(work: Path, tgz: Path, instances: int, images: Path, concurrency: int) -> tuple[float, list[float]]:
-    """Wall seconds of one client run through the balancer, and each image's latency."""
-    threads = max(1, (os.cpu_count() or 1) // instances)
+def run(
+    work: Path, tgz: Path, instances: int, threads: int, images: Path, concurrency: int
+) -> tuple[float, list[float], int]:
+    """Wall seconds of one client run through the balancer, each answered image's latency, and the
+    number of images that failed (failures.jsonl)."""
     work.mkdir()
     servers = []
     for n in range(instances):
@@ -73,21 +76,28 @@ def run(work: Path, tgz: Path, instances: int, images: Path, concurrency: int) -
         done = subprocess.run(
             [str(CLIENT), str(images), "--url", balancer.url, f"--token={token}", "--out", str(work / "out"),
              "--concurrency", str(concurrency), "--progress", "never", "--no-overlay"],
-            check=True, capture_output=True, text=True,
+            capture_output=True, text=True,
         )  # fmt: skip
         wall = time.perf_counter() - started
+        failures = work / "out" / "failures.jsonl"
+        failed = len(failures.read_text().splitlines()) if failures.exists() else 0
     finally:
         balancer.stop()
         for server in servers:
             server.stop()
-    return wall, [float(m) for m in LATENCY.findall(done.stdout)]
+    return wall, [float(m) for m in LATENCY.findall(done.stdout)], failed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--instances", default="1,2", help="comma-separated; the first is the baseline")
+    cores = os.cpu_count() or 1
+    parser.add_argument(
+        "--runs",
+        default=f"1:{cores},2:{max(1, cores // 2)},2:{cores}",
+        help="instances:threads per worker, comma-separated; the first is the baseline",
+    )
     parser.add_argument("--keep-all", action="store_true", help="thresholds 0 and NMS off")
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     args = parser.parse_args()
@@ -95,26 +105,24 @@ def main() -> None:
     checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
     make_images(work / "images", args.images)
     tgz = archive(work, checkpoint, args.keep_all)
-    cores = os.cpu_count() or 1
     setting = "keep-all" if args.keep_all else "default thresholds (random weights keep no mask: a lower bound)"
     print(
         f"# bench_replicas: {args.images} images 512x512, sam-fast-client --concurrency {args.concurrency} through "
         f"the nginx balancer; each instance one worker, batchSize 4, {setting}; {cores} cores\n"
     )
-    print(
-        "| instances | threads per worker | images | wall s | images/s | p50 s | p95 s | vs "
-        + args.instances.split(",")[0]
-        + " |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| instances | threads per worker | images | failed | wall s | images/s | p50 s | p95 s | vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|")
     baseline = None
-    for instances in map(int, args.instances.split(",")):
-        wall, latencies = run(work / f"x{instances}", tgz, instances, work / "images", args.concurrency)
-        rate = args.images / wall
+    for spec in args.runs.split(","):
+        instances, threads = map(int, spec.split(":"))
+        wall, latencies, failed = run(
+            work / spec.replace(":", "x"), tgz, instances, threads, work / "images", args.concurrency
+        )
+        rate = len(latencies) / wall
         baseline = baseline or rate
         p50, p95 = np.percentile(latencies, [50, 95])
         print(
-            f"| {instances} | {max(1, cores // instances)} | {len(latencies)} | {wall:.1f} | {rate:.3f} | {p50:.1f} | "
+            f"| {instances} | {threads} | {len(latencies)} | {failed} | {wall:.1f} | {rate:.3f} | {p50:.1f} | "
             f"{p95:.1f} | {rate / baseline:.2f}x |",
             flush=True,
         )

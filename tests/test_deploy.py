@@ -662,3 +662,10 @@ def test_pod_config_keeps_every_setting_of_the_shipped_config() -> None:
     pod = parse_properties((KUBE / "config.properties").read_text())
     differ = set(LISTENERS.values()) | {"model_store"}
     assert {k: v for k, v in shipped.items() if k not in differ} == {k: v for k, v in pod.items() if k not in differ}
+
+
+def test_image_tag_is_the_package_version() -> None:
+    from sam_fast_serve import __version__
+
+    kustomization = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    assert [image["newTag"] for image in kustomization["images"]] == [__version__]
