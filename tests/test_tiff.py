@@ -178,3 +178,12 @@ def test_client_reads_the_size_of_a_tiff_as_the_server_sees_it(tmp_path):
     path = tmp_path / "five.tif"
     path.write_bytes(tiff(np.zeros((5, 30, 40), np.uint16), photometric="minisblack", planarconfig="separate"))
     assert header_size(path) == (40, 30)
+
+
+def test_client_reports_a_broken_tiff_header_as_unreadable(tmp_path):
+    from sam_fast_serve.coco import header_size
+
+    path = tmp_path / "broken.tif"
+    path.write_bytes(b"II*\x00" + b"\xff" * 12)
+    with pytest.raises(OSError, match="TIFF header"):
+        header_size(path)
