@@ -58,16 +58,21 @@ def make_images(folder: Path, count: int) -> None:
         (folder / f"image{i:04d}.png").write_bytes(png(rolled))
 
 
-def start_server(work: Path, checkpoint: Path, keep_all: bool) -> TorchServe:
-    """TorchServe with the repo's model-config.yaml, `checkpoint`, no embedding cache, and
-    keep-all thresholds if asked; READY on return."""
+def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
+    """An archive of `checkpoint` with the repo's model-config.yaml, no embedding cache, and
+    keep-all thresholds if asked."""
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config["handler"].update(sam_checkpoint=checkpoint.name, embedding_cache_bytes=0)
     if keep_all:
         config["handler"].update(SETTINGS["keep-all"])
     (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    archive = build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
-    server = TorchServe(work, archive.parent, archive.name)
+    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
+
+
+def start_server(work: Path, checkpoint: Path, keep_all: bool) -> TorchServe:
+    """TorchServe serving `archive(...)`; READY on return."""
+    tgz = archive(work, checkpoint, keep_all)
+    server = TorchServe(work, tgz.parent, tgz.name)
     server.start()
     return server
 

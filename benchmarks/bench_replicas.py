@@ -27,25 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import yaml
 
-from benchmarks.bench_client import make_images
-from benchmarks.bench_engine import SETTINGS
-from sam_fast_serve.archive import build_archive
+from benchmarks.bench_client import archive, make_images
 from sam_fast_serve.cli import save_random_checkpoint
-from tests.local_server import REPO, Balancer, TorchServe
+from tests.local_server import Balancer, TorchServe
 
 CLIENT = Path(sys.executable).parent / "sam-fast-client"
 LATENCY = re.compile(r": \d+ masks, ([\d.]+) s,")
-
-
-def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
-    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-    config["handler"].update(sam_checkpoint=checkpoint.name, embedding_cache_bytes=0)
-    if keep_all:
-        config["handler"].update(SETTINGS["keep-all"])
-    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
 
 
 def run(

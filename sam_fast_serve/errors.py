@@ -82,3 +82,14 @@ class ServiceUnavailable(ServiceError):
 
     status = 503
     kind = "store_unavailable"
+
+
+def check_image_size(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an empty image (BadRequest) or one over `max_pixels` (PayloadTooLarge), from its header."""
+    if width <= 0 or height <= 0:
+        raise BadRequest(f"the image is {width}x{height} pixels; it must not be empty")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {max_pixels} pixels (handler key max_image_pixels)"
+        )

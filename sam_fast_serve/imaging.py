@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ImageSettings
-from .errors import BadRequest, InvalidOption, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, InvalidOption, PayloadTooLarge, UnsupportedMediaType, check_image_size
 from .intensity import rgb_for_sam
 from .tiff import TIFF_MAGIC, read_tiff
 
@@ -53,13 +53,7 @@ def read_size(data: bytes, max_pixels: int) -> tuple[int, int]:
         raise PayloadTooLarge(f"image refused as a decompression bomb: {exc}") from exc
     except Exception as exc:  # PIL raises many types for a broken header
         raise BadRequest(f"the image header cannot be read ({exc}); the file is corrupt") from exc
-    if width <= 0 or height <= 0:
-        raise BadRequest(f"the image is {width}x{height} pixels; it must not be empty")
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"the image is {width}x{height} = {width * height} pixels; "
-            f"the limit is {max_pixels} pixels (handler key max_image_pixels)"
-        )
+    check_image_size(width, height, max_pixels)
     return width, height
 
 

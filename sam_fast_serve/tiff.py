@@ -10,7 +10,7 @@ import io
 import numpy as np
 import tifffile
 
-from .errors import BadRequest, InvalidOption, PayloadTooLarge, UnsupportedMediaType
+from .errors import BadRequest, InvalidOption, PayloadTooLarge, UnsupportedMediaType, check_image_size
 from .intensity import linear_16_to_8
 
 # Classic TIFF and BigTIFF, little- and big-endian.
@@ -38,13 +38,7 @@ def _checked_page(page: tifffile.TiffPage, max_pixels: int) -> None:
     height, width, samples = page.imagelength, page.imagewidth, page.samplesperpixel
     if not all(type(value) is int for value in (height, width, samples, page.imagedepth)):
         raise BadRequest("the TIFF page's size tags are malformed; the file is corrupt")
-    if height <= 0 or width <= 0:
-        raise BadRequest(f"the TIFF page is {width}x{height} pixels; it must not be empty")
-    if height * width > max_pixels:
-        raise PayloadTooLarge(
-            f"the image is {width}x{height} = {width * height} pixels; "
-            f"the limit is {max_pixels} pixels (handler key max_image_pixels)"
-        )
+    check_image_size(width, height, max_pixels)
     dtype = page.dtype
     if dtype is None or dtype.kind not in "uif":
         raise UnsupportedMediaType(
