@@ -90,13 +90,15 @@ class TorchServe:
 
     def launch(self) -> None:
         """Start the frontend (it loads the models in the background)."""
-        # The launcher keeps its pid file in $TMPDIR and refuses to start while another is listed there.
+        # The launcher keeps its pid file in $TMPDIR and refuses to start while another is listed there;
+        # $TEMP becomes java.io.tmpdir, where the frontend unpacks every archive and never removes it.
         (self.workdir / "tmp").mkdir(exist_ok=True)
         env = dict(
             os.environ,
             LOG_LOCATION=str(self.workdir / "logs"),
             METRICS_LOCATION=str(self.workdir / "logs"),
             TMPDIR=str(self.workdir / "tmp"),
+            TEMP=str(self.workdir / "tmp"),
             **self.environment,
         )
         self.process = subprocess.Popen(

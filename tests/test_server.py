@@ -72,6 +72,13 @@ def test_keys_outlive_a_long_running_server(server):
         assert expires > a_year, (api, expires)
 
 
+def test_archive_is_unpacked_in_the_servers_own_temp_folder(server):
+    """TorchServe unpacks each archive under java.io.tmpdir and never removes it; the test servers
+    point that at their own folder, which pytest's cleanup takes (in /tmp it grew to 47 GB)."""
+    unpacked = list((server.workdir / "tmp" / "models").glob("*/custom_handler.py"))
+    assert len(unpacked) == 1, unpacked
+
+
 def test_request_without_token_is_refused(server, astronaut):
     reply = requests.post(f"{server.inference_url}/predictions/sam-fast", data=encode(astronaut), timeout=60)
     # TorchServe 0.12 answers a missing or wrong token with 400 "Token Authorization failed".
