@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from benchmarks.bench_engine import SETTINGS
+from benchmarks.bench_engine import KEEP_ALL
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.client import DEFAULT_CONCURRENCY
@@ -64,7 +64,7 @@ def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
     config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     config["handler"].update(sam_checkpoint=checkpoint.name, embedding_cache_bytes=0)
     if keep_all:
-        config["handler"].update(SETTINGS["keep-all"])
+        config["handler"].update(KEEP_ALL)
     (work / "model-config.yaml").write_text(yaml.safe_dump(config))
     return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
 

@@ -1,19 +1,24 @@
 """Automatic mask generation, side by side in one run: reference vs this engine.
 
-    python benchmarks/bench_engine.py                 # engine mode (one process)
-    python benchmarks/bench_engine.py --server        # whole requests through a real TorchServe
-    python benchmarks/bench_engine.py --load          # model load time, torch.compile off / cold / warm
+    python -m benchmarks.bench_engine                 # engine mode: the kept-share sweep (one process)
+    python -m benchmarks.bench_engine --server        # whole requests through a real TorchServe
+    python -m benchmarks.bench_engine --load          # model load time, torch.compile off / cold / warm
 
 Engine mode, on the same photos and the same random-weight vit_b checkpoint: (a) the reference
 segment_anything.SamAutomaticMaskGenerator in fp32, (b) this engine at its defaults (dtype auto),
-(b') this engine in fp32, (c) the pytorch-labs library if it is importable. Two settings: the
-default thresholds, and keep-all (thresholds 0, NMS off: every mask goes through post-processing).
-Stage times come from wrapping the stage functions of each pipeline for the run; "post" is the rest
-(upsampling, stability, boxes, NMS, records). Mask agreement pairs masks one to one with (a).
+(b') this engine in fp32, (c) the pytorch-labs library if it is importable. One table per kept
+share (benchmarks/shares.py: `pred_iou_thresh` at the quantile of each image's predicted IoUs that
+lets that share of its 3 x points (point, mask) pairs through, stability filter off, NMS on), the
+reference only at the shares of --reference-shares. Stage times come from wrapping the stage
+functions of each pipeline for the run; "post" is the rest (stability, boxes, NMS, records). Mask
+agreement pairs masks one to one with (a).
 
 Server mode starts TorchServe from a real archive of the same checkpoint with the repo's
-model-config.yaml (batchSize 1, then 4), and times sequential and concurrent requests, the worker's
-peak RSS, and the cold and warm start to READY.
+model-config.yaml. First, its overhead: at each of --server-shares (and at 100% once more with
+`max_masks` raised to every pair of the grid), a fresh start, then the same JSON request twice (the
+first after READY, then the second) against the same request answered by the same `MaskService`
+in this process (decode, engine, wire; embedding cache off in both). Then throughput with batchSize
+1 and 4: sequential and concurrent requests, the worker's peak RSS, the cold and warm start to READY.
 
 Load mode times, in fresh processes, what a worker does before it is ready (imports, model build,
 weights, warm-up) with `compile` off, then on with an empty inductor cache, then on with the
@@ -23,6 +28,7 @@ cache the previous run left, and the first two images after that.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import gc
 import json
@@ -46,6 +52,7 @@ from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from skimage import data as sample_images
 
 from benchmarks.measure import PeakRss, gemm_peaks, peak_for
+from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
 from sam_fast_serve import automatic as engine_module
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
@@ -56,11 +63,9 @@ from sam_fast_serve.wire import encode_pickled
 from tests.agreement import match_masks
 from tests.local_server import REPO
 
-SETTINGS = {
-    "default": {},
-    "keep-all": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0},
-}
-STAGES = ("encoder", "decoder", "rle")
+# Thresholds 0 and NMS off: every mask of the grid goes through post-processing and the wire.
+KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+STAGES = ("encoder", "decoder", "upsample", "rle")
 
 
 @contextlib.contextmanager
@@ -87,6 +92,7 @@ def reference_stages(generator: ReferenceGenerator, totals: dict[str, float]) ->
     stack = contextlib.ExitStack()
     stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
     stack.enter_context(timed(totals, "decoder", sam.mask_decoder, "forward"))
+    stack.enter_context(timed(totals, "upsample", sam, "postprocess_masks"))
     stack.enter_context(timed(totals, "rle", reference_module, "mask_to_rle_pytorch"))
     stack.enter_context(timed(totals, "rle", reference_module, "coco_encode_rle"))
     return stack
@@ -99,25 +105,30 @@ def engine_stages(generator: SamAutomaticMaskGenerator, totals: dict[str, float]
     stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
     for attr in ("prepare_image", "run_transformer", "mask_logits"):
         stack.enter_context(timed(totals, "decoder", decoder, attr))
-    stack.enter_context(timed(totals, "rle", engine_module.mask_utils, "encode"))
+    stack.enter_context(timed(totals, "upsample", sam, "postprocess_masks"))
+    stack.enter_context(timed(totals, "rle", engine_module, "encode_masks"))
     return stack
 
 
 def run_variant(
     name: str,
-    make: Callable[[], Any],
+    make: Callable[[dict[str, Any]], Any],
     stages: Callable[[Any, dict[str, float]], contextlib.ExitStack],
     images: list[np.ndarray],
+    settings: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    generator = make()
+    """Time `make(settings[i]).generate(images[i])` for every image, by stage; then the wire encoding."""
     totals: dict[str, float] = defaultdict(float)
     outputs = []
+    total = 0.0
     gc.collect()
-    with PeakRss() as rss, stages(generator, totals):
-        started = time.perf_counter()
-        for image in images:
-            outputs.append(generator.generate(image))
-        total = time.perf_counter() - started
+    with PeakRss() as rss:
+        for image, kwargs in zip(images, settings, strict=True):
+            generator = make(kwargs)
+            with stages(generator, totals):
+                started = time.perf_counter()
+                outputs.append(generator.generate(image))
+                total += time.perf_counter() - started
     wire_started = time.perf_counter()
     bodies = [encode_pickled(anns) for anns in outputs]
     totals["wire"] = time.perf_counter() - wire_started
@@ -151,20 +162,34 @@ def agreement(reference: dict[str, Any], row: dict[str, Any]) -> str:
     )
 
 
-def print_table(setting: str, rows: list[dict[str, Any]]) -> None:
-    reference = rows[0]
-    print(f"\n### {setting}: seconds per image (vit_b, {len(reference['outputs'])} images)\n")
+def print_table(title: str, rows: list[dict[str, Any]], reference: dict[str, Any] | None) -> None:
+    print(f"\n### {title}: seconds per image (vit_b, {len(rows[0]['outputs'])} images)\n")
     print(
-        "| variant | total | encoder | decoder | post | rle | wire | peak RSS | masks | response bytes | speedup | agreement with (a) |"
+        "| variant | total | encoder | decoder | upsample | post | rle | wire | peak RSS | masks | response bytes "
+        "| speedup | agreement with (a) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        speedup = f"{reference['total'] / row['total']:.1f}x" if reference else "-"
+        agrees = "-" if reference is None or row is reference else agreement(reference, row)
         print(
-            f"| {row['name']} | {row['total']:.2f} | {row['encoder']:.2f} | {row['decoder']:.2f} | {row['post']:.2f} "
-            f"| {row['rle']:.2f} | {row['wire']:.3f} | {row['rss'] / 2**30:.2f} GiB | {row['masks']:.0f} "
-            f"| {row['bytes']:,.0f} | {reference['total'] / row['total']:.1f}x | "
-            f"{'-' if row is reference else agreement(reference, row)} |"
+            f"| {row['name']} | {row['total']:.2f} | {row['encoder']:.2f} | {row['decoder']:.2f} "
+            f"| {row['upsample']:.2f} | {row['post']:.2f} | {row['rle']:.2f} | {row['wire']:.3f} "
+            f"| {row['rss'] / 2**30:.2f} GiB | {row['masks']:.0f} | {row['bytes']:,.0f} | {speedup} | {agrees} |"
         )
+
+
+def print_sweep(sweep: dict[float, dict[str, dict[str, Any]]]) -> None:
+    """One line per kept share: total seconds per image of each variant, and speed-ups over (a)."""
+    names = list(dict.fromkeys(name for rows in sweep.values() for name in rows))
+    reference, engines = names[0], names[1:]
+    print("\n### Summary: seconds per image by kept share\n")
+    print("| kept | " + " | ".join(names) + " | " + " | ".join(f"{n.split(')')[0]}) vs (a)" for n in engines) + " |")
+    print("|---" * (1 + len(names) + len(engines)) + "|")
+    for share, rows in sweep.items():
+        cells = [f"{rows[n]['total']:.2f}" if n in rows else "-" for n in names]
+        ratios = [f"{rows[reference]['total'] / rows[n]['total']:.1f}x" if reference in rows else "-" for n in engines]
+        print(f"| {share:.0%} | " + " | ".join(cells + ratios) + " |")
 
 
 def flops(fn: Callable[[], Any]) -> int:
@@ -240,32 +265,99 @@ def engine_mode(args: argparse.Namespace) -> None:
         print("(c) pytorch-labs segment_anything_fast is importable but not wired into this benchmark")
     except ImportError:
         print("(c) pytorch-labs segment_anything_fast: not importable here (not on PyPI); row omitted")
-    last_rows: dict[str, dict[str, Any]] = {}
-    for setting in args.settings.split(","):
-        kwargs = {"points_per_side": args.points_per_side, "output_mode": "coco_rle", **SETTINGS[setting]}
-        rows = []
-        if not args.skip_reference:
-            rows.append(
-                run_variant(
-                    "(a) reference fp32", lambda: ReferenceGenerator(reference_sam, **kwargs), reference_stages, images
+    ious = [predicted_ious(reference_sam, image, args.points_per_side) for image in images]
+    base = {"points_per_side": args.points_per_side, "output_mode": "coco_rle"}
+    variants: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
+        ("(a) reference fp32", lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
+        (
+            f"(b) engine defaults ({dtype_name})",
+            lambda kw: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kw),
+            engine_stages,
+        ),
+        ("(b') engine fp32", lambda kw: SamAutomaticMaskGenerator(fp32_sam, **kw), engine_stages),
+    ]
+    reference_shares = {float(s) for s in args.reference_shares.split(",")}
+    sweep: dict[float, dict[str, dict[str, Any]]] = {}
+    for share in map(float, args.shares.split(",")):
+        settings = [{**base, **share_settings(i, share)} for i in ious]
+        kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
+        rows = [
+            run_variant(name, make, stages, images, settings)
+            for name, make, stages in variants
+            if share in reference_shares or not name.startswith("(a)")
+        ]
+        reference = rows[0] if rows[0]["name"].startswith("(a)") else None
+        print_table(f"{share:.0%} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", rows, reference)
+        sweep[share] = {row["name"]: row for row in rows}
+    print_sweep(sweep)
+    if 1.0 in sweep and "(a) reference fp32" in sweep[1.0]:
+        hardware_report(reference_sam, sweep[1.0], args.points_per_side**2)
+
+
+def repo_archive(checkpoint: Path, work: Path, batch_size: int | None = None, **handler: Any) -> Path:
+    """An archive of `checkpoint` with the repo's model-config.yaml, `batch_size` and `handler` keys changed."""
+    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    if batch_size is not None:
+        config["batchSize"] = batch_size
+    config["handler"].update(sam_checkpoint=checkpoint.name, **handler)
+    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
+
+
+def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray, png: bytes) -> None:
+    """A whole request through TorchServe against the same request handled in this process."""
+    import requests
+
+    from sam_fast_serve.service import MaskService
+    from sam_fast_serve.wire import decode_pickled
+    from tests.local_server import TorchServe
+
+    ious = predicted_ious(sam_model_fast_registry["vit_b"](str(checkpoint)), image, args.points_per_side)
+    all_pairs = 3 * args.points_per_side**2
+    shares = [float(share) for share in args.server_shares.split(",")]
+    print(
+        "\n| kept | max_masks | masks | response bytes | TorchServe, first request after READY | second request "
+        "| in process, second | TorchServe / in process | first / second |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cap, cap_shares in ((None, shares), (all_pairs, [1.0])):
+        work = Path(tempfile.mkdtemp())
+        extra = {"embedding_cache_bytes": 0, "points_per_side": args.points_per_side}
+        if cap is not None:
+            extra["max_masks"] = cap
+        archive = repo_archive(checkpoint, work, **extra)
+        section = yaml.safe_load((work / "model-config.yaml").read_text())["handler"]
+        service = MaskService.load(section, checkpoint.parent, gpu_id=None)
+        server = TorchServe(work, archive.parent, archive.name)
+        try:
+            for share in cap_shares:
+                document = {"image": base64.b64encode(png).decode(), **share_settings(ious, share)}
+                server.start()
+                url = f"{server.inference_url}/predictions/sam-fast"
+
+                def over_http() -> tuple[float, bytes]:
+                    started = time.perf_counter()
+                    reply = requests.post(url, json=document, headers=server.auth(), timeout=900)
+                    reply.raise_for_status()
+                    return time.perf_counter() - started, reply.content
+
+                (first, body), (second, _) = over_http(), over_http()
+                server.stop()
+                in_process = []
+                for _ in range(2):
+                    started = time.perf_counter()
+                    (reply,) = service.handle([({"body": document}, {})])
+                    in_process.append(time.perf_counter() - started)
+                    assert reply.status == 200, reply.body
+                masks = len(decode_pickled(body))
+                print(
+                    f"| {share:.0%} | {service.config.max_masks} "
+                    f"| {masks} | {len(body):,} | {first:.2f} s | {second:.2f} s | {in_process[1]:.2f} s "
+                    f"| {second / in_process[1]:.3f} | {first / second:.3f} |",
+                    flush=True,
                 )
-            )
-        rows.append(
-            run_variant(
-                f"(b) engine defaults ({dtype_name})",
-                lambda: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kwargs),
-                engine_stages,
-                images,
-            )
-        )
-        rows.append(
-            run_variant(
-                "(b') engine fp32", lambda: SamAutomaticMaskGenerator(fp32_sam, **kwargs), engine_stages, images
-            )
-        )
-        print_table(setting, rows)
-        last_rows = {row["name"]: row for row in rows}
-    hardware_report(reference_sam, last_rows, args.points_per_side**2)
+        finally:
+            server.stop()
 
 
 def server_mode(args: argparse.Namespace) -> None:
@@ -278,9 +370,15 @@ def server_mode(args: argparse.Namespace) -> None:
     for name in args.images.split(","):
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(getattr(sample_images, name)(), cv2.COLOR_RGB2BGR))
         png[name] = encoded.tobytes()
+    first = args.images.split(",")[0]
     print(
-        f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, images {args.images}"
+        f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, "
+        f"{args.points_per_side}x{args.points_per_side} points; overhead on {first}"
     )
+    overhead_table(args, checkpoint, getattr(sample_images, first)(), png[first])
+    if not args.batch_sizes:
+        return
+    print(f"\nThroughput, default thresholds, images {args.images}:")
     print(
         "\n| batchSize | cold start to READY | warm restart to READY | sequential s/request | "
         f"{args.concurrency} clients: requests/s | p50 latency | worker peak RSS | response bytes |"
@@ -288,13 +386,7 @@ def server_mode(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for batch_size in map(int, args.batch_sizes.split(",")):
         work = Path(tempfile.mkdtemp())
-        config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-        config["batchSize"] = batch_size
-        config["handler"]["sam_checkpoint"] = checkpoint.name
-        (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-        archive = build_archive(
-            REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store"
-        )
+        archive = repo_archive(checkpoint, work, batch_size)
         server = TorchServe(work, archive.parent, archive.name)
         cold = server.start()
         try:
@@ -380,9 +472,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     parser.add_argument("--images", default="astronaut,chelsea")
     parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--settings", default="default,keep-all")
-    parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--shares", default=",".join(map(str, SHARES)), help="kept shares to sweep, 0 to 1")
+    parser.add_argument("--reference-shares", default="0,0.3,1", help="kept shares at which the reference runs too")
+    parser.add_argument("--server-shares", default="0,0.3,1", help="kept shares of the overhead table")
+    parser.add_argument("--batch-sizes", default="1,4", help="of the throughput table; empty: no such table")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
