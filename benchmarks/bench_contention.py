@@ -32,12 +32,14 @@ from typing import Any
 
 import psutil
 
-# name -> (generator kind, environment, torch threads or None for torch's default)
-VARIANTS: dict[str, tuple[str, dict[str, str], int | None]] = {
-    "reference": ("reference", {}, None),
-    "engine": ("engine", {}, None),
-    "engine-passive": ("engine", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
-    "engine-1-thread": ("engine", {}, 1),
+# name -> (generator kind, environment, torch threads or None for torch's default, the decoder's
+# chunk bytes and freed memory kept or None for the engine's own settings)
+VARIANTS: dict[str, tuple[str, dict[str, str], int | None, tuple[int, bool] | None]] = {
+    "reference": ("reference", {}, None, None),
+    "engine": ("engine", {}, None, None),
+    "engine-small-chunks": ("engine", {}, None, (16 << 20, False)),
+    "engine-passive": ("engine", {"OMP_WAIT_POLICY": "PASSIVE"}, None, None),
+    "engine-1-thread": ("engine", {}, 1, None),
 }
 LOADS = ("spin", "twin")
 
@@ -50,11 +52,17 @@ def child(spec: dict[str, Any]) -> None:
     from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
     from skimage import data as sample_images
 
+    from sam_fast_serve import fast_decoder
     from sam_fast_serve.automatic import SamAutomaticMaskGenerator
     from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry
+    from sam_fast_serve.runtime import keep_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    if spec["chunks"] is None:
+        keep_freed_memory()  # as the handler does
+    else:  # the engine as it was before 128 MiB chunks and kept memory
+        fast_decoder._CPU_CHUNK_BYTES = spec["chunks"][0]
     sam = sam_model_fast_registry["vit_b"](spec["checkpoint"])
     settings = {"points_per_side": spec["points_per_side"], "output_mode": "coco_rle", **spec["settings"]}
     if spec["kind"] == "reference":
@@ -153,10 +161,11 @@ def main() -> None:
     )
     print("|---|---|---|---|" + "---|---|---|" * len(loads) + "---|")
     for name in args.variants.split(","):
-        kind, env, threads = VARIANTS[name]
+        kind, env, threads, chunks = VARIANTS[name]
         spec = {
             "kind": kind,
             "threads": threads,
+            "chunks": chunks,
             "checkpoint": str(checkpoint),
             "image": args.image,
             "points_per_side": args.points_per_side,

@@ -1,12 +1,16 @@
 """Image encoder benchmark: segment_anything's vit_b encoder vs `accelerate_image_encoder`.
 
-    .venv/bin/python benchmarks/bench_encoder.py [--repeats 3] [--batch 2] [--compile] [--chunk-sweep]
+    .venv/bin/python -m benchmarks.bench_encoder [--repeats 3] [--batch 2] [--compile] [--chunk-sweep]
+        [--int8-layers]
 
 Prints, for one 1024 x 1024 input (random weights, random relative position tables; speed
 does not depend on the values): the encoder's FLOPs, this machine's measured GEMM peak, then
 a table of reference and accelerated variants side by side with seconds per image (best of
 `--repeats`, runs interleaved), speedups, achieved GFLOP/s and fraction of peak, the growth of
-RSS during a call, and the difference to the fp32 reference output.
+RSS during a call, and the difference to the fp32 reference output. The int8 variant
+(`dtype: int8`: bf16 with the linear layers in int8) is there where the CPU has int8 dot
+products; its "x fast16" column is its speed-up over the fast bf16 encoder, and `--int8-layers`
+times each of its linear layers against the bf16 one, activation quantization included.
 
 The "cpu" column is the process's CPU time over wall time x threads for the best run: well
 below 1.0 means another process was competing for the cores and the numbers are not clean.
@@ -36,7 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import PeakRss, gemm_peaks, peak_for
 from sam_fast_serve import fast_encoder
+from sam_fast_serve.build import cpu_has_int8_dot
 from sam_fast_serve.fast_encoder import accelerate_image_encoder
+from sam_fast_serve.quantize import Int8Linear, int8_linear, quantize_activations, quantize_image_encoder
 
 IMAGE_SIZE = 1024
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -83,6 +89,8 @@ def variants(reference: ImageEncoderViT, batch: int) -> list[Variant]:
         Variant("fast bf16 (cast)", fast_bf16, BF16),
         Variant("fast bf16 (autocast)", fast_fp32, BF16, context=autocast_bf16),
     ]
+    if cpu_has_int8_dot():
+        chosen.append(Variant("fast int8 (bf16 + int8)", quantize_image_encoder(copy.deepcopy(fast_bf16)), BF16))
     if batch > 1:
         chosen.append(Variant(f"reference bf16, batch {batch}", reference_bf16, BF16, batch=batch))
         chosen.append(Variant(f"fast bf16, batch {batch}", fast_bf16, BF16, batch=batch))
@@ -134,10 +142,11 @@ def encoder_flops(reference: ImageEncoderViT, image: torch.Tensor) -> dict[str, 
 def print_table(chosen: list[Variant], flops: int, peaks: dict[str, float]) -> None:
     """% peak: the encoder's FLOPs / time over the best GEMM rate of the variant's dtype."""
     reference_fp32, reference_bf16 = chosen[0], chosen[1]
+    fast_bf16 = next(variant for variant in chosen if variant.name == "fast bf16 (cast)")
     expected = reference_fp32.output
     header = (
-        f"{'variant':<28} {'s/image':>8} {'median':>7} {'x ref32':>8} {'x ref16':>8} {'GFLOP/s':>8} "
-        f"{'% peak':>7} {'cpu':>5} {'+RSS MiB':>9} {'max|diff|':>10} {'rel err':>8}"
+        f"{'variant':<28} {'s/image':>8} {'median':>7} {'x ref32':>8} {'x ref16':>8} {'x fast16':>8} "
+        f"{'GFLOP/s':>8} {'% peak':>7} {'cpu':>5} {'+RSS MiB':>9} {'max|diff|':>10} {'rel err':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -151,7 +160,8 @@ def print_table(chosen: list[Variant], flops: int, peaks: dict[str, float]) -> N
         relative = ((variant.output - expected).norm() / expected.norm()).item()
         print(
             f"{variant.name:<28} {best:>8.2f} {median:>7.2f} {min(reference_fp32.seconds) / best:>8.2f} "
-            f"{min(reference_bf16.seconds) / best:>8.2f} {rate:>8.0f} {100 * fraction:>6.0f}% "
+            f"{min(reference_bf16.seconds) / best:>8.2f} {min(fast_bf16.seconds) / best:>8.2f} "
+            f"{rate:>8.0f} {100 * fraction:>6.0f}% "
             f"{utilisation:>5.2f} {variant.rss_growth_mib:>9.0f} {diff:>10.2e} {relative:>8.1e}"
         )
 
@@ -174,6 +184,42 @@ def sweep_chunks(reference: ImageEncoderViT, image: torch.Tensor, repeats: int) 
             print(f"  {chunk_mib:>3} MiB scores: fp32 {cells[0]:.2f} s, bf16 {cells[1]:.2f} s")
     finally:
         fast_encoder._SCORE_CHUNK_BYTES = default
+
+
+@torch.no_grad()
+def time_int8_layers(repeats: int) -> None:
+    """Each vit_b linear layer on its real input shape: bf16 (oneDNN) vs int8, with and without the
+    activations' quantization, median of `repeats` interleaved calls."""
+    print("\nlinear layers, bf16 vs int8 (ms, median; GFLOP/s; int8 with its activation quantization)")
+    torch.manual_seed(0)
+    # qkv sees the windowed blocks' padded 70 x 70 tokens; the others the 64 x 64 image tokens.
+    shapes = {"qkv": ((70, 70), 768, 2304, ""), "proj": ((64, 64), 768, 768, "residual")}
+    shapes |= {"lin1": ((64, 64), 768, 3072, "gelu"), "lin2": ((64, 64), 3072, 768, "residual")}
+    for name, (grid, inputs, outputs, fusion) in shapes.items():
+        layer = torch.nn.Linear(inputs, outputs).to(BF16)
+        quantized = Int8Linear(layer)
+        x = torch.randn(1, *grid, inputs, dtype=BF16)
+        residual = torch.randn(1, *grid, outputs, dtype=BF16) if fusion == "residual" else None
+        calls = {
+            "bf16": partial(fast_encoder._linear, x, layer, gelu=fusion == "gelu", residual=residual),
+            "int8": partial(int8_linear, x, quantized, gelu=fusion == "gelu", residual=residual),
+            "quantize": partial(quantize_activations, x),
+        }
+        seconds: dict[str, list[float]] = {key: [] for key in calls}
+        for round_index in range(repeats + 1):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if round_index:
+                    seconds[key].append(time.perf_counter() - start)
+        ms = {key: 1e3 * sorted(values)[len(values) // 2] for key, values in seconds.items()}
+        gflop = 2 * grid[0] * grid[1] * inputs * outputs / 1e9
+        print(
+            f"  {name:<5} {grid[0] * grid[1]} x {inputs} -> {outputs}: bf16 {ms['bf16']:6.2f} ms "
+            f"({gflop / ms['bf16'] * 1e3:5.0f}); int8 {ms['int8']:6.2f} ms ({gflop / ms['int8'] * 1e3:5.0f}), "
+            f"of which quantizing {ms['quantize']:5.2f} ms; int8 GEMM alone "
+            f"{gflop / (ms['int8'] - ms['quantize']) * 1e3:5.0f} GFLOP/s; x{ms['bf16'] / ms['int8']:.2f}"
+        )
 
 
 def compile_worker(which: str) -> None:
@@ -212,6 +258,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="also time this batch size in bf16; 1: skip")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes)")
     parser.add_argument("--chunk-sweep", action="store_true", help="also sweep the attention chunk size")
+    parser.add_argument("--int8-layers", action="store_true", help="also time each linear layer, bf16 vs int8")
     parser.add_argument("--compile-worker", choices=("reference", "fast"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_worker:
@@ -242,6 +289,8 @@ def main() -> None:
     print_table(chosen, flops, peaks)
     if args.chunk_sweep:
         sweep_chunks(reference, image, args.repeats)
+    if args.int8_layers and cpu_has_int8_dot():
+        time_int8_layers(max(args.repeats, 9))
     if args.compile:
         measure_compile()
 

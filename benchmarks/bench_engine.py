@@ -56,15 +56,18 @@ from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
 from sam_fast_serve import automatic as engine_module
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry
+from sam_fast_serve.build import prepare_model, resolve_dtype, resolve_precision, sam_model_fast_registry
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.fast_decoder import FastMaskDecoder
+from sam_fast_serve.runtime import keep_freed_memory
 from sam_fast_serve.wire import encode_pickled
 from tests.agreement import match_masks
 from tests.local_server import REPO
 
-# Thresholds 0 and NMS off: every mask of the grid goes through post-processing and the wire.
+# Thresholds 0 and NMS off: every mask of the grid goes through post-processing and the wire (with
+# random weights NMS leaves about one mask of the grid, so this is where masks are compared one to one).
 KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+KEEP_ALL_LABEL = "keep-all"
 STAGES = ("encoder", "decoder", "upsample", "rle")
 
 
@@ -179,7 +182,19 @@ def print_table(title: str, rows: list[dict[str, Any]], reference: dict[str, Any
         )
 
 
-def print_sweep(sweep: dict[float, dict[str, dict[str, Any]]]) -> None:
+def sweep_setting(token: str, ious: list[np.ndarray], base: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """(label, table title, each image's generator arguments) for a --shares token: a share from 0 to
+    1 (NMS on), or "all" for KEEP_ALL (every pair through post-processing, NMS off)."""
+    if token == "all":
+        title = f"{KEEP_ALL_LABEL}: thresholds 0, NMS off, every mask to the wire"
+        return KEEP_ALL_LABEL, title, [{**base, **KEEP_ALL} for _ in ious]
+    share = float(token)
+    settings = [{**base, **share_settings(i, share)} for i in ious]
+    kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
+    return f"{share:.0%}", f"{share:.0%} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", settings
+
+
+def print_sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> None:
     """One line per kept share: total seconds per image of each variant, and speed-ups over (a)."""
     names = list(dict.fromkeys(name for rows in sweep.values() for name in rows))
     reference, engines = names[0], names[1:]
@@ -189,7 +204,7 @@ def print_sweep(sweep: dict[float, dict[str, dict[str, Any]]]) -> None:
     for share, rows in sweep.items():
         cells = [f"{rows[n]['total']:.2f}" if n in rows else "-" for n in names]
         ratios = [f"{rows[reference]['total'] / rows[n]['total']:.1f}x" if reference in rows else "-" for n in engines]
-        print(f"| {share:.0%} | " + " | ".join(cells + ratios) + " |")
+        print(f"| {share} | " + " | ".join(cells + ratios) + " |")
 
 
 def flops(fn: Callable[[], Any]) -> int:
@@ -230,7 +245,7 @@ def hardware_report(sam: torch.nn.Module, rows: dict[str, dict[str, Any]], point
         f"{decoder_flops['fast'] / 1e9:.0f} GFLOP ({decoder_flops['reference'] / decoder_flops['fast']:.1f}x fewer)"
     )
     for name, row in rows.items():
-        dtype = torch.bfloat16 if "bf16" in name else torch.float32
+        dtype = torch.bfloat16 if "bf16" in name or "int8" in name else torch.float32
         peak = peak_for(dtype, peaks)
         decoder = decoder_flops["reference" if name.startswith("(a)") else "fast"]
         parts = [
@@ -245,6 +260,7 @@ def hardware_report(sam: torch.nn.Module, rows: dict[str, dict[str, Any]], point
 
 
 def engine_mode(args: argparse.Namespace) -> None:
+    keep_freed_memory()  # as the handler does: for every row, the reference's too
     torch.manual_seed(0)
     checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
     images = [getattr(sample_images, name)() for name in args.images.split(",")]
@@ -276,22 +292,60 @@ def engine_mode(args: argparse.Namespace) -> None:
         ),
         ("(b') engine fp32", lambda kw: SamAutomaticMaskGenerator(fp32_sam, **kw), engine_stages),
     ]
-    reference_shares = {float(s) for s in args.reference_shares.split(",")}
-    sweep: dict[float, dict[str, dict[str, Any]]] = {}
-    for share in map(float, args.shares.split(",")):
-        settings = [{**base, **share_settings(i, share)} for i in ious]
-        kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
+    if args.int8:
+        int8 = resolve_precision("int8", torch.device("cpu"))
+        int8_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), int8)
+        variants.append(
+            (
+                "(b'') engine int8",
+                lambda kw: SamAutomaticMaskGenerator(int8_sam, decoder_dtype=int8.dtype, **kw),
+                engine_stages,
+            )
+        )
+    reference_shares = set(args.reference_shares.split(","))
+    sweep: dict[str, dict[str, dict[str, Any]]] = {}
+    for token in args.shares.split(","):
+        label, title, settings = sweep_setting(token, ious, base)
         rows = [
             run_variant(name, make, stages, images, settings)
             for name, make, stages in variants
-            if share in reference_shares or not name.startswith("(a)")
+            if token in reference_shares or not name.startswith("(a)")
         ]
         reference = rows[0] if rows[0]["name"].startswith("(a)") else None
-        print_table(f"{share:.0%} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", rows, reference)
-        sweep[share] = {row["name"]: row for row in rows}
+        print_table(title, rows, reference)
+        sweep[label] = {row["name"]: row for row in rows}
     print_sweep(sweep)
-    if 1.0 in sweep and "(a) reference fp32" in sweep[1.0]:
-        hardware_report(reference_sam, sweep[1.0], args.points_per_side**2)
+    # The decoder's FLOPs are counted with every mask computed: keep-all.
+    if "(a) reference fp32" in sweep.get(KEEP_ALL_LABEL, {}):
+        hardware_report(reference_sam, sweep[KEEP_ALL_LABEL], args.points_per_side**2)
+    for share in map(float, args.profile.split(",") if args.profile else []):
+        _, make, _ = variants[1]
+        image_profile(
+            f"{variants[1][0]}, {share:.0%} kept", make, images[0], {**base, **share_settings(ious[0], share)}
+        )
+
+
+def image_profile(title: str, make: Callable[[dict[str, Any]], Any], image: np.ndarray, kwargs: dict[str, Any]) -> None:
+    """Where one image's time goes, op by op (torch.profiler, self CPU time), and how much of the
+    wall time no torch op accounts for (Python, the C extensions: pycocotools, NMS bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = make(kwargs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        generator.generate(image)
+        wall = time.perf_counter() - started
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    in_ops = sum(e.self_cpu_time_total for e in ops) / 1e6
+    print(f"\n### Profile: {title} (one image, {wall:.2f} s under the profiler; torch ops {in_ops:.2f} s)\n")
+    print("| op | calls | self s | share of wall | ms per call |")
+    print("|---|---|---|---|---|")
+    for event in ops[:15]:
+        seconds = event.self_cpu_time_total / 1e6
+        print(
+            f"| {event.key} | {event.count} | {seconds:.2f} | {seconds / wall:.0%} | {1e3 * seconds / event.count:.2f} |"
+        )
+    print(f"| outside torch ops | | {wall - in_ops:.2f} | {(wall - in_ops) / wall:.0%} | |")
 
 
 def repo_archive(checkpoint: Path, work: Path, batch_size: int | None = None, **handler: Any) -> Path:
@@ -472,8 +526,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     parser.add_argument("--images", default="astronaut,chelsea")
     parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--shares", default=",".join(map(str, SHARES)), help="kept shares to sweep, 0 to 1")
-    parser.add_argument("--reference-shares", default="0,0.3,1", help="kept shares at which the reference runs too")
+    parser.add_argument(
+        "--shares", default=",".join([*map(str, SHARES), "all"]), help="kept shares to sweep (0 to 1, all = keep-all)"
+    )
+    parser.add_argument("--reference-shares", default="0,0.3,1,all", help="--shares at which the reference runs too")
+    parser.add_argument("--int8", action="store_true", help="add the engine with dtype int8")
+    parser.add_argument("--profile", default="", help="kept shares at which to profile (b) op by op, e.g. 0.3,1")
     parser.add_argument("--server-shares", default="0,0.3,1", help="kept shares of the overhead table")
     parser.add_argument("--batch-sizes", default="1,4", help="of the throughput table; empty: no such table")
     parser.add_argument("--requests", type=int, default=8)

@@ -20,6 +20,9 @@ Check = Callable[[Any], "str | None"]
 
 # Compute dtypes by their torch names; "auto" picks one per device (build.resolve_dtype).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Not a compute dtype: "auto"'s dtype with the image encoder's linear layers in int8 (x86 CPUs with
+# AVX512-VNNI or AMX; build.resolve_precision, quantize.py).
+INT8 = "int8"
 
 
 def _int_in(lo: int, hi: int) -> Check:
@@ -134,7 +137,7 @@ class ServiceConfig:
     # None means the official checkpoint file name of `model_type`.
     sam_checkpoint: str | None = _key(None, _file_name)
     process_batch_size: int = _key(4, _int_in(1, 64))
-    dtype: str = _key("auto", _one_of(("auto", *DTYPE_NAMES)))
+    dtype: str = _key("auto", _one_of(("auto", *DTYPE_NAMES, INT8)))
     compile: bool = _key(False, _boolean)
     max_image_pixels: int = _key(50_000_000, _int_in(1, 1_000_000_000))
     # Masks returned per image at most (the best by predicted IoU): bounds response size.

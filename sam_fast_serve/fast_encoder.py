@@ -23,7 +23,8 @@ Measured on 2 Zen 5 cores (AVX-512 with BF16), vit_b, one 1024 x 1024 image, unc
   (window partition + head split, head merge + window unpartition).
 
 On other devices (CUDA) the attention is instead one `scaled_dot_product_attention` call
-with the relative position bias as an additive mask, and linears are `F.linear`.
+with the relative position bias as an additive mask, and linears are `F.linear`. With
+`dtype: int8` the linears whose weights quantize.py quantized compute in int8 on the CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from torch import Tensor, nn
+
+from .quantize import Int8Linear, int8_linear
 
 # Bytes of scores per attention chunk on CPU. A chunk's scores and their softmax (16 MiB)
 # stay in the L2 + L3 caches of a current server CPU and below glibc's mmap threshold (so
@@ -242,8 +245,13 @@ def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:
 
 
 def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
-    """[residual +] [gelu](layer(x)); at most one of `gelu` and `residual`."""
+    """[residual +] [gelu](layer(x)); at most one of `gelu` and `residual`.
+
+    An `Int8Linear` (`dtype: int8`, quantize.py) computes in int8 wherever oneDNN runs.
+    """
     if _onednn_applies(x, layer.weight):
+        if isinstance(layer, Int8Linear):
+            return int8_linear(x, layer, gelu=gelu, residual=residual)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
         if gelu:

@@ -6,10 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from segment_anything.modeling import Sam
 
-from .build import prepare_model, resolve_dtype, sam_model_fast_registry, select_device
+from .build import Precision, prepare_model, resolve_precision, sam_model_fast_registry, select_device
 from .checkpoints import checkpoint_sha256, resolve_checkpoint
 from .config import ServiceConfig
 from .embeddings import EmbeddingCache
@@ -27,10 +26,10 @@ def load_engines(config: ServiceConfig, model_dir: Path, gpu_id: int | None) -> 
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(model_dir, config.checkpoint_file, config.model_type)
     device = select_device(gpu_id)
-    dtype = resolve_dtype(config.dtype, device)
+    precision = resolve_precision(config.dtype, device)
     sam = sam_model_fast_registry[config.model_type](str(checkpoint))
-    sam = prepare_model(sam, device, dtype, compile_encoder=config.compile)
-    engines = Engines(config, sam, dtype, _embedding_store(config, checkpoint, sam, dtype))
+    sam = prepare_model(sam, device, precision, compile_encoder=config.compile)
+    engines = Engines(config, sam, precision.dtype, _embedding_store(config, checkpoint, sam, precision))
     loaded = time.perf_counter()
     engines.warm_up()
     logger.info(
@@ -38,19 +37,20 @@ def load_engines(config: ServiceConfig, model_dir: Path, gpu_id: int | None) -> 
         config.model_type,
         config.checkpoint_file,
         device,
-        dtype,
+        precision.name,
         loaded - started,
         time.perf_counter() - loaded,
     )
     return engines
 
 
-def _embedding_store(config: ServiceConfig, checkpoint: Path, sam: Sam, dtype: torch.dtype) -> EmbeddingStore:
+def _embedding_store(config: ServiceConfig, checkpoint: Path, sam: Sam, precision: Precision) -> EmbeddingStore:
     """The worker's LRU, behind it the shared Redis store when the config names one."""
     local = EmbeddingCache(config.embedding_cache_bytes)
     if config.embedding_store == "memory":
         return EmbeddingStore(local)
-    identity = ModelIdentity(config.model_type, checkpoint_sha256(checkpoint), dtype)
+    quantization = precision.name if precision.int8 else None
+    identity = ModelIdentity(config.model_type, checkpoint_sha256(checkpoint), precision.dtype, quantization)
     prompt_encoder = sam.prompt_encoder  # the decoder's view of an embedding: (C, H, W)
     channels_shape = (prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size)
     shared = RedisEmbeddings(config.embedding_store, identity, channels_shape, config.embedding_ttl_s)

@@ -2,11 +2,11 @@
 and optionally Redis behind it, shared by every worker and replica.
 
 A Redis entry is the raw tensor bytes behind a small header (dtype, shape, sizes, byte count) under a
-key that names the model (model type, checkpoint sha256, dtype), so two models sharing one Redis
-never read each other's embeddings. Nothing is pickled: an entry that does not parse, is cut short
-or does not fit this model is a miss. Redis down or slow never fails a request that carries its
-image (the store is skipped, logged and counted); a request that has only an image_id needs the
-store, and gets ServiceUnavailable (503, retryable).
+key that names the model (model type, checkpoint sha256, dtype, int8 encoder linears or not), so two
+models sharing one Redis never read each other's embeddings. Nothing is pickled: an entry that does
+not parse, is cut short or does not fit this model is a miss. Redis down or slow never fails a
+request that carries its image (the store is skipped, logged and counted); a request that has only
+an image_id needs the store, and gets ServiceUnavailable (503, retryable).
 """
 
 from __future__ import annotations
@@ -41,14 +41,21 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What makes embeddings interchangeable: same model type, same weights, same compute dtype."""
+    """What makes embeddings interchangeable: same model type, same weights, same compute dtype,
+    same quantization."""
 
     model_type: str
     checkpoint_sha256: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the embeddings
+    # "int8" where the image encoder's linear layers computed in int8 (`dtype: int8`): its
+    # embeddings are tensors of `dtype` like the float model's, and must not be taken for them.
+    quantization: str | None = None
 
     def key_prefix(self) -> str:
-        digest = hashlib.sha256(f"{self.model_type}:{self.checkpoint_sha256}:{self.dtype}".encode()).hexdigest()
+        model = f"{self.model_type}:{self.checkpoint_sha256}:{self.dtype}"
+        if self.quantization:
+            model += f":{self.quantization}"
+        digest = hashlib.sha256(model.encode()).hexdigest()
         return f"sam-fast:emb:{digest[:16]}:"
 
 

@@ -41,6 +41,8 @@ def test_empty_section_gives_defaults():
         ("crop_n_layers", 9),
         ("min_mask_region_area", -1),
         ("dtype", "fp8"),
+        ("dtype", "int4"),
+        ("dtype", "torch.int8"),
         ("model_type", "vit_x"),
         ("compile", "yes"),
         ("process_batch_size", 0),
@@ -51,6 +53,11 @@ def test_empty_section_gives_defaults():
 def test_bad_value_names_the_key(key, value):
     with pytest.raises(ConfigError, match=repr(key)):
         load_service_config({key: value})
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16", "int8"])
+def test_dtypes_and_int8_are_accepted(dtype):
+    assert load_service_config({"dtype": dtype}).dtype == dtype
 
 
 def test_unknown_key_is_named():

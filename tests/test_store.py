@@ -71,6 +71,7 @@ def test_models_never_read_each_others_entries(redis_server):
         ModelIdentity("vit_b", "cd" * 32, torch.bfloat16),  # other weights
         ModelIdentity("vit_l", "ab" * 32, torch.bfloat16),  # other model type
         ModelIdentity("vit_b", "ab" * 32, torch.float32),  # other dtype
+        ModelIdentity("vit_b", "ab" * 32, torch.bfloat16, "int8"),  # bf16 embeddings, int8 encoder linears
     ):
         assert other.key_prefix() != IDENTITY.key_prefix()
         assert shared(redis_server, other).get("img") is None

@@ -13,6 +13,8 @@ import requests
 from conftest import encode, running_server
 from local_server import RedisServer
 
+from sam_fast_serve.runtime import cpu_budget
+
 CLICKS = [[[30.0 + 25 * i, 40.0 + 15 * i]] for i in range(16)]
 TWO_WORKERS = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 1}
 
@@ -57,6 +59,9 @@ def test_two_workers_answer_every_prompt_from_the_shared_store(
     assert len(pids) == 2
     assert statuses == [200] * len(CLICKS), [answer.get("message") for answer in by_id]
     assert by_id == direct
+    # Each worker takes its share of the cores, not all of them.
+    threads = max(1, cpu_budget() // 2)
+    assert server.model_log().count(f"torch threads: {threads} ({cpu_budget()} cores for 2 worker(s))") == 2
     assert len({json.dumps(answer) for answer in direct}) == len(CLICKS)  # distinct clicks, distinct masks
 
 
