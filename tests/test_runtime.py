@@ -114,4 +114,6 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert mapped["faults"] > 4 * activation_pages  # glibc mmaps each activation afresh
     kept = decoder_in_child(keep=True)
     assert kept["faults"] < mapped["faults"] // 10  # measured: 586,412 vs 14,336 to 29,120
-    assert kept["growth"] < 128 << 20  # reused, not piled up (measured: 58 MiB)
+    # Reused, not piled up: less than two more 64-prompt activations than after the first run
+    # (measured: 58 and 128 MiB), where four runs without reuse would add gigabytes.
+    assert kept["growth"] < 256 << 20
