@@ -19,7 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from sam_fast_serve.jobs import Job
 from sam_fast_serve.metrics import Metric
 from sam_fast_serve.responses import Reply
-from sam_fast_serve.runtime import configure_threads, keep_freed_memory
+from sam_fast_serve.runtime import configure_threads
 from sam_fast_serve.service import Answer, MaskService
 
 
@@ -33,7 +33,6 @@ class SamAutomaticMaskHandler(BaseHandler):
         handler_section = model_config.get("handler")
         # The workers of this model share the cores: at most maxWorkers of them run at once.
         configure_threads(int(model_config.get("maxWorkers", model_config.get("minWorkers", 1))))
-        keep_freed_memory()
         # A ConfigError raised here fails the model load; its message names the key or file.
         self.context = context
         self.service = MaskService.load(

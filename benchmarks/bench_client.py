@@ -18,7 +18,6 @@ import argparse
 import io
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from skimage import data
 
 from benchmarks.bench_engine import KEEP_ALL
+from benchmarks.measure import scratch_dir
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.client import DEFAULT_CONCURRENCY
@@ -100,7 +100,7 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-client-"))
+    work = scratch_dir(prefix="bench-client-")
     checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
     make_images(work / "images", args.images)
     server = start_server(work, checkpoint, args.keep_all)

@@ -23,14 +23,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psutil
+
+from benchmarks.measure import scratch_dir
 
 # name -> (generator kind, environment, torch threads or None for torch's default, the decoder's
 # chunk bytes and freed memory kept or None for the engine's own settings)
@@ -60,7 +60,7 @@ def child(spec: dict[str, Any]) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     if spec["chunks"] is None:
-        keep_freed_memory()  # as the handler does
+        keep_freed_memory()  # as a worker does (MaskService.load)
     else:  # the engine as it was before 128 MiB chunks and kept memory
         fast_decoder._CPU_CHUNK_BYTES = spec["chunks"][0]
     sam = sam_model_fast_registry["vit_b"](spec["checkpoint"])
@@ -145,7 +145,7 @@ def main() -> None:
     from sam_fast_serve.cli import save_random_checkpoint
 
     torch.manual_seed(0)
-    checkpoint = save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    checkpoint = save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
     ious = predicted_ious(
         sam_model_fast_registry["vit_b"](str(checkpoint)), getattr(sample_images, args.image)(), args.points_per_side
     )

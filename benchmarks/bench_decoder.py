@@ -30,6 +30,7 @@ from segment_anything.modeling import MaskDecoder
 from torch import Tensor
 
 from sam_fast_serve.fast_decoder import FastMaskDecoder
+from sam_fast_serve.runtime import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    keep_freed_memory()  # as a worker does (MaskService.load): the decoder's chunks assume it
 
     decoder, inputs = make_inputs(args.batch, args.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")

@@ -35,7 +35,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -51,7 +50,7 @@ import yaml
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from skimage import data as sample_images
 
-from benchmarks.measure import PeakRss, gemm_peaks, peak_for
+from benchmarks.measure import PeakRss, gemm_peaks, peak_for, scratch_dir
 from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
 from sam_fast_serve import automatic as engine_module
 from sam_fast_serve.archive import build_archive
@@ -260,9 +259,8 @@ def hardware_report(sam: torch.nn.Module, rows: dict[str, dict[str, Any]], point
 
 
 def engine_mode(args: argparse.Namespace) -> None:
-    keep_freed_memory()  # as the handler does: for every row, the reference's too
     torch.manual_seed(0)
-    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
     images = [getattr(sample_images, name)() for name in args.images.split(",")]
     started = time.perf_counter()
     reference_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
@@ -375,7 +373,7 @@ def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for cap, cap_shares in ((None, shares), (all_pairs, [1.0])):
-        work = Path(tempfile.mkdtemp())
+        work = scratch_dir()
         extra = {"embedding_cache_bytes": 0, "points_per_side": args.points_per_side}
         if cap is not None:
             extra["max_masks"] = cap
@@ -419,7 +417,7 @@ def server_mode(args: argparse.Namespace) -> None:
 
     from tests.local_server import TorchServe
 
-    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
+    checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
     png = {}
     for name in args.images.split(","):
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(getattr(sample_images, name)(), cv2.COLOR_RGB2BGR))
@@ -439,7 +437,7 @@ def server_mode(args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for batch_size in map(int, args.batch_sizes.split(",")):
-        work = Path(tempfile.mkdtemp())
+        work = scratch_dir()
         archive = repo_archive(checkpoint, work, batch_size)
         server = TorchServe(work, archive.parent, archive.name)
         cold = server.start()
@@ -491,8 +489,8 @@ print(json.dumps(times))
 
 
 def load_mode(args: argparse.Namespace) -> None:
-    checkpoint = args.checkpoint or save_random_checkpoint(Path(tempfile.mkdtemp()) / "random_vit_b.pth")
-    cache = tempfile.mkdtemp(prefix="inductor-cache-")
+    checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
+    cache = str(scratch_dir(prefix="inductor-cache-"))
     print(
         f"# bench_engine --load: vit_b, repo model-config.yaml handler section, fresh process per row, "
         f"{torch.get_num_threads()} threads"
@@ -537,6 +535,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
+    # The process keeps freed memory as a worker's does (MaskService.load): for every row, the reference's too.
+    keep_freed_memory()
     if args.server:
         server_mode(args)
     elif args.load:

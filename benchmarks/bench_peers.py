@@ -50,12 +50,13 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 from skimage import data as sample_images
 
-from benchmarks.bench_engine import agreement, engine_stages, reference_stages, run_variant, timed
+from benchmarks.bench_engine import agreement, engine_stages, reference_stages, run_variant, sweep_setting, timed
 from benchmarks.measure import median_seconds
-from benchmarks.shares import pairs_kept, predicted_ious, share_settings
+from benchmarks.shares import predicted_ious
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
 from sam_fast_serve.build import prepare_model, sam_model_fast_registry
 from sam_fast_serve.cli import save_random_checkpoint
+from sam_fast_serve.runtime import keep_freed_memory
 
 INSTALL = ".venv-peers/bin/pip install -r benchmarks/requirements-peers.txt"
 # What each peer needs: its runtime, and what torch.onnx.export writes the graphs with.
@@ -325,12 +326,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     parser.add_argument("--images", default="astronaut", help="skimage.data names, comma-separated")
     parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--shares", default="0,0.3,1", help="kept shares of the (point, mask) pairs, 0 to 1")
+    parser.add_argument("--shares", default="0,0.3,1", help="kept shares of the pairs, 0 to 1 (all = keep-all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the encoder alone")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for torch and each peer")
     parser.add_argument("--cache", type=Path, help="keep the exported models here (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a worker does (MaskService.load): the engine row runs as it serves
     command = [os.path.relpath(sys.executable), "-m", "benchmarks.bench_peers", *sys.argv[1:]]
     print(f"# bench_peers: {shlex.join(command)}")
     print(f"torch {torch.__version__}, {args.threads} threads for torch and each peer")
@@ -385,11 +387,10 @@ def run_benchmark(
 
     ious = [predicted_ious(reference_sam, image, args.points_per_side) for image in images]
     base = {"points_per_side": args.points_per_side, "output_mode": "coco_rle"}
-    for share in map(float, args.shares.split(",")):
-        settings = [{**base, **share_settings(i, share)} for i in ious]
-        kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
+    for token in args.shares.split(","):
+        _, title, settings = sweep_setting(token, ious, base)
         rows = [run_variant(name, make, stages, images, settings) for name, make, stages in variants]
-        print_share(f"{share:.0%} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", rows)
+        print_share(title, rows)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ import argparse
 import base64
 import io
 import itertools
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from PIL import Image
 from skimage import data
 
-from benchmarks.measure import median_seconds
+from benchmarks.measure import median_seconds, scratch_dir
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.service import MaskService
 
@@ -28,7 +26,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompts", type=int, default=10)
     args = parser.parse_args()
-    model_dir = Path(tempfile.mkdtemp())
+    model_dir = scratch_dir()
     save_random_checkpoint(model_dir / "random_vit_b.pth")
     service = MaskService.load({"sam_checkpoint": "random_vit_b.pth", "dtype": args.dtype}, model_dir, None)
     print(f"# bench_prompts: vit_b, dtype {service.dtype}, astronaut 512x512, one click or one box per request\n")

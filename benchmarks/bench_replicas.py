@@ -21,7 +21,6 @@ import re
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import requests
 
 from benchmarks.bench_client import archive, make_images
+from benchmarks.measure import scratch_dir
 from sam_fast_serve.cli import save_random_checkpoint
 from tests.local_server import Balancer, TorchServe
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--keep-all", action="store_true", help="thresholds 0 and NMS off")
     parser.add_argument("--checkpoint", type=Path, help="default: a random-weight vit_b (seed 0)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
+    work = scratch_dir(prefix="bench-replicas-")
     checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
     make_images(work / "images", args.images)
     tgz = archive(work, checkpoint, args.keep_all)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import tempfile
-from pathlib import Path
 
 from PIL import Image
 from skimage import data
 
-from benchmarks.measure import median_seconds
+from benchmarks.measure import median_seconds, scratch_dir
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.service import MaskService
 from tests.local_server import RedisServer
@@ -33,7 +31,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompts", type=int, default=20)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp())
+    work = scratch_dir()
     save_random_checkpoint(work / "random_vit_b.pth")
     redis_server = RedisServer(work, maxmemory="1gb")
     redis_server.start()

@@ -1,12 +1,17 @@
-"""Measurements shared by the benchmarks: a process's peak RSS, and this machine's GEMM peak."""
+"""Measurements shared by the benchmarks: a process's peak RSS, this machine's GEMM peak, and
+scratch folders that go away with the benchmark."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -14,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def scratch_dir(prefix: str = "bench-") -> Path:
+    """A new empty folder under the system temp dir, removed when the process exits: each run
+    writes a 358 MB checkpoint and TorchServe work folders, which must not pile up in /tmp."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class PeakRss:

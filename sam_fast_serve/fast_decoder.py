@@ -41,7 +41,7 @@ from torch import Tensor, nn
 # prompts in bf16. Fewer, larger chunks mean fewer parallel regions, each of which waits
 # for every thread: beside another busy process, chunks of 8 prompts made the decoder
 # 2-4x slower than chunks of 64. Blocks this big are page-faulted in afresh at every
-# allocation unless freed memory is kept (runtime.keep_freed_memory, which the handler
+# allocation unless freed memory is kept (runtime.keep_freed_memory, which MaskService.load
 # and the benchmarks call): with it, 64-prompt chunks are also a little faster when the
 # machine is quiet (a 512 x 512 photo at 0% kept: 6.0 -> 5.2 s per image).
 _CPU_CHUNK_BYTES = 128 * 2**20
