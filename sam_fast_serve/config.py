@@ -142,6 +142,9 @@ class ServiceConfig:
     max_image_pixels: int = _key(50_000_000, _int_in(1, 1_000_000_000))
     # Masks returned per image at most (the best by predicted IoU): bounds response size.
     max_masks: int = _key(1000, _int_in(1, 100_000))
+    # Longest response body in bytes: keep it at most config.properties' max_response_size, over
+    # which TorchServe's frontend drops the worker's connection (the worker dies, its batch is lost).
+    max_response_bytes: int = _key(64 * 1024 * 1024, _int_in(1024, 1 << 40))
     # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
     embedding_cache_bytes: int = _key(256 * 1024 * 1024, _int_in(0, 1 << 40))
     # Where embeddings are shared between workers and replicas: "memory" (this worker's cache only)

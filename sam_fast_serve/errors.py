@@ -52,6 +52,13 @@ class InvalidOption(ServiceError):
     kind = "invalid_option"
 
 
+class ResponseTooLarge(ServiceError):
+    """The answer to a valid request is longer than the server may send."""
+
+    status = 422
+    kind = "response_too_large"
+
+
 class NotFound(ServiceError):
     """A referenced resource (a cached image embedding) is not there."""
 

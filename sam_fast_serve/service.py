@@ -144,7 +144,9 @@ class MaskService:
     def _encode(self, answer: Answer) -> Reply:
         start = time.perf_counter()
         try:
-            reply = payload_reply(answer.result.payload, answer.job.json, answer.job.image_id)
+            reply = payload_reply(
+                answer.result.payload, answer.job.json, answer.job.image_id, self.config.max_response_bytes
+            )
         except Exception as exc:
             return error_reply(as_service_error(exc, 1))
         mode = "automatic" if answer.job.settings is not None else "prompted"

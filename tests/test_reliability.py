@@ -20,6 +20,7 @@ from conftest import client_command, encode, png_claiming, running_server
 from sam_fast_serve.wire import decode_pickled
 
 MAX_PIXELS = 600_000  # handler key max_image_pixels of this server
+RESPONSE_LIMIT = 4 * 1024 * 1024  # handler key max_response_bytes: 4x4 points fit, 16x16 do not
 MASKS_PER_IMAGE = 16 * 3
 
 
@@ -43,7 +44,11 @@ def bad_files(chelsea):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, random_checkpoint):
-    overrides = {"batchSize": 4, "maxBatchDelay": 100, "handler": {"max_image_pixels": MAX_PIXELS}}
+    overrides = {
+        "batchSize": 4,
+        "maxBatchDelay": 100,
+        "handler": {"max_image_pixels": MAX_PIXELS, "max_response_bytes": RESPONSE_LIMIT},
+    }
     with running_server(tmp_path_factory.mktemp("reliability"), random_checkpoint, **overrides) as ts:
         yield ts
 
@@ -89,6 +94,7 @@ def expected(server, chelsea, astronaut):
     for name, body in images.items():
         reply = client.raw(body)
         assert reply.status_code == 200, reply.text[:300]
+        assert len(reply.content) < RESPONSE_LIMIT / 2
         answers[name] = decode_pickled(reply.text)
         assert len(answers[name]) == MASKS_PER_IMAGE
     assert len({json.dumps(a) for a in answers.values()}) == len(images)  # answers tell images apart
@@ -120,6 +126,8 @@ def test_bad_requests_beyond_the_image(server, expected):
     assert_error(client.json({"image": b64, "points_per_side": 0}), 422, "invalid_option", "'points_per_side'")
     assert_error(client.json({"image": b64, "colour": "red"}), 422, "invalid_option", "'colour'")
     assert_error(client.multipart(images["chelsea"], pred_iou_thresh="2"), 422, "invalid_option", "'pred_iou_thresh'")
+    # Over max_response_bytes: a reason instead of a body TorchServe's frontend would drop the worker for.
+    assert_error(client.json({"image": b64, "points_per_side": 16}), 422, "response_too_large", "max_response_bytes")
     options = client.json({"image": b64, "points_per_side": 2})
     assert options.status_code == 200 and len(decode_pickled(options.text)) == 2 * 2 * 3
     assert decode_pickled(client.raw(images["chelsea"]).text) == answers["chelsea"]
