@@ -106,6 +106,14 @@ def test_sdpa_attention_equals_reference(encoders, images: Tensor, monkeypatch: 
     assert_fp32_equal(fast(images), reference(images))
 
 
+@torch.no_grad()
+def test_folded_attention_equals_reference(encoders, images: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention used in bf16 on CPU (one fused call, the bias folded into q and k), in fp32."""
+    reference, fast = encoders
+    monkeypatch.setattr(fast_encoder, "_attend_chunked", fast_encoder._attend_folded)
+    assert_fp32_equal(fast(images), reference(images))
+
+
 def test_with_gradients_equals_reference_and_backpropagates(encoders, images: Tensor) -> None:
     """With autograd on, the blocks use F.linear (oneDNN's linear has no backward)."""
     reference, fast = encoders
