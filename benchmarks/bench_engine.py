@@ -181,21 +181,29 @@ def print_table(title: str, rows: list[dict[str, Any]], reference: dict[str, Any
         )
 
 
+def share_label(token: str) -> str:
+    """How a --shares token ("0", "0.3", "all") is named in the tables: "0%", "30%", "keep-all"."""
+    return KEEP_ALL_LABEL if token == "all" else f"{float(token):.0%}"
+
+
 def sweep_setting(token: str, ious: list[np.ndarray], base: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
     """(label, table title, each image's generator arguments) for a --shares token: a share from 0 to
     1 (NMS on), or "all" for KEEP_ALL (every pair through post-processing, NMS off)."""
     if token == "all":
         title = f"{KEEP_ALL_LABEL}: thresholds 0, NMS off, every mask to the wire"
         return KEEP_ALL_LABEL, title, [{**base, **KEEP_ALL} for _ in ious]
-    share = float(token)
+    share, label = float(token), share_label(token)
     settings = [{**base, **share_settings(i, share)} for i in ious]
     kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
-    return f"{share:.0%}", f"{share:.0%} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", settings
+    return label, f"{label} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", settings
 
 
 def print_sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> None:
     """One line per kept share: total seconds per image of each variant, and speed-ups over (a)."""
-    names = list(dict.fromkeys(name for rows in sweep.values() for name in rows))
+    # The reference first, whichever share it first ran at.
+    names = sorted(
+        dict.fromkeys(name for rows in sweep.values() for name in rows), key=lambda n: not n.startswith("(a)")
+    )
     reference, engines = names[0], names[1:]
     print("\n### Summary: seconds per image by kept share\n")
     print("| kept | " + " | ".join(names) + " | " + " | ".join(f"{n.split(')')[0]}) vs (a)" for n in engines) + " |")
@@ -300,14 +308,14 @@ def engine_mode(args: argparse.Namespace) -> None:
                 engine_stages,
             )
         )
-    reference_shares = set(args.reference_shares.split(","))
+    reference_shares = {share_label(token) for token in args.reference_shares.split(",")}
     sweep: dict[str, dict[str, dict[str, Any]]] = {}
     for token in args.shares.split(","):
         label, title, settings = sweep_setting(token, ious, base)
         rows = [
             run_variant(name, make, stages, images, settings)
             for name, make, stages in variants
-            if token in reference_shares or not name.startswith("(a)")
+            if label in reference_shares or not name.startswith("(a)")
         ]
         reference = rows[0] if rows[0]["name"].startswith("(a)") else None
         print_table(title, rows, reference)
