@@ -324,11 +324,9 @@ def engine_mode(args: argparse.Namespace) -> None:
     # The decoder's FLOPs are counted with every mask computed: keep-all.
     if "(a) reference fp32" in sweep.get(KEEP_ALL_LABEL, {}):
         hardware_report(reference_sam, sweep[KEEP_ALL_LABEL], args.points_per_side**2)
-    for share in map(float, args.profile.split(",") if args.profile else []):
-        _, make, _ = variants[1]
-        image_profile(
-            f"{variants[1][0]}, {share:.0%} kept", make, images[0], {**base, **share_settings(ious[0], share)}
-        )
+    for token in args.profile.split(",") if args.profile else []:
+        _, title, (settings,) = sweep_setting(token, ious[:1], base)
+        image_profile(f"{variants[1][0]}, {title}", variants[1][1], images[0], settings)
 
 
 def image_profile(title: str, make: Callable[[dict[str, Any]], Any], image: np.ndarray, kwargs: dict[str, Any]) -> None:
@@ -543,7 +541,7 @@ def main() -> None:
     )
     parser.add_argument("--reference-shares", default="0,0.3,1,all", help="--shares at which the reference runs too")
     parser.add_argument("--int8", action="store_true", help="add the engine with dtype int8")
-    parser.add_argument("--profile", default="", help="kept shares at which to profile (b) op by op, e.g. 0.3,1")
+    parser.add_argument("--profile", default="", help="--shares at which to profile (b) op by op, e.g. 0.3,all")
     parser.add_argument("--server-shares", default="0,0.3,1,all", help="kept shares of the overhead table, as --shares")
     parser.add_argument("--batch-sizes", default="1,4", help="of the throughput table; empty: no such table")
     parser.add_argument("--requests", type=int, default=8)
