@@ -107,7 +107,7 @@ def engine_stages(generator: SamAutomaticMaskGenerator, totals: dict[str, float]
     stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
     for attr in ("prepare_image", "run_transformer", "mask_logits"):
         stack.enter_context(timed(totals, "decoder", decoder, attr))
-    stack.enter_context(timed(totals, "upsample", sam, "postprocess_masks"))
+    stack.enter_context(timed(totals, "upsample", generator.predictor, "upsample"))
     stack.enter_context(timed(totals, "rle", engine_module, "encode_masks"))
     return stack
 
@@ -204,7 +204,8 @@ def print_sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> None:
     names = sorted(
         dict.fromkeys(name for rows in sweep.values() for name in rows), key=lambda n: not n.startswith("(a)")
     )
-    reference, engines = names[0], names[1:]
+    reference = names[0] if names[0].startswith("(a)") else None
+    engines = [n for n in names if n != reference]
     print("\n### Summary: seconds per image by kept share\n")
     print("| kept | " + " | ".join(names) + " | " + " | ".join(f"{n.split(')')[0]}) vs (a)" for n in engines) + " |")
     print("|---" * (1 + len(names) + len(engines)) + "|")
@@ -308,7 +309,7 @@ def engine_mode(args: argparse.Namespace) -> None:
                 engine_stages,
             )
         )
-    reference_shares = {share_label(token) for token in args.reference_shares.split(",")}
+    reference_shares = {share_label(token) for token in args.reference_shares.split(",") if token}
     sweep: dict[str, dict[str, dict[str, Any]]] = {}
     for token in args.shares.split(","):
         label, title, settings = sweep_setting(token, ious, base)
@@ -539,7 +540,9 @@ def main() -> None:
     parser.add_argument(
         "--shares", default=",".join([*map(str, SHARES), "all"]), help="kept shares to sweep (0 to 1, all = keep-all)"
     )
-    parser.add_argument("--reference-shares", default="0,0.3,1,all", help="--shares at which the reference runs too")
+    parser.add_argument(
+        "--reference-shares", default="0,0.3,1,all", help="--shares at which the reference runs too; empty: none"
+    )
     parser.add_argument("--int8", action="store_true", help="add the engine with dtype int8")
     parser.add_argument("--profile", default="", help="--shares at which to profile (b) op by op, e.g. 0.3,all")
     parser.add_argument("--server-shares", default="0,0.3,1,all", help="kept shares of the overhead table, as --shares")

@@ -156,7 +156,7 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             with predictor.clock.stage("mask_decoder"):
                 low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
             for rows in torch.arange(len(chunk)).split(per_upsample):
-                masks = predictor.model.postprocess_masks(low_res[rows], predictor.input_size, predictor.original_size)
+                masks = predictor.upsample(low_res[rows])
                 chunk_data = MaskData(
                     masks=masks[:, 0], iou_preds=iou_preds[chunk[rows]], points=points_t[prompt_idx[rows].cpu()]
                 )

@@ -11,6 +11,7 @@ from .embeddings import EmbeddingCache, ImageEmbedding, encode_images, pixel_key
 from .fast_decoder import FastMaskDecoder, ImageState
 from .store import EmbeddingStore
 from .timing import StageClock
+from .upsampling import postprocess_masks
 
 
 class FastSamPredictor(SamPredictor):
@@ -128,10 +129,15 @@ class FastSamPredictor(SamPredictor):
                 tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device)
             )
         low_res = low_res.view(sparse.shape[0], count, *low_res.shape[-2:])
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        masks = self.upsample(low_res)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, tokens.iou_pred[:, mask_ids.to(sparse.device)], low_res
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(B, C, 256, 256) low-res logits of the set image -> (B, C, H, W) float32 logits at its
+        original size: `Sam.postprocess_masks`, as two matrix products where they pay."""
+        return postprocess_masks(self.model, low_res, self.input_size, self.original_size)
 
     def reset_image(self) -> None:
         super().reset_image()
