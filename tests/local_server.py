@@ -122,6 +122,17 @@ class TorchServe:
         reply = requests.get(f"{self.management_url}/models/{MODEL_NAME}", headers=self.auth("management"), timeout=10)
         return [w["pid"] for w in reply.json()[0]["workers"]]
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The sum of the samples of metric `name` on the metrics API whose labels include
+        `labels` (e.g. status="200"); None when no sample matches."""
+        text = requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
+        values = [
+            float(value)
+            for sample_labels, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.M)
+            if labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', sample_labels)).items()
+        ]
+        return sum(values) if values else None
+
     def model_log(self) -> str:
         path = self.workdir / "logs" / "model_log.log"
         return path.read_text() if path.exists() else ""

@@ -54,8 +54,7 @@ def replicas(tmp_path_factory, random_checkpoint):
 
 def answered(server: TorchServe) -> int:
     """The 200 answers `server`'s handler has given (its Prometheus metrics)."""
-    text = requests.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=10).text
-    return sum(int(float(m)) for m in re.findall(r'^sam_answers_total\{.*status="200".*\} (\S+)$', text, re.M))
+    return int(server.metric("sam_answers_total", status="200") or 0)
 
 
 def test_balancer_refuses_requests_without_its_token(replicas, chelsea):
