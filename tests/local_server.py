@@ -122,13 +122,16 @@ class TorchServe:
         reply = requests.get(f"{self.management_url}/models/{MODEL_NAME}", headers=self.auth("management"), timeout=10)
         return [w["pid"] for w in reply.json()[0]["workers"]]
 
+    def metrics_text(self) -> str:
+        """What the metrics API serves now (Prometheus text format)."""
+        return requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
+
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of the samples of metric `name` on the metrics API whose labels include
         `labels` (e.g. status="200"); None when no sample matches."""
-        text = requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
         values = [
             float(value)
-            for sample_labels, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.M)
+            for sample_labels, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", self.metrics_text(), re.M)
             if labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', sample_labels)).items()
         ]
         return sum(values) if values else None

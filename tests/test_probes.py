@@ -90,9 +90,7 @@ def model_ready(server: TorchServe) -> bool:
 
 
 def inference_requests(server: TorchServe) -> float:
-    text = requests.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=10).text
-    lines = [line for line in text.splitlines() if line.startswith("ts_inference_requests_total{")]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+    return server.metric("ts_inference_requests_total") or 0.0
 
 
 def until(check, timeout: float = 300) -> None:

@@ -268,8 +268,7 @@ def test_metrics_port_speaks_prometheus_with_handler_time(server, chelsea):
         assert time.monotonic() < deadline, "no HandlerTime on the metrics API"
         time.sleep(0.2)
     assert handler_time > 0
-    text = requests.get(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=10).text
-    assert "# TYPE sam_stage_seconds histogram" in text
+    assert "# TYPE sam_stage_seconds histogram" in server.metrics_text()
     assert (server.metric("sam_answers_total", ModelName="sam-fast", status="200") or 0) >= 1
 
 
