@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -22,10 +23,27 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+_ports = random.Random()
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now and not handed out before in this process. Taken below
+    the kernel's ephemeral range: a port from bind(("", 0)) may be handed out again by the next such
+    bind, or taken by an outgoing connection, before the server it was meant for binds it (two
+    TorchServes and a balancer start over a minute, with thousands of connections meanwhile)."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = _ports.randrange(10000, ephemeral_low)
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
 
 
 class TorchServe:
@@ -180,18 +198,21 @@ class LocalService:
 
     def start(self, timeout: float = 60) -> None:
         command = self.command()
-        log = (self.workdir / f"{Path(command[0]).name}.log").open("a")
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        log = self.workdir / f"{Path(command[0]).name}.log"
+        with log.open("a") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if self.ready():
                     return
             except OSError:  # not listening yet (requests' ConnectionError is an OSError too)
                 pass
             time.sleep(0.05)
+        exit_code = self.process.poll()
         self.stop()
-        raise TimeoutError(f"{command[0]} did not answer on port {self.port}")
+        said = log.read_text()[-2000:]
+        raise TimeoutError(f"{command[0]} did not answer on port {self.port} (exit code {exit_code}); it said:\n{said}")
 
     def stop(self) -> None:
         if self.process is not None:
