@@ -7,6 +7,11 @@ Each step is linear and acts on rows and columns separately, so the whole is
 masks, without the padded-size (1024 x 1024) intermediate. Equal to `postprocess_masks`
 up to float32 rounding (about 1e-6 of the logits' scale), and cheaper on the CPU unless the
 original image is large (see `_PRODUCT_FLOPS_PER_PIXEL`).
+
+The second product is computed transposed, so each mask's columns lie contiguous in memory
+(the result is a transposed view): that is the order pycocotools' RLE encoder reads, and the
+thresholded masks inherit it, so encoding them needs no transposing copy (0.96 -> 0.82 ms a
+512 x 512 mask for stability, thresholding, box and RLE; the products cost the same).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def products_pay(low_res: tuple[int, int], padded: int, original: tuple[int, int
 
 def postprocess_masks(model: Sam, masks: Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]) -> Tensor:
     """`model.postprocess_masks(masks, input_size, original_size)`: (B, C, h, w) float logits ->
-    (B, C, H, W) float32, by the two products on the CPU where they pay, else by the model."""
+    (B, C, H, W) float32, by the two products on the CPU where they pay (then column-major per
+    mask, see above), else by the model."""
     h, w = masks.shape[-2:]
     padded = model.image_encoder.img_size
     big_h, big_w = int(original_size[0]), int(original_size[1])
@@ -55,4 +61,5 @@ def postprocess_masks(model: Sam, masks: Tensor, input_size: tuple[int, ...], or
         return model.postprocess_masks(masks, input_size, original_size)
     rows = axis_weights(h, padded, int(input_size[0]), big_h)
     columns = axis_weights(w, padded, int(input_size[1]), big_w)
-    return torch.matmul(rows, torch.matmul(masks.float(), columns.t()))
+    resized_columns = torch.matmul(masks.float(), columns.t())  # (B, C, h, W)
+    return torch.matmul(resized_columns.transpose(-1, -2), rows.t()).transpose(-1, -2)

@@ -9,6 +9,7 @@ import torch
 from segment_anything import build_sam_vit_b
 from segment_anything.modeling import Sam
 
+from sam_fast_serve.rle import encode_masks
 from sam_fast_serve.upsampling import postprocess_masks, products_pay
 
 
@@ -41,6 +42,18 @@ def test_products_equal_the_models_interpolations(
     # A pixel changes side only where the logit is within rounding of the threshold.
     flipped = (got > 0) != (expected > 0)
     assert (expected[flipped].abs() < 1e-5).all()
+
+
+def test_products_leave_masks_in_the_rle_encoders_order(sam: Sam) -> None:
+    """Each mask comes out column-major (pycocotools reads masks so), which the thresholded masks
+    keep; their RLEs are those of the same masks stored row-major."""
+    logits = torch.randn(4, 1, 256, 256, generator=torch.Generator().manual_seed(2)) * 8
+    with torch.inference_mode():
+        got = postprocess_masks(sam, logits, (1024, 1024), (512, 384))
+    masks = got[:, 0] > 0
+    assert masks.transpose(1, 2).is_contiguous()
+    assert masks.any() and not masks.all()
+    assert encode_masks(masks) == encode_masks(masks.contiguous())
 
 
 def test_large_images_keep_the_models_interpolations(sam: Sam) -> None:
