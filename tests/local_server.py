@@ -29,7 +29,7 @@ _ports_given: set[int] = set()
 
 def free_port() -> int:
     """A loopback port nothing listens on now and not handed out before in this process. Taken below
-    the kernel's ephemeral range: a port from bind(("", 0)) may be handed out again by the next such
+    the kernel's ephemeral range: a port from a bind to port 0 may be handed out again by the next such
     bind, or taken by an outgoing connection, before the server it was meant for binds it (two
     TorchServes and a balancer start over a minute, with thousands of connections meanwhile)."""
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
