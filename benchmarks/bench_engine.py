@@ -67,6 +67,8 @@ from tests.local_server import REPO
 # random weights NMS leaves about one mask of the grid, so this is where masks are compared one to one).
 KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
 KEEP_ALL_LABEL = "keep-all"
+# The row every ratio is taken against (segment_anything's own generator in fp32).
+REFERENCE = "(a) reference fp32"
 STAGES = ("encoder", "decoder", "upsample", "rle")
 
 
@@ -201,10 +203,8 @@ def sweep_setting(token: str, ious: list[np.ndarray], base: dict[str, Any]) -> t
 def print_sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> None:
     """One line per kept share: total seconds per image of each variant, and speed-ups over (a)."""
     # The reference first, whichever share it first ran at.
-    names = sorted(
-        dict.fromkeys(name for rows in sweep.values() for name in rows), key=lambda n: not n.startswith("(a)")
-    )
-    reference = names[0] if names[0].startswith("(a)") else None
+    names = sorted(dict.fromkeys(name for rows in sweep.values() for name in rows), key=lambda n: n != REFERENCE)
+    reference = REFERENCE if REFERENCE in names else None
     engines = [n for n in names if n != reference]
     print("\n### Summary: seconds per image by kept share\n")
     print("| kept | " + " | ".join(names) + " | " + " | ".join(f"{n.split(')')[0]}) vs (a)" for n in engines) + " |")
@@ -255,7 +255,7 @@ def hardware_report(sam: torch.nn.Module, rows: dict[str, dict[str, Any]], point
     for name, row in rows.items():
         dtype = torch.bfloat16 if "bf16" in name or "int8" in name else torch.float32
         peak = peak_for(dtype, peaks)
-        decoder = decoder_flops["reference" if name.startswith("(a)") else "fast"]
+        decoder = decoder_flops["reference" if name == REFERENCE else "fast"]
         parts = [
             f"{stage} {work / row[stage] / 1e9:.0f} GFLOP/s = {work / row[stage] / 1e9 / peak:.0%}"
             for stage, work in (("encoder", encoder_flops), ("decoder", decoder))
@@ -291,7 +291,7 @@ def engine_mode(args: argparse.Namespace) -> None:
     ious = [predicted_ious(reference_sam, image, args.points_per_side) for image in images]
     base = {"points_per_side": args.points_per_side, "output_mode": "coco_rle"}
     variants: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
-        ("(a) reference fp32", lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
+        (REFERENCE, lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
         (
             f"(b) engine defaults ({dtype_name})",
             lambda kw: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=engine_dtype, **kw),
@@ -316,14 +316,14 @@ def engine_mode(args: argparse.Namespace) -> None:
         rows = [
             run_variant(name, make, stages, images, settings)
             for name, make, stages in variants
-            if label in reference_shares or not name.startswith("(a)")
+            if label in reference_shares or name != REFERENCE
         ]
-        reference = rows[0] if rows[0]["name"].startswith("(a)") else None
+        reference = rows[0] if rows[0]["name"] == REFERENCE else None
         print_table(title, rows, reference)
         sweep[label] = {row["name"]: row for row in rows}
     print_sweep(sweep)
     # The decoder's FLOPs are counted with every mask computed: keep-all.
-    if "(a) reference fp32" in sweep.get(KEEP_ALL_LABEL, {}):
+    if REFERENCE in sweep.get(KEEP_ALL_LABEL, {}):
         hardware_report(reference_sam, sweep[KEEP_ALL_LABEL], args.points_per_side**2)
     for token in args.profile.split(",") if args.profile else []:
         _, title, (settings,) = sweep_setting(token, ious[:1], base)

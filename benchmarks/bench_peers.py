@@ -50,7 +50,15 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 from skimage import data as sample_images
 
-from benchmarks.bench_engine import agreement, engine_stages, reference_stages, run_variant, sweep_setting, timed
+from benchmarks.bench_engine import (
+    REFERENCE,
+    agreement,
+    engine_stages,
+    reference_stages,
+    run_variant,
+    sweep_setting,
+    timed,
+)
 from benchmarks.measure import median_seconds
 from benchmarks.shares import predicted_ious
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
@@ -367,7 +375,7 @@ def run_benchmark(
     runners: dict[str, tuple[Runner, dict[tuple[int, ...], Runner]]],
 ) -> None:
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "(a) reference fp32": reference_sam.image_encoder,
+        REFERENCE: reference_sam.image_encoder,
         "(b) engine bf16": lambda image: engine_sam.image_encoder(image.to(torch.bfloat16)),
     }
     for name, (encoder, _) in runners.items():
@@ -375,7 +383,7 @@ def run_benchmark(
     encoder_table(encoders, preprocessed(reference_sam, images[0]), args.repeats)
 
     variants: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
-        ("(a) reference fp32", lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
+        (REFERENCE, lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
         (
             "(b) engine bf16",
             lambda kw: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=torch.bfloat16, **kw),
