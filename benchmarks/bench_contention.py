@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.measure import scratch_dir
+from benchmarks.measure import cpu_model, scratch_dir
 
 # name -> (generator kind, environment, torch threads or None for torch's default, the decoder's
 # chunk bytes and freed memory kept or None for the engine's own settings)
@@ -54,7 +54,7 @@ def child(spec: dict[str, Any]) -> None:
 
     from sam_fast_serve import fast_decoder
     from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-    from sam_fast_serve.build import prepare_model, resolve_dtype, sam_model_fast_registry
+    from sam_fast_serve.build import resolve_dtype
     from sam_fast_serve.runtime import keep_freed_memory
 
     if spec["threads"]:
@@ -63,15 +63,12 @@ def child(spec: dict[str, Any]) -> None:
         keep_freed_memory()  # as a worker does (MaskService.load)
     else:  # the engine as it was before 128 MiB chunks and kept memory
         fast_decoder._CPU_CHUNK_BYTES = spec["chunks"][0]
-    sam = sam_model_fast_registry["vit_b"](spec["checkpoint"])
     settings = {"points_per_side": spec["points_per_side"], "output_mode": "coco_rle", **spec["settings"]}
     if spec["kind"] == "reference":
-        generator: Any = ReferenceGenerator(sam, **settings)
+        generator: Any = ReferenceGenerator(cpu_model(spec["checkpoint"]), **settings)
     else:
         dtype = resolve_dtype("auto", torch.device("cpu"))
-        generator = SamAutomaticMaskGenerator(
-            prepare_model(sam, torch.device("cpu"), dtype), decoder_dtype=dtype, **settings
-        )
+        generator = SamAutomaticMaskGenerator(cpu_model(spec["checkpoint"], dtype), decoder_dtype=dtype, **settings)
     image = getattr(sample_images, spec["image"])()
     generator.generate(np.ascontiguousarray(image[:64, :64]))
     if spec.get("loop"):
@@ -141,14 +138,11 @@ def main() -> None:
     from skimage import data as sample_images
 
     from benchmarks.shares import predicted_ious, share_settings
-    from sam_fast_serve.build import sam_model_fast_registry
     from sam_fast_serve.cli import save_random_checkpoint
 
     torch.manual_seed(0)
     checkpoint = save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
-    ious = predicted_ious(
-        sam_model_fast_registry["vit_b"](str(checkpoint)), getattr(sample_images, args.image)(), args.points_per_side
-    )
+    ious = predicted_ious(cpu_model(checkpoint), getattr(sample_images, args.image)(), args.points_per_side)
     loads = args.loads.split(",")
     print(
         f"# bench_contention: vit_b, {args.points_per_side}x{args.points_per_side} points, {args.image}, "

@@ -50,12 +50,12 @@ import yaml
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from skimage import data as sample_images
 
-from benchmarks.measure import PeakRss, gemm_peaks, peak_for, scratch_dir
+from benchmarks.measure import PeakRss, cpu_model, gemm_peaks, peak_for, scratch_dir
 from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
 from sam_fast_serve import automatic as engine_module
 from sam_fast_serve.archive import build_archive
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.build import prepare_model, resolve_dtype, resolve_precision, sam_model_fast_registry
+from sam_fast_serve.build import resolve_dtype, resolve_precision
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.fast_decoder import FastMaskDecoder
 from sam_fast_serve.runtime import keep_freed_memory
@@ -272,11 +272,11 @@ def engine_mode(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
     images = [getattr(sample_images, name)() for name in args.images.split(",")]
     started = time.perf_counter()
-    reference_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
+    reference_sam = cpu_model(checkpoint)
     load_s = time.perf_counter() - started
     engine_dtype = resolve_dtype("auto", torch.device("cpu"))
-    engine_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), engine_dtype)
-    fp32_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), torch.float32)
+    engine_sam = cpu_model(checkpoint, engine_dtype)
+    fp32_sam = cpu_model(checkpoint, torch.float32)
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
     print(
         f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
@@ -301,7 +301,7 @@ def engine_mode(args: argparse.Namespace) -> None:
     ]
     if args.int8:
         int8 = resolve_precision("int8", torch.device("cpu"))
-        int8_sam = prepare_model(sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), int8)
+        int8_sam = cpu_model(checkpoint, int8)
         variants.append(
             (
                 "(b'') engine int8",
@@ -371,7 +371,7 @@ def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray
     from sam_fast_serve.wire import decode_pickled
     from tests.local_server import TorchServe
 
-    ious = predicted_ious(sam_model_fast_registry["vit_b"](str(checkpoint)), image, args.points_per_side)
+    ious = predicted_ious(cpu_model(checkpoint), image, args.points_per_side)
     all_pairs = 3 * args.points_per_side**2
     tokens = args.server_shares.split(",")
     print(

@@ -59,10 +59,9 @@ from benchmarks.bench_engine import (
     sweep_setting,
     timed,
 )
-from benchmarks.measure import median_seconds
+from benchmarks.measure import cpu_model, median_seconds
 from benchmarks.shares import predicted_ious
 from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.build import prepare_model, sam_model_fast_registry
 from sam_fast_serve.cli import save_random_checkpoint
 from sam_fast_serve.runtime import keep_freed_memory
 
@@ -349,10 +348,8 @@ def main() -> None:
     images = [getattr(sample_images, name)() for name in args.images.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as work:
         checkpoint = args.checkpoint or save_random_checkpoint(Path(work) / "random_vit_b.pth")
-        reference_sam = sam_model_fast_registry["vit_b"](str(checkpoint))
-        engine_sam = prepare_model(
-            sam_model_fast_registry["vit_b"](str(checkpoint)), torch.device("cpu"), torch.bfloat16
-        )
+        reference_sam = cpu_model(checkpoint)
+        engine_sam = cpu_model(checkpoint, torch.bfloat16)
         cache = args.cache or Path(work)
         cache.mkdir(parents=True, exist_ok=True)
         runners: dict[str, tuple[Runner, dict[tuple[int, ...], Runner]]] = {}

@@ -17,6 +17,9 @@ from typing import Any
 import psutil
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import Sam
+
+from sam_fast_serve.build import Precision, prepare_model, sam_model_fast_registry
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -27,6 +30,13 @@ def scratch_dir(prefix: str = "bench-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def cpu_model(checkpoint: str | Path, precision: torch.dtype | Precision | None = None) -> Sam:
+    """vit_b from `checkpoint` on the CPU: as segment_anything builds it (the reference's model)
+    when `precision` is None, else prepared in `precision` as a serving worker prepares it."""
+    sam = sam_model_fast_registry["vit_b"](str(checkpoint))
+    return sam if precision is None else prepare_model(sam, torch.device("cpu"), precision)
 
 
 class PeakRss:
