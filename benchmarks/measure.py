@@ -1,5 +1,5 @@
-"""Measurements shared by the benchmarks: a process's peak RSS, this machine's GEMM peak, and
-scratch folders that go away with the benchmark."""
+"""What the benchmarks share: the vit_b they load on the CPU, a process's peak RSS, this machine's
+GEMM peak, and scratch folders that go away with the benchmark."""
 
 from __future__ import annotations
 
