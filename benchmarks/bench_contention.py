@@ -40,6 +40,10 @@ VARIANTS: dict[str, tuple[str, dict[str, str], int | None, tuple[int, bool] | No
     "engine-small-chunks": ("engine", {}, None, (16 << 20, False)),
     "engine-passive": ("engine", {"OMP_WAIT_POLICY": "PASSIVE"}, None, None),
     "engine-1-thread": ("engine", {}, 1, None),
+    # libgomp spins this many times between parallel regions before sleeping (its default
+    # 300000 when OMP_WAIT_POLICY is unset): between spinning forever and PASSIVE's never.
+    "engine-spincount-10k": ("engine", {"GOMP_SPINCOUNT": "10000"}, None, None),
+    "engine-spincount-1k": ("engine", {"GOMP_SPINCOUNT": "1000"}, None, None),
 }
 LOADS = ("spin", "twin")
 
