@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from sam_fast_serve.client import main
+from sam_fast_serve.client.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

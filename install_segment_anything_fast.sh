@@ -32,4 +32,4 @@ else
   "${PIP[@]}" -r requirements.txt
 fi
 "${PIP[@]}" --no-deps -e .
-"$VENV/bin/python" -c "import torch, segment_anything, ts, cv2, pycocotools, sam_fast_serve; print('sam-fast-serve', sam_fast_serve.__version__, 'environment ready: torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch, segment_anything, sam2, ts, cv2, pycocotools, sam_fast_serve; print('sam-fast-serve', sam_fast_serve.__version__, 'environment ready: torch', torch.__version__)"

@@ -29,10 +29,10 @@ from skimage import data
 
 from benchmarks.bench_engine import KEEP_ALL
 from benchmarks.measure import scratch_dir
-from sam_fast_serve.archive import build_archive
-from sam_fast_serve.cli import save_random_checkpoint
-from sam_fast_serve.client import DEFAULT_CONCURRENCY
-from tests.local_server import REPO, TorchServe
+from sam_fast_serve.client.cli import DEFAULT_CONCURRENCY
+from sam_fast_serve.tools.archive import build_archive
+from sam_fast_serve.tools.cli import save_random_checkpoint
+from harness.servers import REPO, TorchServe
 
 CLIENT = Path(sys.executable).parent / "sam-fast-client"
 SIDE = 512

@@ -56,10 +56,10 @@ def child(spec: dict[str, Any]) -> None:
     from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
     from skimage import data as sample_images
 
-    from sam_fast_serve import fast_decoder
-    from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-    from sam_fast_serve.build import resolve_dtype
-    from sam_fast_serve.runtime import keep_freed_memory
+    from sam_fast_serve.models.sam1 import fast_decoder
+    from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
+    from sam_fast_serve.models.sam1.build import resolve_dtype
+    from sam_fast_serve.server.runtime import keep_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -142,7 +142,7 @@ def main() -> None:
     from skimage import data as sample_images
 
     from benchmarks.shares import predicted_ious, share_settings
-    from sam_fast_serve.cli import save_random_checkpoint
+    from sam_fast_serve.tools.cli import save_random_checkpoint
 
     torch.manual_seed(0)
     checkpoint = save_random_checkpoint(scratch_dir() / "random_vit_b.pth")

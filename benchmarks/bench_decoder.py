@@ -29,8 +29,8 @@ from segment_anything import build_sam_vit_b
 from segment_anything.modeling import MaskDecoder
 from torch import Tensor
 
-from sam_fast_serve.fast_decoder import FastMaskDecoder
-from sam_fast_serve.runtime import keep_freed_memory
+from sam_fast_serve.models.fast_decoder import FastMaskDecoder
+from sam_fast_serve.server.runtime import keep_freed_memory
 
 
 @dataclass(frozen=True)

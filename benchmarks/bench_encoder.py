@@ -39,10 +39,10 @@ from segment_anything.modeling import ImageEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import PeakRss, gemm_peaks, peak_for
-from sam_fast_serve import fast_encoder
-from sam_fast_serve.build import cpu_has_int8_dot
-from sam_fast_serve.fast_encoder import accelerate_image_encoder
-from sam_fast_serve.quantize import Int8Linear, int8_linear, quantize_activations, quantize_image_encoder
+from sam_fast_serve.models.sam1 import fast_encoder
+from sam_fast_serve.models.sam1.build import cpu_has_int8_dot
+from sam_fast_serve.models.sam1.fast_encoder import accelerate_image_encoder
+from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear, quantize_activations, quantize_image_encoder
 
 IMAGE_SIZE = 1024
 BF16, FP32 = torch.bfloat16, torch.float32

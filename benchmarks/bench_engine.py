@@ -52,16 +52,16 @@ from skimage import data as sample_images
 
 from benchmarks.measure import PeakRss, cpu_model, gemm_peaks, peak_for, scratch_dir
 from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
-from sam_fast_serve import automatic as engine_module
-from sam_fast_serve.archive import build_archive
-from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.build import resolve_dtype, resolve_precision
-from sam_fast_serve.cli import save_random_checkpoint
-from sam_fast_serve.fast_decoder import FastMaskDecoder
-from sam_fast_serve.runtime import keep_freed_memory
-from sam_fast_serve.wire import encode_pickled
+from sam_fast_serve.common.wire import encode_pickled
+from sam_fast_serve.models.sam1 import automatic as engine_module
+from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
+from sam_fast_serve.models.sam1.build import resolve_dtype, resolve_precision
+from sam_fast_serve.models.fast_decoder import FastMaskDecoder
+from sam_fast_serve.server.runtime import keep_freed_memory
+from sam_fast_serve.tools.archive import build_archive
+from sam_fast_serve.tools.cli import save_random_checkpoint
 from tests.agreement import match_masks
-from tests.local_server import REPO
+from harness.servers import REPO
 
 # Thresholds 0 and NMS off: every mask of the grid goes through post-processing and the wire (with
 # random weights NMS leaves about one mask of the grid, so this is where masks are compared one to one).
@@ -367,9 +367,9 @@ def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray
     """A whole request through TorchServe against the same request handled in this process."""
     import requests
 
-    from sam_fast_serve.service import MaskService
-    from sam_fast_serve.wire import decode_pickled
-    from tests.local_server import TorchServe
+    from sam_fast_serve.common.wire import decode_pickled
+    from sam_fast_serve.server.service import MaskService
+    from harness.servers import TorchServe
 
     ious = predicted_ious(cpu_model(checkpoint), image, args.points_per_side)
     all_pairs = 3 * args.points_per_side**2
@@ -428,7 +428,7 @@ def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray
 def server_mode(args: argparse.Namespace) -> None:
     import requests
 
-    from tests.local_server import TorchServe
+    from harness.servers import TorchServe
 
     checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
     png = {}
@@ -489,7 +489,7 @@ import json, sys, time
 started = time.perf_counter()
 from pathlib import Path
 from skimage import data
-from sam_fast_serve.service import MaskService
+from sam_fast_serve.server.service import MaskService
 section, model_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
 service = MaskService.load(section, model_dir, gpu_id=None)
 times = [time.perf_counter() - started]

@@ -61,9 +61,9 @@ from benchmarks.bench_engine import (
 )
 from benchmarks.measure import cpu_model, median_seconds
 from benchmarks.shares import predicted_ious
-from sam_fast_serve.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.cli import save_random_checkpoint
-from sam_fast_serve.runtime import keep_freed_memory
+from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
+from sam_fast_serve.server.runtime import keep_freed_memory
+from sam_fast_serve.tools.cli import save_random_checkpoint
 
 INSTALL = ".venv-peers/bin/pip install -r benchmarks/requirements-peers.txt"
 # What each peer needs: its runtime, and what torch.onnx.export writes the graphs with.

@@ -17,8 +17,8 @@ from PIL import Image
 from skimage import data
 
 from benchmarks.measure import median_seconds, scratch_dir
-from sam_fast_serve.cli import save_random_checkpoint
-from sam_fast_serve.service import MaskService
+from sam_fast_serve.server.service import MaskService
+from sam_fast_serve.tools.cli import save_random_checkpoint
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         first = service.handle([({"body": {"image": image, "points": [[100, 100]]}}, {})])[0]
         first_s = time.perf_counter() - started
         image_id = first.headers["X-Image-Id"]
-        print(f"| {name} | first prompt (image sent) | {first_s:.3f} | {service.predictor.encoder_calls} | 1.0x |")
+        print(f"| {name} | first prompt (image sent) | {first_s:.3f} | {service.engine.predictor.encoder_calls} | 1.0x |")
         for label, request in (
             ("next click (image_id)", lambda i: {"image_id": image_id, "points": [[20 + 15 * i, 40 + 10 * i]]}),
             ("next box (image_id)", lambda i: {"image_id": image_id, "boxes": [[10 + i, 20, 200 + 5 * i, 260]]}),
@@ -54,7 +54,7 @@ def main() -> None:
 
             median = median_seconds(one, args.prompts)
             print(
-                f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.predictor.encoder_calls} | {first_s / median:.0f}x |"
+                f"| {name} | {label}, median of {args.prompts} | {median:.3f} | {service.engine.predictor.encoder_calls} | {first_s / median:.0f}x |"
             )
 
 

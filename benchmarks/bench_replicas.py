@@ -29,8 +29,8 @@ import requests
 
 from benchmarks.bench_client import archive, make_images
 from benchmarks.measure import scratch_dir
-from sam_fast_serve.cli import save_random_checkpoint
-from tests.local_server import Balancer, TorchServe
+from sam_fast_serve.tools.cli import save_random_checkpoint
+from harness.servers import Balancer, TorchServe
 
 CLIENT = Path(sys.executable).parent / "sam-fast-client"
 LATENCY = re.compile(r": \d+ masks, ([\d.]+) s,")

@@ -16,9 +16,9 @@ from PIL import Image
 from skimage import data
 
 from benchmarks.measure import median_seconds, scratch_dir
-from sam_fast_serve.cli import save_random_checkpoint
-from sam_fast_serve.service import MaskService
-from tests.local_server import RedisServer
+from sam_fast_serve.server.service import MaskService
+from sam_fast_serve.tools.cli import save_random_checkpoint
+from harness.servers import RedisServer
 
 
 def answer(service: MaskService, document: dict) -> None:

@@ -19,9 +19,9 @@ from skimage import data
 from skimage.segmentation import slic
 
 from benchmarks.measure import best_seconds
-from sam_fast_serve.records import rle_to_builtins
-from sam_fast_serve.rle import encode_masks
-from sam_fast_serve.wire import decode_pickled, encode_json, encode_pickled
+from sam_fast_serve.common.records import rle_to_builtins
+from sam_fast_serve.common.wire import decode_pickled, encode_json, encode_pickled
+from sam_fast_serve.models.rle import encode_masks
 
 
 def annotations(masks: torch.Tensor) -> list[dict[str, Any]]:

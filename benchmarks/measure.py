@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from sam_fast_serve.build import Precision, prepare_model, sam_model_fast_registry
+from sam_fast_serve.models.sam1.build import Precision, prepare_model, sam_model_fast_registry
 
 BF16, FP32 = torch.bfloat16, torch.float32
 

@@ -16,8 +16,8 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_point_grid
 
-from sam_fast_serve.fast_decoder import FastMaskDecoder
-from sam_fast_serve.predictor import FastSamPredictor
+from sam_fast_serve.models.fast_decoder import FastMaskDecoder
+from sam_fast_serve.models.sam1.predictor import FastSamPredictor
 
 SHARES = (0.0, 0.1, 0.3, 0.6, 1.0)
 

@@ -1,5 +1,11 @@
 """sam-fast-serve: SAM mask generation behind TorchServe, and a torch-free client.
 
+    common/   what client and server share (errors, wire, records, options, prompts, TIFF, intensity)
+    client/   sam-fast-client (torch free)
+    server/   the mask service: decode -> predict -> encode, config, metrics, store, TorchServe handler
+    models/   the registry (model_type -> family), the engine interface, one folder per family
+    tools/    sam-fast-serve: the archive, checkpoints, waiting for a server
+
 Importing the package imports no torch: the client names load with it, the server names
 (`sam_model_fast_registry`, `SamAutomaticMaskGenerator`, `MaskService`) on first use, and those
 need the `serve` extra.
@@ -14,12 +20,12 @@ __version__ = "0.3.0"
 
 # Public name -> module that defines it.
 _PUBLIC = {
-    "decode_pickled": "wire",
-    "encode_pickled": "wire",
-    "encode_json": "wire",
-    "sam_model_fast_registry": "build",
-    "SamAutomaticMaskGenerator": "automatic",
-    "MaskService": "service",
+    "decode_pickled": "common.wire",
+    "encode_pickled": "common.wire",
+    "encode_json": "common.wire",
+    "sam_model_fast_registry": "models.registry",
+    "SamAutomaticMaskGenerator": "models.sam1.automatic",
+    "MaskService": "server.service",
 }
 
 __all__ = ["__version__", *_PUBLIC]

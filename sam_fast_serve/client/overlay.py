@@ -1,0 +1,75 @@
+"""The overlay the client writes next to each result: the masks painted over the photo, and the
+prompts drawn on top. Drawn with PIL and numpy (no OpenCV, so the client install stays small)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from pycocotools import mask as mask_utils
+
+from sam_fast_serve.common.intensity import rgb_for_sam
+from sam_fast_serve.common.tiff import is_tiff, read_tiff
+
+FOREGROUND, BACKGROUND, BOX = (0, 255, 0), (255, 0, 0), (255, 255, 0)
+POINT_RADIUS, BOX_WIDTH = 6, 2
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The overlay only needs the picture back: no pixel limit beyond what the server accepted.
+_ANY_SIZE = 1 << 62
+
+
+def _rgb(data: bytes) -> Image.Image:
+    """Image file bytes -> 8-bit RGB image as the server decodes them with its default settings:
+    page 0, default channels, `auto` intensity, EXIF orientation applied (not in TIFF files)."""
+    if is_tiff(data):
+        return Image.fromarray(rgb_for_sam(read_tiff(data, 0, _ANY_SIZE)))
+    with Image.open(io.BytesIO(data)) as opened:
+        image = ImageOps.exif_transpose(opened)
+    if image.mode in _WIDE_MODES:
+        # PIL's own conversion clips wide samples at 255, which would paint the photo white.
+        return Image.fromarray(rgb_for_sam(np.asarray(image)[:, :, None]))
+    return image.convert("RGB")
+
+
+def overlay_png(
+    data: bytes,
+    masks: Sequence[dict[str, Any]],
+    points: Sequence[Sequence[float]] = (),
+    labels: Sequence[int] = (),
+    boxes: Sequence[Sequence[float]] = (),
+    alpha: float = 0.5,
+) -> bytes:
+    """PNG bytes of the image file `data` with each mask (COCO RLE records with "segmentation"
+    and "area") blended in its own colour, largest first so small ones stay visible; foreground
+    points green, background points red, boxes yellow, in image pixels.
+
+    Raises ValueError when a mask's size is not the image's, OSError when PIL cannot decode `data`.
+    """
+    painted = _rgb(data)
+    width, height = painted.size
+    rng = np.random.default_rng(0)  # the same colours on every run
+    opacity = round(alpha * 255)
+    for mask in sorted(masks, key=lambda m: m["area"], reverse=True):
+        rle = mask["segmentation"]
+        if list(rle["size"]) != [height, width]:
+            raise ValueError(f"a mask is {rle['size'][1]}x{rle['size'][0]}, the image {width}x{height}")
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+        if w and h:
+            # PIL blends in C, inside the mask's box only: 1000 noise-like masks on a 512x512 photo
+            # took 2.0 s, against 8.2 s for numpy's boolean indexing over the whole image.
+            inside = mask_utils.decode(rle)[y : y + h, x : x + w] * np.uint8(opacity)
+            painted.paste(colour, (x, y, x + w, y + h), Image.fromarray(inside))
+    draw = ImageDraw.Draw(painted)
+    for (px, py), label in zip(points, labels):
+        r = POINT_RADIUS
+        draw.ellipse((px - r, py - r, px + r, py + r), fill=FOREGROUND if label else BACKGROUND)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle((x0, y0, x1, y1), outline=BOX, width=BOX_WIDTH)
+    encoded = io.BytesIO()
+    # Level 1: an overlay is for looking at; level 6 took 2.2x as long on a 2048x2048 photo for a 14% smaller file.
+    painted.save(encoded, "PNG", compress_level=1)
+    return encoded.getvalue()

@@ -1,0 +1,154 @@
+"""What the automatic mask generators of every family share, after the decoder: the steps from
+upsampled logits to compressed RLE (stability, threshold, boxes, crop edge), the small-region
+cleanup around them, and the records.
+
+Between stages masks are COCO's compressed RLE (counts as bytes) made by pycocotools' C encoder,
+not Python lists of run lengths, which the references deep-copy on every concatenation and encode
+in a Python loop (for fragmented masks that took longer than the model). segment_anything's and
+sam2's amg helpers are the same functions (stability, boxes, crop edge, uncrop, small regions);
+segment_anything's are used for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    box_xyxy_to_xywh,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    mask_to_rle_pytorch,
+    uncrop_masks,
+)
+
+from sam_fast_serve.common.records import amg_record, rle_to_builtins
+from sam_fast_serve.models.embedding import EmbeddingKeeper
+from sam_fast_serve.models.rle import encode_masks, reserve, rle_areas
+
+# Low-resolution logits are computed for at most this many masks at a time (256 KiB each).
+MASKS_PER_DECODE = 256
+# On the CPU, upsampling, stability, boxes and RLE run on a few masks at a time, so that each
+# full-size float intermediate stays below glibc's largest mmap threshold (32 MiB) and its memory is
+# reused instead of page-faulted in afresh: this halved SAM 1's upsampling time (3072 masks of a
+# 512 x 512 photo: 6.3 s in chunks of 256, 2.9 s in chunks of 4). Other devices take a whole decode
+# chunk at once.
+UPSAMPLE_CHUNK_BYTES = 16 * 2**20
+
+
+def upsample_chunk(device: torch.device, largest_pixels: int) -> int:
+    """How many masks to upsample and encode at once, when the largest float intermediate of one
+    mask has `largest_pixels` pixels."""
+    if device.type != "cpu":
+        return MASKS_PER_DECODE
+    return max(1, UPSAMPLE_CHUNK_BYTES // (largest_pixels * 4))
+
+
+@contextmanager
+def pinned_crops(
+    predictor: EmbeddingKeeper,
+    images: Sequence[np.ndarray],
+    crop_n_layers: int,
+    crop_overlap_ratio: float,
+    batch_size: int,
+) -> Iterator[None]:
+    """Within: the embeddings of `images` and of their crops are computed, `batch_size` per encoder
+    call, and pinned in `predictor` for the generator's `generate`."""
+    crops: list[np.ndarray] = []
+    for image in images:
+        boxes, _ = generate_crop_boxes(image.shape[:2], crop_n_layers, crop_overlap_ratio)
+        crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
+    with torch.no_grad():
+        predictor.pin(crops, batch_size)
+    try:
+        yield
+    finally:
+        predictor.unpin()
+
+
+def masks_to_rles(
+    data: MaskData,
+    crop_box: list[int],
+    orig_size: tuple[int, ...],
+    threshold: float,
+    stability_offset: float,
+    stability_thresh: float,
+) -> MaskData:
+    """Upsampled logits in data["masks"] -> stability filter, thresholding, boxes, crop-edge filter
+    and RLE (data["rles"]), as the references do; the masks are dropped."""
+    orig_h, orig_w = orig_size
+    data["stability_score"] = calculate_stability_score(data["masks"], threshold, stability_offset)
+    if stability_thresh > 0.0:
+        data.filter(data["stability_score"] >= stability_thresh)
+    data["masks"] = data["masks"] > threshold
+    data["boxes"] = batched_mask_to_box(data["masks"])
+    keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+    if not torch.all(keep):
+        data.filter(keep)
+    data["rles"] = encode_masks(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+    del data["masks"]
+    return data
+
+
+def empty_batch(device: torch.device) -> MaskData:
+    """A batch with no mask: the references always return these keys, which NMS downstream needs."""
+    return MaskData(
+        iou_preds=torch.zeros(0, device=device),
+        points=torch.zeros(0, 2, dtype=torch.float64),
+        stability_score=torch.zeros(0, device=device),
+        boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
+        rles=[],
+    )
+
+
+def uncompress(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """COCO compressed RLEs as the references' uncompressed ones (run lengths in a list)."""
+    if not rles:
+        return []
+    height, width = rles[0]["size"]
+    reserve(height * width * len(rles))
+    masks = torch.as_tensor(mask_utils.decode(rles)).permute(2, 0, 1)
+    return mask_to_rle_pytorch(masks)
+
+
+def clean_small_regions(
+    data: MaskData, min_area: int, nms_thresh: float, postprocess: Callable[[MaskData, int, float], MaskData]
+) -> MaskData:
+    """The reference's small-region cleanup (`postprocess`, its postprocess_small_regions) on our
+    compressed RLEs: it works on uncompressed ones, so they are converted around it."""
+    data["rles"] = uncompress(data["rles"])
+    data = postprocess(data, min_area, nms_thresh)
+    data["rles"] = [mask_utils.frPyObjects(rle, *rle["size"]) for rle in data["rles"]]
+    return data
+
+
+def records(data: MaskData, output_mode: str) -> list[dict[str, Any]]:
+    """The references' records of the masks in `data`, the segmentation in `output_mode`
+    (coco_rle: builtins for the wire, binary_mask, or uncompressed_rle)."""
+    rles = data["rles"]
+    areas = rle_areas(rles)
+    if output_mode == "coco_rle":
+        segmentations: list[Any] = [rle_to_builtins(r) for r in rles]
+    elif output_mode == "binary_mask":
+        segmentations = [mask_utils.decode(r).astype(bool) for r in rles]
+    else:
+        segmentations = uncompress(rles)
+    return [
+        amg_record(
+            segmentations[i],
+            areas[i],
+            box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+            data["iou_preds"][i].item(),
+            [data["points"][i].tolist()],
+            data["stability_score"][i].item(),
+            box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+        )
+        for i in range(len(rles))
+    ]

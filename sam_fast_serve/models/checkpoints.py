@@ -1,0 +1,100 @@
+"""The checks a checkpoint file must pass before it is loaded, and the download of an official one
+(the table of official checkpoints is models.registry's)."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.request
+from pathlib import Path
+
+from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.models.registry import ModelType, official_checkpoints
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def where_to_get(file_name: str) -> str:
+    """Where an official checkpoint comes from ("download it from URL (sha256 ...)"), else ""."""
+    official = official_checkpoints().get(Path(file_name).name)
+    if official is None:
+        return ""
+    return f"download it from {official.url}" + (f" (sha256 {official.sha256})" if official.sha256 else "")
+
+
+def check_sha256(path: Path, official: ModelType) -> None:
+    """Raise ConfigError when `path` is not byte for byte the official file (where its publisher
+    gives a sha256: Meta gives none for SAM 2, whose files are checked by loading them)."""
+    if official.sha256 is None:
+        return
+    actual = file_sha256(path)
+    if actual != official.sha256:
+        raise ConfigError(
+            f"{path.name} has sha256 {actual}, expected {official.sha256} "
+            f"(a partial or corrupted download? {where_to_get(official.file_name)})"
+        )
+
+
+def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path:
+    """Find `file_name` in `directory` and check it.
+
+    Returns the checkpoint's path. Raises ConfigError naming the file when it is missing (with the
+    download URL and sha256 when the name is an official one), when an official file belongs to
+    another model type, or when an official file's sha256 differs from the published one.
+    """
+    path = directory / file_name
+    official = official_checkpoints().get(Path(file_name).name)
+    if official is not None and official.name != model_type:
+        raise ConfigError(
+            f"sam_checkpoint {file_name!r} is the official {official.name} checkpoint, but model_type is {model_type!r}"
+        )
+    if not path.is_file():
+        hint = where_to_get(file_name)
+        raise ConfigError(f"sam_checkpoint {file_name!r} not found in {directory}" + (f"; {hint}" if hint else ""))
+    if official is not None:
+        check_sha256(path, official)
+    return path
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint `resolve_checkpoint` accepted: for an official file name the
+    published one (`resolve_checkpoint` has just checked the file against it), else computed."""
+    official = official_checkpoints().get(path.name)
+    return official.sha256 if official is not None and official.sha256 else file_sha256(path)
+
+
+def download_checkpoint(file_name: str, dest: Path) -> Path:
+    """Download the official checkpoint `file_name` to `dest`, checking its sha256.
+
+    Raises ConfigError when the name is not an official one, the download fails (the message says
+    how to use a local file instead) or the hash differs; nothing is left at `dest` then.
+    """
+    official = official_checkpoints().get(file_name)
+    if official is None or official.url is None:
+        raise ConfigError(f"{file_name!r} is not an official checkpoint; put the file at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_suffix(dest.suffix + ".part")
+    print(f"downloading {official.url} -> {dest}")
+    try:
+        urllib.request.urlretrieve(official.url, partial)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(
+            f"could not download {official.url} ({exc}).\n"
+            "No SAM weights can be downloaded on this machine. Copy the file from a machine that can, then:\n"
+            f"  make demo SAM_CHECKPOINT=/path/to/{official.file_name}\n"
+            "or check the plumbing with random weights (meaningless masks): make smoke"
+        ) from exc
+    try:
+        check_sha256(partial, official)
+    except ConfigError:
+        partial.unlink()
+        raise
+    partial.rename(dest)
+    return dest

@@ -1,0 +1,147 @@
+"""The engine the service talks to, whatever the model family: automatic mask generation for a group
+of images, masks for prompts on an image or on a cached image's embedding, warm-up, and what it
+keeps in the embedding store.
+
+A family (models/<family>/__init__.py) builds and prepares its model, says what one embedding holds
+(`embedding_layout`: the tensors the shared store checks every entry against), and gives the engine
+its predictor (the `Predictor` protocol below) and its generator (`Generator`); the engine does what is the same for every family: pinning a group's
+embeddings, timing the stages, finding a cached image. Inputs are decoded images (or a cached
+image's id) and validated settings; outputs are payloads of builtins, ready for the wire. Failures
+are exceptions: the service maps them to replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sam_fast_serve.common.errors import NotFound
+from sam_fast_serve.common.options import AmgSettings
+from sam_fast_serve.common.prompts import Prompts, parse_prompts
+from sam_fast_serve.models.embedding import EmbeddingStore, ImageEmbedding
+from sam_fast_serve.models.registry import ModelType
+from sam_fast_serve.models.timing import ENGINE_STAGES, StageClock
+
+
+@dataclass
+class Segmented:
+    """One image's answer (builtins), the masks in it, and the seconds each engine stage took for it."""
+
+    payload: Any
+    masks: int
+    seconds: dict[str, float]
+
+
+class Predictor(Protocol):
+    """A family's predictor: one current image (set from pixels or from an embedding), masks for
+    prompts on it, and embeddings pinned for a group of images."""
+
+    clock: StageClock
+    store: EmbeddingStore
+    original_size: tuple[int, int] | None
+
+    def set_image(self, image: np.ndarray) -> None: ...
+
+    def fetch(self, key: str) -> ImageEmbedding | None: ...
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None: ...
+
+    def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]: ...
+
+
+class Generator(Protocol):
+    """A family's automatic mask generator for one set of settings."""
+
+    def pinned(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]: ...
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
+
+
+def _stage_seconds(measured: Mapping[str, float], elapsed: float) -> dict[str, float]:
+    """Every engine stage's seconds (0 for a stage skipped); postprocess is what the clock's
+    stages do not account for of `elapsed`."""
+    seconds = {stage: measured.get(stage, 0.0) for stage in ENGINE_STAGES}
+    seconds["postprocess"] = max(0.0, elapsed - sum(measured.values()))
+    return seconds
+
+
+class Engine:
+    """A prepared model of one family behind one interface.
+
+    model: its model type. dtype: what its encoder and decoder compute in. predictor: the family's
+    predictor (with the embedding store). make_generator: settings -> the family's generator,
+    sharing that predictor. warm_up_run: what the family runs once before serving.
+    """
+
+    def __init__(
+        self,
+        model: ModelType,
+        dtype: torch.dtype,
+        predictor: Predictor,
+        make_generator: Callable[[AmgSettings], Generator],
+        warm_up_run: Callable[[], None],
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.predictor = predictor
+        self.generator = make_generator
+        self._warm_up = warm_up_run
+
+    @property
+    def store(self) -> EmbeddingStore:
+        return self.predictor.store
+
+    def warm_up(self) -> None:
+        """Run every stage once (encoder, decoder, masks), so that kernel selection and first-touch
+        allocations are not paid by a request. Nothing it computes is kept in the store."""
+        self._warm_up()
+
+    def automatic(self, images: list[np.ndarray], settings: AmgSettings) -> list[Segmented]:
+        """Each image's mask records (coco_rle, builtins); the images go through the image encoder
+        together, and share that call's seconds evenly."""
+        clock = self.predictor.clock
+        generator = self.generator(settings)
+        clock.take()
+        results = []
+        with generator.pinned(images):
+            pinning = clock.take()
+            for image in images:
+                start = time.perf_counter()
+                records = generator.generate(image)
+                results.append(
+                    Segmented(records, len(records), _stage_seconds(clock.take(), time.perf_counter() - start))
+                )
+        for result in results:
+            for stage, seconds in pinning.items():
+                result.seconds[stage] += seconds / len(results)
+        return results
+
+    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> Segmented:
+        """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
+        `image_id` when `image` is None: NotFound when no store has it, ServiceUnavailable when the
+        shared store cannot answer."""
+        predictor = self.predictor
+        predictor.clock.take()
+        start = time.perf_counter()
+        if image is not None:
+            predictor.set_image(image)
+        else:
+            embedding = predictor.fetch(image_id)
+            if embedding is None:
+                where = "the embedding store" if predictor.store.shared else "this worker's embedding cache"
+                raise NotFound(
+                    f"image_id {image_id!r} is not in {where} (expired or evicted, or from another "
+                    "worker or server run): send the image again"
+                )
+            predictor.set_embedding(embedding)
+        assert predictor.original_size is not None
+        answers = predictor.segment_prompts(parse_prompts(prompt_fields, predictor.original_size))
+        seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
+        masks = sum(len(answer["masks"]) for answer in answers)
+        return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)

@@ -1,0 +1,98 @@
+"""The device and the precision a model computes in: `auto` per device, bf16 only where the CPU
+computes it natively, int8 only where its kernels run."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sam_fast_serve.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Compute dtypes by their torch names; "auto" picks one per device (resolve_dtype).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Not a compute dtype: "auto"'s dtype with the image encoder's linear layers in int8 (x86 CPUs with
+# AVX512-VNNI or AMX; resolve_precision, sam1/quantize.py).
+INT8 = "int8"
+# How much slower vit_b's encoder was in bf16 than in fp32 on a CPU without native bf16 (AVX2-only
+# AMD EPYC, 2 cores: 169 s against 17.9 s), where torch emulates bf16 arithmetic.
+EMULATED_BF16_FACTOR = 9.4
+
+
+def _cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; none where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 is faster than fp32."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot products that oneDNN's int8 linear uses (AVX512-VNNI or AMX)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "amx_int8"})
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a prepared model computes.
+
+    dtype: the float dtype of the image encoder (its embeddings, attention, norms, neck) and of the
+    fast mask decoder. int8: whether the encoder's linear layers compute in int8 instead (quantize.py).
+    """
+
+    dtype: torch.dtype
+    int8: bool = False
+
+    @property
+    def name(self) -> str:
+        """Its name as the config's `dtype` key gives it: "int8", or the dtype's torch name."""
+        return INT8 if self.int8 else str(self.dtype).removeprefix("torch.")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `name` ("auto" or one of config.DTYPE_NAMES) on `device`.
+
+    auto: bf16 on CUDA devices that support it and on CPUs with native bf16, else fp32. "int8" is
+    no compute dtype: `resolve_precision` resolves it.
+    """
+    if name == INT8:
+        raise ValueError("dtype int8 is a precision, not a compute dtype: use resolve_precision")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype), name
+    return dtype
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """The precision for the config's `dtype` key: "auto", one of config.DTYPE_NAMES, or "int8".
+
+    int8: the dtype "auto" picks, with the image encoder's linear layers in int8. It runs on x86
+    CPUs with AVX512-VNNI or AMX only; elsewhere it is refused with a ConfigError naming the key,
+    rather than served in float under the int8 name.
+    """
+    if name != INT8:
+        return Precision(resolve_dtype(name, device))
+    if device.type != "cpu":
+        raise ConfigError(f"handler key 'dtype' int8 runs on CPUs only, and this worker runs on {device}")
+    if not cpu_has_int8_dot():
+        raise ConfigError("handler key 'dtype' int8 needs a CPU with AVX512-VNNI or AMX, which this one lacks")
+    return Precision(resolve_dtype("auto", device), int8=True)
+
+
+def select_device(gpu_id: int | None) -> torch.device:
+    """`cuda:<gpu_id>` when CUDA is available and TorchServe assigned a GPU, else the CPU."""
+    if torch.cuda.is_available() and gpu_id is not None:
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")

@@ -1,0 +1,163 @@
+"""Every model type this server loads, the family whose code builds and serves it, and its official
+checkpoint. `model_type` picks the family; nothing outside a family's folder names its classes.
+
+Torch free: config validation and the tools read this table without the server's dependencies. A
+family's code is imported on first use (`Family.module`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+# The automatic mask generation keys both families take (common.options.AmgSettings names them).
+_SHARED_AMG_KEYS = (
+    "points_per_side",
+    "points_per_batch",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "box_nms_thresh",
+    "crop_n_layers",
+    "min_mask_region_area",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: the package under sam_fast_serve.models that builds its models and engines,
+    the AMG keys its generator takes, and the defaults it changes (its reference generator's)."""
+
+    name: str
+    title: str
+    amg_keys: tuple[str, ...]
+    amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def module(self) -> ModuleType:
+        """The family's package (its `build` and `engine` functions): imports torch and the
+        family's upstream code."""
+        return importlib.import_module(f"sam_fast_serve.models.{self.name}")
+
+
+SAM1 = Family("sam1", "Segment Anything (SAM 1)", _SHARED_AMG_KEYS)
+SAM2 = Family(
+    "sam2",
+    "SAM 2 and SAM 2.1",
+    (*_SHARED_AMG_KEYS, "use_m2m", "multimask_output"),
+    # SAM2AutomaticMaskGenerator's default; SAM 1's is 0.88.
+    MappingProxyType({"pred_iou_thresh": 0.8}),
+)
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One model type: its family, the official checkpoint (file name, URL, sha256 where the
+    publisher gives one), parameters in millions, and what the family needs to build it
+    (`build`: segment_anything's registry name, or SAM 2's Hydra config)."""
+
+    name: str
+    family: Family
+    file_name: str
+    url: str | None
+    sha256: str | None
+    parameters_m: float
+    build: str
+    # A random-weight test architecture: the family's code paths at a small fraction of the FLOPs.
+    test_only: bool = False
+
+
+_SAM1_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+# Meta's SAM 2 (July 2024) and SAM 2.1 (September 2024) checkpoints; no sha256 is published for them.
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+_SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+
+
+def _sam2(version: str, size: str, short: str, parameters_m: float) -> ModelType:
+    name = f"{version}_hiera_{size}"
+    base = _SAM2_URL if version == "sam2" else _SAM21_URL
+    return ModelType(
+        name,
+        SAM2,
+        f"{name}.pt",
+        base + f"{name}.pt",
+        None,
+        parameters_m,
+        f"configs/{version}/{version}_hiera_{short}.yaml",
+    )
+
+
+MODEL_TYPES: dict[str, ModelType] = {
+    m.name: m
+    for m in (
+        ModelType(
+            "vit_b",
+            SAM1,
+            "sam_vit_b_01ec64.pth",
+            _SAM1_URL + "sam_vit_b_01ec64.pth",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            93.7,
+            "vit_b",
+        ),
+        ModelType(
+            "vit_l",
+            SAM1,
+            "sam_vit_l_0b3195.pth",
+            _SAM1_URL + "sam_vit_l_0b3195.pth",
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            312.3,
+            "vit_l",
+        ),
+        ModelType(
+            "vit_h",
+            SAM1,
+            "sam_vit_h_4b8939.pth",
+            _SAM1_URL + "sam_vit_h_4b8939.pth",
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            641.1,
+            "vit_h",
+        ),
+        _sam2("sam2", "tiny", "t", 38.9),
+        _sam2("sam2", "small", "s", 46.0),
+        _sam2("sam2", "base_plus", "b+", 80.8),
+        _sam2("sam2", "large", "l", 224.4),
+        _sam2("sam2.1", "tiny", "t", 38.9),
+        _sam2("sam2.1", "small", "s", 46.0),
+        _sam2("sam2.1", "base_plus", "b+", 80.8),
+        _sam2("sam2.1", "large", "l", 224.4),
+        ModelType("test_vit", SAM1, "test_vit.pth", None, None, 4.1, "test_vit", test_only=True),
+        ModelType(
+            "test_sam2.1_hiera",
+            SAM2,
+            "test_sam2.1_hiera.pt",
+            None,
+            None,
+            4.2,
+            "configs/sam2.1/sam2.1_hiera_t.yaml",
+            test_only=True,
+        ),
+    )
+}
+
+
+def model_type(name: str) -> ModelType:
+    """The model type called `name` (KeyError for an unknown one: config validation names them)."""
+    return MODEL_TYPES[name]
+
+
+def official_checkpoints() -> dict[str, ModelType]:
+    """Model types by their official checkpoint's file name (the test architectures have none)."""
+    return {m.file_name: m for m in MODEL_TYPES.values() if m.url is not None}
+
+
+def _builder(name: str) -> Callable[[str | None], Any]:
+    def build(checkpoint: str | None = None) -> Any:
+        """Build the model (in eval mode, on the CPU, float32); load `checkpoint` with weights_only=True if given."""
+        return MODEL_TYPES[name].family.module().build(MODEL_TYPES[name], checkpoint)
+
+    return build
+
+
+# model_type -> a function of a checkpoint path (or None: random weights) that builds the model.
+sam_model_fast_registry: dict[str, Callable[[str | None], Any]] = {name: _builder(name) for name in MODEL_TYPES}

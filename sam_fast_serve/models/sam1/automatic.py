@@ -1,0 +1,126 @@
+"""SamAutomaticMaskGenerator with the fast decoder, batched image encoding, early IoU filtering
+and RLE done by pycocotools' C encoder.
+
+It subclasses segment_anything's generator and keeps its crop handling and NMS. What changes:
+the image embedding (pinned in batches of `process_batch_size`), the per-batch decoding
+(`_process_batch`), and the RLE format kept between stages: COCO's compressed RLE (counts as
+bytes) instead of Python lists of run lengths, which the reference deep-copies on every
+concatenation and encodes in a Python loop (for fragmented masks that took longer than the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import MaskData
+
+from sam_fast_serve.models.amg import (
+    MASKS_PER_DECODE,
+    clean_small_regions,
+    empty_batch,
+    masks_to_rles,
+    pinned_crops,
+    records,
+    upsample_chunk,
+)
+from sam_fast_serve.models.fast_decoder import FastMaskDecoder
+from sam_fast_serve.models.sam1.predictor import FastSamPredictor
+
+
+class SamAutomaticMaskGenerator(ReferenceGenerator):
+    """Drop-in for segment_anything.SamAutomaticMaskGenerator (same arguments and records), plus:
+
+    process_batch_size: images (or crops) per image-encoder call in `generate_batch`.
+    predictor: a FastSamPredictor for `model`, to share its decoder and embedding cache between
+        generators; by default a new one with a FastMaskDecoder in `decoder_dtype` and no cache.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        *args: Any,
+        process_batch_size: int = 1,
+        predictor: FastSamPredictor | None = None,
+        decoder_dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.process_batch_size = process_batch_size
+        if predictor is None:
+            predictor = FastSamPredictor(model, FastMaskDecoder(model.mask_decoder, decoder_dtype))
+        self.predictor = predictor
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Masks for one RGB uint8 (H, W, 3) image: the same records as the reference's `generate`."""
+        mask_data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            nms = max(self.box_nms_thresh, self.crop_nms_thresh)
+            mask_data = clean_small_regions(mask_data, self.min_mask_region_area, nms, self.postprocess_small_regions)
+        return records(mask_data, self.output_mode)
+
+    def pinned(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
+        """Within: the embeddings of `images` (and of their crops) are computed, `process_batch_size`
+        per encoder call, and kept for `generate`."""
+        return pinned_crops(
+            self.predictor, images, self.crop_n_layers, self.crop_overlap_ratio, self.process_batch_size
+        )
+
+    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
+        with self.pinned(images):
+            return [self.generate(image) for image in images]
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        im_size: tuple[int, ...],
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+    ) -> MaskData:
+        predictor = self.predictor
+        decoder = predictor.decoder
+        transformed = predictor.transform.apply_coords(points, im_size)
+        coords = torch.as_tensor(transformed, device=predictor.device)
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, _ = self.predictor.model.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        with predictor.clock.stage("mask_decoder"):
+            tokens = decoder.run_transformer(predictor.image_state(), sparse)
+        # Multimask output: mask tokens 1..3, flattened point-major like the reference.
+        iou_preds = tokens.iou_pred[:, 1:].flatten()
+        keep = torch.arange(iou_preds.numel(), device=iou_preds.device)
+        if self.pred_iou_thresh > 0.0:
+            # The reference drops these after upsampling; dropping them first skips their masks.
+            keep = keep[iou_preds > self.pred_iou_thresh]
+        points_t = torch.as_tensor(points)  # stays on the CPU, as in the reference
+        data = MaskData()
+        img_size = predictor.model.image_encoder.img_size
+        per_upsample = upsample_chunk(predictor.device, max(img_size * img_size, orig_size[0] * orig_size[1]))
+        for chunk in keep.split(MASKS_PER_DECODE):
+            prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
+            with predictor.clock.stage("mask_decoder"):
+                low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
+            for rows in torch.arange(len(chunk)).split(per_upsample):
+                masks = predictor.upsample(low_res[rows])
+                chunk_data = MaskData(
+                    masks=masks[:, 0], iou_preds=iou_preds[chunk[rows]], points=points_t[prompt_idx[rows].cpu()]
+                )
+                data.cat(
+                    masks_to_rles(
+                        chunk_data,
+                        crop_box,
+                        orig_size,
+                        predictor.model.mask_threshold,
+                        self.stability_score_offset,
+                        self.stability_score_thresh,
+                    )
+                )
+        return data if data._stats else empty_batch(predictor.device)

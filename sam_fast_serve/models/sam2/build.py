@@ -1,0 +1,61 @@
+"""Building SAM 2 and SAM 2.1 models with sam2's own Hydra configs, and preparing them to serve.
+
+Checkpoints are in the official form, {"model": state_dict}, read with weights_only=True. The
+image encoder computes in the engine's dtype under autocast: sam2's forward_image applies the mask
+decoder's high-resolution convolutions to the backbone's features, so casting the encoder alone
+would mix dtypes, and autocast keeps the norms and softmax in float32 where torch deems it needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+
+from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.models.precision import Precision
+from sam_fast_serve.models.registry import ModelType
+
+# The test architecture: hiera_tiny's config with a 16-channel trunk of 5 blocks (one global) and
+# one memory attention layer, so every code path runs at a small fraction of the FLOPs.
+TEST_OVERRIDES = (
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    "++model.memory_attention.num_layers=1",
+)
+
+
+def build(model: ModelType, checkpoint: str | None = None) -> SAM2Base:
+    """Build `model` on the CPU in eval mode, with SAM 2's image post-processing settings (those of
+    sam2.build_sam.build_sam2); load `checkpoint` ({"model": state_dict}) with weights_only=True if
+    given, else keep random weights. Raises ConfigError when the checkpoint is not one of `model`."""
+    overrides = list(TEST_OVERRIDES) if model.test_only else []
+    net = build_sam2(model.build, None, device="cpu", hydra_overrides_extra=overrides)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise ConfigError(f"{checkpoint}: not a SAM 2 checkpoint (a dict with the state dict under 'model')")
+        missing, unexpected = net.load_state_dict(state["model"], strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{checkpoint} does not fit {model.name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    return net.eval()
+
+
+def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:
+    """What an official SAM 2 checkpoint file holds for `net`: {"model": its state dict}."""
+    return {"model": net.state_dict()}
+
+
+def prepare_model(net: SAM2Base, device: torch.device, precision: Precision, compile_encoder: bool = False) -> SAM2Base:
+    """Move `net` to `device`. The dtype is applied at encoding time (autocast, see above); int8
+    and compile are SAM 1 options here, refused with a ConfigError naming the key."""
+    if precision.int8:
+        raise ConfigError("handler key 'dtype' int8 applies to SAM 1 models only (its int8 encoder linears)")
+    if compile_encoder:
+        raise ConfigError("handler key 'compile' applies to SAM 1 models only")
+    return net.to(device).eval()

@@ -1,0 +1,39 @@
+"""The SAM 2 engine: Sam2Predictor and Sam2AutomaticMaskGenerator behind models.engine.Engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sam2.modeling.sam2_base import SAM2Base
+
+from sam_fast_serve.common.options import AmgSettings
+from sam_fast_serve.models.embedding import EmbeddingStore
+from sam_fast_serve.models.engine import Engine
+from sam_fast_serve.models.registry import SAM2, ModelType
+from sam_fast_serve.models.sam2.automatic import Sam2AutomaticMaskGenerator
+from sam_fast_serve.models.sam2.predictor import Sam2Predictor
+
+
+def engine(
+    model: ModelType, net: SAM2Base, dtype: torch.dtype, store: EmbeddingStore, process_batch_size: int
+) -> Engine:
+    """An Engine over a prepared SAM 2 model: Sam2Predictor (encoder in `dtype`, `store`) and
+    Sam2AutomaticMaskGenerator, `process_batch_size` images per encoder call."""
+    predictor = Sam2Predictor(net, dtype, store)
+
+    def generator(settings: AmgSettings, predictor: Sam2Predictor = predictor) -> Sam2AutomaticMaskGenerator:
+        return Sam2AutomaticMaskGenerator(
+            net,
+            **settings.generator_arguments(SAM2.amg_keys),
+            output_mode="coco_rle",
+            process_batch_size=process_batch_size,
+            predictor=predictor,
+        )
+
+    def warm_up() -> None:
+        # A predictor of its own, which keeps nothing (see the SAM 1 engine).
+        image = np.zeros((64, 64, 3), dtype=np.uint8)
+        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        generator(settings, Sam2Predictor(net, dtype)).generate(image)
+
+    return Engine(model, dtype, predictor, generator, warm_up)

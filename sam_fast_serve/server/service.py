@@ -1,0 +1,190 @@
+"""The mask service: requests (fields, headers) in, replies (status, body, content type, headers)
+out, in three steps a TorchServe handler maps onto preprocess -> inference -> postprocess:
+
+    decode  (jobs.py)       each request to a Job, or its 4xx Reply
+    predict (models.engine) each Job to an Answer; automatic jobs with the same settings share
+                            image-encoder calls
+    encode  (responses.py)  each Answer to its Reply
+
+A request that fails at any step gets its own error Reply and the others of the batch go on; an
+engine failure answers exactly the jobs that engine call was running. Every step reports what it
+measured to the service's Recorder (metrics.py). Imports nothing from ts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sam_fast_serve.common.errors import InternalError, OutOfMemory, ServiceError
+from sam_fast_serve.common.options import AmgSettings
+from sam_fast_serve.models.engine import Engine, Segmented
+from sam_fast_serve.server.config import ServiceConfig, load_service_config
+from sam_fast_serve.server.jobs import Job, decode_job
+from sam_fast_serve.server.loading import load_engine
+from sam_fast_serve.server.metrics import ANSWERS, IMAGE_MEGAPIXELS, IMAGES, MASKS, Recorder, Sink, discard
+from sam_fast_serve.server.responses import Reply, error_reply, payload_reply
+from sam_fast_serve.server.runtime import keep_freed_memory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """A job's result, to be encoded as its job asks."""
+
+    job: Job
+    result: Segmented
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # CPU allocation failures surface as RuntimeError from the default allocator.
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def as_service_error(exc: Exception, requests: int) -> ServiceError:
+    """The ServiceError to answer `requests` request(s) with after `exc`; unexpected failures are
+    logged with their traceback, and memory is freed after any of them."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if _is_out_of_memory(exc):
+        logger.error("out of memory serving %d request(s)", requests, exc_info=True)
+        failure: ServiceError = OutOfMemory(
+            "the server ran out of memory for this request; try a smaller image or fewer points"
+        )
+    else:
+        logger.exception("unexpected failure serving %d request(s)", requests)
+        failure = InternalError(f"unexpected {type(exc).__name__} while segmenting; see the worker log")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return failure
+
+
+class MaskService:
+    """A validated config and a loaded engine, answering batches of mask requests."""
+
+    def __init__(self, config: ServiceConfig, engine: Engine, sink: Sink = discard) -> None:
+        self.config = config
+        self.engine = engine
+        self.recorder = Recorder(sink)
+        self.recorder.start()
+
+    @classmethod
+    def load(
+        cls, handler_section: Mapping[str, Any] | None, model_dir: Path, gpu_id: int | None, sink: Sink = discard
+    ) -> MaskService:
+        """Validate the `handler:` section, load and warm up the model from `model_dir`; metrics go
+        to `sink`. The process keeps freed memory from then on (runtime.keep_freed_memory): the
+        decoder's large activations are reused instead of page-faulted in at every allocation.
+
+        Raises ConfigError naming the offending key or file.
+        """
+        keep_freed_memory()
+        config = load_service_config(handler_section)
+        return cls(config, load_engine(config, Path(model_dir), gpu_id), sink)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    def decode(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Job | Reply]:
+        """Each request, given as (fields, headers), as a Job or the Reply that refuses it."""
+        decoded: list[Job | Reply] = []
+        for fields, headers in requests:
+            start = time.perf_counter()
+            try:
+                job = decode_job(fields, headers, self.config)
+            except ServiceError as error:
+                decoded.append(error_reply(error))
+            else:
+                decoded.append(job)
+                if job.image is not None:
+                    self.recorder.emit(IMAGE_MEGAPIXELS, job.image.shape[0] * job.image.shape[1] / 1e6)
+            self.recorder.stages({"decode": time.perf_counter() - start})
+        return decoded
+
+    def predict(self, decoded: Sequence[Job | Reply]) -> list[Answer | Reply]:
+        """Each Job's Answer (Replies pass through). Prompted jobs run one at a time; automatic
+        jobs with the same settings run through the engine together."""
+        results: dict[int, Answer | Reply] = {i: item for i, item in enumerate(decoded) if isinstance(item, Reply)}
+        prompted: list[list[tuple[int, Job]]] = []
+        automatic: dict[AmgSettings, list[tuple[int, Job]]] = {}
+        for index, item in enumerate(decoded):
+            if isinstance(item, Job) and item.settings is None:
+                prompted.append([(index, item)])
+            elif isinstance(item, Job) and item.settings is not None:
+                automatic.setdefault(item.settings, []).append((index, item))
+        for group in [*prompted, *automatic.values()]:
+            results.update(self._run(group))
+        self.recorder.store_counts(self.engine.store.counts)
+        return [results[i] for i in range(len(decoded))]
+
+    def encode(self, predicted: Sequence[Answer | Reply]) -> list[Reply]:
+        """Each Answer as the Reply its job asked for (Replies pass through)."""
+        replies = []
+        for item in predicted:
+            reply = self._encode(item) if isinstance(item, Answer) else item
+            self.recorder.emit(ANSWERS, 1, status=str(reply.status))
+            replies.append(reply)
+        return replies
+
+    def _encode(self, answer: Answer) -> Reply:
+        start = time.perf_counter()
+        try:
+            reply = payload_reply(
+                answer.result.payload, answer.job.json, answer.job.image_id, self.config.max_response_bytes
+            )
+        except Exception as exc:
+            return error_reply(as_service_error(exc, 1))
+        mode = "automatic" if answer.job.settings is not None else "prompted"
+        self.recorder.stages({**answer.result.seconds, "wire_encode": time.perf_counter() - start})
+        self.recorder.emit(IMAGES, 1, mode=mode)
+        self.recorder.emit(MASKS, answer.result.masks, mode=mode)
+        return reply
+
+    def handle(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Reply]:
+        """decode -> predict -> encode: one Reply per request."""
+        return self.encode(self.predict(self.decode(requests)))
+
+    def _run(self, group: list[tuple[int, Job]]) -> dict[int, Answer | Reply]:
+        """The Answers of one engine call for the jobs of `group` (index, job), or the same error
+        Reply for all of them when it fails: the other jobs of the batch go on."""
+        jobs = [job for _, job in group]
+        try:
+            results = self._automatic(jobs) if jobs[0].settings is not None else self._prompted(jobs)
+        except Exception as exc:
+            reply = error_reply(as_service_error(exc, len(jobs)))
+            return {index: reply for index, _ in group}
+        return {index: Answer(job, result) for (index, job), result in zip(group, results, strict=True)}
+
+    def _automatic(self, jobs: list[Job]) -> list[Segmented]:
+        images = [job.image for job in jobs if job.image is not None]
+        assert jobs[0].settings is not None and len(images) == len(jobs)
+        results = self.engine.automatic(images, jobs[0].settings)
+        for result in results:
+            result.payload = keep_best(result.payload, self.config.max_masks)
+            result.masks = len(result.payload)
+        return results
+
+    def _prompted(self, jobs: list[Job]) -> list[Segmented]:
+        (job,) = jobs
+        assert job.prompt_fields is not None
+        return [self.engine.prompted(job.image, job.image_id, job.prompt_fields)]
+
+
+def keep_best(records: list[dict[str, Any]], max_masks: int) -> list[dict[str, Any]]:
+    """At most `max_masks` records: the best by predicted IoU, in their original order."""
+    if len(records) <= max_masks:
+        return records
+    ranked = sorted(range(len(records)), key=lambda i: records[i]["predicted_iou"], reverse=True)
+    return [records[i] for i in sorted(ranked[:max_masks])]

@@ -1,0 +1,163 @@
+"""Prompted masks and the embedding cache.
+
+Equivalence: the service (fp32, random-weight vit_b) against segment_anything.SamPredictor on the
+same photo, for single points, mixed positive/negative points, one box, several boxes, and a box
+with points: masks at IoU >= 0.99, scores within 1e-3.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamPredictor
+
+from harness.files import encode
+from sam_fast_serve.common.wire import decode_pickled
+from sam_fast_serve.models.embedding import EmbeddingCache, ImageEmbedding, pixel_key
+
+CASES = {
+    "single point": {"points": [[200.0, 150.0]]},
+    "mixed points": {"points": [[200.0, 150.0], [320.0, 400.0], [60.0, 80.0]], "labels": [1, 0, 1]},
+    "one box": {"boxes": [[100.0, 50.0, 400.0, 460.0]]},
+    "several boxes": {"boxes": [[100.0, 50.0, 400.0, 460.0], [10.0, 300.0, 200.0, 500.0], [250.0, 20.0, 500.0, 200.0]]},
+    "box and points": {
+        "boxes": [[100.0, 50.0, 400.0, 460.0]],
+        "points": [[250.0, 250.0], [120.0, 70.0]],
+        "labels": [1, 0],
+    },
+}
+
+
+def reference_answer(predictor: SamPredictor, case: dict, multimask: bool):
+    """(masks (B, C, H, W) bool, scores (B, C)) from segment_anything for one request's prompts."""
+    size = predictor.original_size
+    boxes = case.get("boxes")
+    count = len(boxes) if boxes else 1
+    coords = labels = box_t = None
+    if "points" in case:
+        coords = torch.as_tensor(predictor.transform.apply_coords(np.array(case["points"]), size), dtype=torch.float)
+        coords = coords[None].expand(count, -1, -1)
+        labels = torch.as_tensor(case.get("labels", [1] * len(case["points"])))[None].expand(count, -1)
+    if boxes:
+        box_t = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float), size)
+    masks, scores, _ = predictor.predict_torch(coords, labels, box_t, multimask_output=multimask)
+    return masks.numpy(), scores.numpy()
+
+
+def ask(service, document: dict, json_reply: bool = False):
+    headers = {"Accept": "application/json"} if json_reply else {}
+    reply = service.handle([({"body": document}, headers)])[0]
+    return reply, (
+        json.loads(reply.body) if json_reply else decode_pickled(reply.body)
+    ) if reply.status == 200 else None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prompts_match_sam_predictor(fp32_service, reference_predictor, astronaut, case):
+    document = {"image": base64.b64encode(encode(astronaut)).decode(), **CASES[case]}
+    reply, answer = ask(fp32_service, document)
+    assert reply.status == 200, reply.body
+    multimask = case == "single point"  # the documented default
+    ref_masks, ref_scores = reference_answer(reference_predictor, CASES[case], multimask)
+    assert len(answer["prompts"]) == ref_masks.shape[0]
+    for prompt, ref_prompt_masks, ref_prompt_scores in zip(answer["prompts"], ref_masks, ref_scores):
+        assert len(prompt["masks"]) == ref_prompt_masks.shape[0] == (3 if multimask else 1)
+        for mask, ref_mask, ref_score in zip(prompt["masks"], ref_prompt_masks, ref_prompt_scores):
+            ours = mask_utils.decode(mask["segmentation"]).astype(bool)
+            union = (ours | ref_mask).sum()
+            assert union == 0 or (ours & ref_mask).sum() / union >= 0.99
+            assert abs(mask["predicted_iou"] - float(ref_score)) < 1e-3
+            assert mask["area"] == int(ours.sum())
+
+
+def test_cached_prompts_skip_the_encoder_and_image_id_works(fp32_service, chelsea):
+    service = fp32_service
+    png = encode(chelsea)
+    calls = service.engine.predictor.encoder_calls
+    first, answer = ask(service, {"image": base64.b64encode(png).decode(), "points": [[100, 100]]}, json_reply=True)
+    assert first.status == 200 and service.engine.predictor.encoder_calls == calls + 1
+    image_id = answer["image_id"]
+    assert image_id == first.headers["X-Image-Id"] == pixel_key(chelsea)
+    # The same pixels in another file format are the same image; image_id alone works too.
+    again, same = ask(
+        service, {"image": base64.b64encode(encode(chelsea, "BMP")).decode(), "points": [[100, 100]]}, True
+    )
+    by_id, by_id_answer = ask(service, {"image_id": image_id, "points": [[100, 100]]}, json_reply=True)
+    assert service.engine.predictor.encoder_calls == calls + 1
+    assert same == by_id_answer == answer
+    # Logits only when asked for: (masks, 256, 256) float32.
+    _, with_logits = ask(service, {"image_id": image_id, "boxes": [[10, 10, 200, 200]], "return_logits": True})
+    logits = with_logits["prompts"][0]["low_res_logits"]
+    assert logits["shape"] == [1, 256, 256] and len(base64.b64decode(logits["data"])) == 4 * 256 * 256
+    assert "low_res_logits" not in answer["prompts"][0]
+
+
+def test_different_images_never_share_an_entry(fp32_service, chelsea):
+    changed = chelsea.copy()
+    changed[0, 0, 0] ^= 1  # one bit of one pixel
+    assert pixel_key(changed) != pixel_key(chelsea)
+    assert pixel_key(np.ascontiguousarray(chelsea.transpose(1, 0, 2))) != pixel_key(chelsea)
+    calls = fp32_service.engine.predictor.encoder_calls
+    reply, answer = ask(fp32_service, {"image": base64.b64encode(encode(changed)).decode(), "points": [[100, 100]]})
+    assert fp32_service.engine.predictor.encoder_calls == calls + 1 and answer["image_id"] == pixel_key(changed)
+
+
+def test_cache_eviction_respects_the_byte_bound():
+    def embedding(value: float) -> ImageEmbedding:
+        return ImageEmbedding({"features": torch.full((1, 256, 64, 64), float(value))}, (1024, 1024), (512, 512))
+
+    size = embedding(0).nbytes
+    cache = EmbeddingCache(capacity_bytes=2 * size + size // 2)
+    for key in "abc":
+        cache.put(key, embedding(ord(key)))
+        assert cache.size_bytes <= cache.capacity_bytes
+    assert cache.get("a") is None and len(cache) == 2  # least recently used went first
+    assert cache.get("b") is not None  # b is now the most recent
+    cache.put("d", embedding(1.0))
+    assert cache.get("c") is None and cache.get("b") is not None and cache.get("d") is not None
+    off = EmbeddingCache(0)
+    off.put("a", embedding(0))
+    assert off.get("a") is None and off.size_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "fields, status, mentions",
+    [
+        ({"points": [[600, 10]]}, 422, "'points'"),
+        ({"points": [[-1, 10]]}, 422, "'points'"),
+        ({"points": [[10, 10]], "labels": [1, 0]}, 422, "'labels'"),
+        ({"points": [[10, 10]], "labels": [2]}, 422, "'labels'"),
+        ({"points": [[10, 10], [20]]}, 422, "'points'"),
+        ({"points": [[10, 10]] * 65}, 422, "at most 64"),
+        ({"boxes": [[50, 50, 40, 80]]}, 422, "'boxes'"),
+        ({"boxes": [[50, 50, 50, 80]]}, 422, "'boxes'"),
+        ({"boxes": [[0, 0, 700, 80]]}, 422, "'boxes'"),
+        ({"boxes": [[0, 0, 10, 10]] * 65}, 422, "at most 64"),
+        ({"points": [[10, 10]], "multimask": "yes"}, 422, "'multimask'"),
+        ({"labels": [1]}, 422, "'labels'"),
+        ({"points": [[10, 10]], "points_per_side": 4}, 422, "'points_per_side'"),
+    ],
+)
+def test_bad_prompts_get_422_naming_the_field(fp32_service, astronaut, fields, status, mentions):
+    calls = fp32_service.engine.predictor.encoder_calls
+    reply, _ = ask(fp32_service, {"image": base64.b64encode(encode(astronaut)).decode(), **fields})
+    assert reply.status == status, reply.body
+    body = json.loads(reply.body)
+    assert body["code"] == status and mentions in body["message"], body
+    assert fp32_service.engine.predictor.encoder_calls == calls  # refused before the encoder ran
+
+
+def test_unknown_or_evicted_image_id_is_404(fp32_service):
+    reply, _ = ask(fp32_service, {"image_id": "0" * 32, "points": [[1, 1]]})
+    assert reply.status == 404 and "send the image again" in json.loads(reply.body)["message"]
+
+
+@pytest.mark.parametrize("image_id", ["", "0" * 31, "0" * 33, "G" * 32, "A" * 32, "*", "x" * 100_000, 7, None])
+def test_malformed_image_id_is_400(fp32_service, image_id):
+    reply, _ = ask(fp32_service, {"image_id": image_id, "points": [[1, 1]]})
+    assert reply.status == 400 and "'image_id'" in json.loads(reply.body)["message"]

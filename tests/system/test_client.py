@@ -1,0 +1,362 @@
+"""sam-fast-client (run as `python inference.py`) over folders and globs of images against a real
+TorchServe: results and overlays per image, the COCO file against the server's own masks, the
+failures report, resume after Ctrl-C (counted in TorchServe's access log), the progress bar on a
+terminal, and the arguments it refuses before sending anything."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from skimage import data
+
+import sam_fast_serve
+from harness.archives import client_command, run_client, running_server
+from harness.files import encode
+from sam_fast_serve.client.coco import CocoImage, header_size, write_coco
+from sam_fast_serve.common.wire import decode_pickled, is_annotation_list
+
+MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
+BROKEN = b"\x89PNG\r\n\x1a\n truncated"
+EXIF_ORIENTATION = 0x0112
+# Globs the client expands itself (no shell): one level, and recursive.
+GLOBS = ("extra/*.png", "extra/**/*.jpg")
+
+
+def _variants() -> dict[str, np.ndarray]:
+    """20 photos with distinct pixels: five scikit-image photos, each as is, flipped, mirrored
+    and cropped."""
+    photos = {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket()[::2, ::2],
+        "hubble": data.hubble_deep_field()[::2, ::2],
+    }
+    variants = {}
+    for name, rgb in photos.items():
+        h, w = rgb.shape[:2]
+        variants[f"{name}/{name}"] = rgb
+        variants[f"{name}/flipped"] = rgb[::-1]
+        variants[f"{name}/nested/mirrored"] = rgb[:, ::-1]
+        variants[f"{name}/nested/deeper/crop"] = rgb[h // 5 : h - h // 5, w // 6 : w - w // 6]
+    return variants
+
+
+@dataclass(frozen=True)
+class Photos:
+    """The inputs of a run: `arguments` (the folder, then the globs), each good image's bytes by
+    the name the client gives it (its path relative to the folder, its file name for a glob
+    match), and the names of all inputs in input order (which gives the COCO image ids)."""
+
+    folder: Path
+    arguments: list[str]
+    good: dict[str, bytes]
+    order: list[str]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Photos:
+    """A folder of 22 files (nested, PNG and JPEG, one .JPEG, one EXIF-rotated JPEG, one broken
+    PNG) plus files the client must pass over, and a second folder for the globs."""
+    root = tmp_path_factory.mktemp("photos")
+    folder = root / "photos"
+    files: dict[str, bytes] = {}
+    for i, (name, rgb) in enumerate(_variants().items()):
+        suffix = (".png", ".jpg", ".png", ".JPEG")[i % 4]
+        files[name + suffix] = encode(np.ascontiguousarray(rgb), "PNG" if suffix == ".png" else "JPEG")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # 300x200 in the file, 200x300 turned as the server turns it
+    files["rotated.jpg"] = encode(data.chelsea()[50:250, 100:400], "JPEG", exif=exif.tobytes())
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    (folder / "broken.png").write_bytes(BROKEN)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "skipped.png").write_bytes(files["astronaut/astronaut.png"])
+    glob_files = {
+        "extra/one.png": encode(data.immunohistochemistry()),
+        "extra/deep/three.jpg": encode(data.immunohistochemistry()[::-1, ::-1], "JPEG"),
+        "extra/deep/two.png": encode(data.coins()),  # matched by neither glob
+    }
+    for name, content in glob_files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    in_folder = sorted(PurePosixPath(name) for name in [*files, "broken.png"])
+    order = [str(name) for name in in_folder] + ["one.png", "three.jpg"]
+    good = {**files, "one.png": glob_files["extra/one.png"], "three.jpg": glob_files["extra/deep/three.jpg"]}
+    return Photos(folder, [str(folder), *(str(root / pattern) for pattern in GLOBS)], good, order)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, random_checkpoint):
+    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
+        yield ts
+
+
+def post(server, body: bytes, **headers: str) -> requests.Response:
+    headers = {**server.auth(), "Content-Type": "application/octet-stream", **headers}
+    return requests.post(f"{server.inference_url}/predictions/sam-fast", data=body, headers=headers, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def answers(server, photos) -> dict[str, list]:
+    """The server's own annotations for every good image, each from a direct POST."""
+    found = {}
+    for name, content in photos.good.items():
+        reply = post(server, content)
+        assert reply.status_code == 200, reply.text
+        found[name] = decode_pickled(reply.text)
+    return found
+
+
+def result_name(name: str) -> str:
+    return str(PurePosixPath(name).with_suffix(".json"))
+
+
+def posts_logged(server, probe: bytes) -> int:
+    """POST /predictions lines in TorchServe's access log once every request it took is answered:
+    the image `probe` sent now is answered after those (one worker, batches of one), then the
+    count is read until it holds still."""
+    assert post(server, probe).status_code == 200
+    log = server.workdir / "logs" / "access_log.log"
+    counts = [-1]
+    while True:
+        time.sleep(0.5)
+        counts.append(log.read_text().count("POST /predictions/"))
+        if counts[-1] == counts[-2]:
+            return counts[-1]
+
+
+def check_coco(path: Path, answers: dict[str, list], order: list[str]) -> None:
+    """pycocotools loads the file; it holds each of `answers`' images once, with the id of its
+    place in `order` and the size of its masks, and each image's annotations are the server's
+    masks in order: annToMask equal to the decoded RLE, score = predicted IoU."""
+    coco = COCO(str(path))
+    images = coco.dataset["images"]
+    assert sorted(image["file_name"] for image in images) == sorted(answers)
+    assert len({image["id"] for image in images}) == len(images)
+    annotation_ids = [ann["id"] for ann in coco.dataset["annotations"]]
+    assert sorted(annotation_ids) == list(range(1, len(annotation_ids) + 1))
+    assert coco.dataset["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    for image in images:
+        expected = answers[image["file_name"]]
+        assert image["id"] == order.index(image["file_name"]) + 1
+        height, width = expected[0]["segmentation"]["size"]
+        assert (image["width"], image["height"]) == (width, height)
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert len(annotations) == len(expected) == MASKS_PER_IMAGE
+        for ann, mask in zip(annotations, expected):
+            assert np.array_equal(coco.annToMask(ann), mask_utils.decode(mask["segmentation"]))
+            assert (ann["score"], ann["bbox"], ann["area"]) == (mask["predicted_iou"], mask["bbox"], mask["area"])
+            assert (ann["category_id"], ann["iscrowd"]) == (1, 0)
+
+
+def test_folder_and_globs_to_results_overlays_coco_and_failures(server, photos, answers, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.png"
+    run = run_client(
+        *photos.arguments, missing, tmp_path / "nothing" / "*.png", "--out", out, "--coco", out / "coco.json",
+        server=server,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    good = photos.good
+    total = len(good) + 2  # the broken PNG and the missing file
+    assert f"{len(good)} of {total} images segmented" in run.stdout
+    assert "nothing/*.png: no image" in run.stderr
+    assert f"{photos.folder / 'broken.png'}: FAILED: HTTP 400" in run.stderr
+    for name in good:
+        written = json.loads((out / result_name(name)).read_text())
+        assert written == answers[name]
+        with Image.open(out / PurePosixPath(name).with_suffix(".overlay.png")) as overlay:
+            height, width = answers[name][0]["segmentation"]["size"]
+            assert overlay.size == (width, height)
+    results = sorted(str(p.relative_to(out)) for p in out.rglob("*.json"))
+    assert results == sorted([*map(result_name, good), "coco.json"])
+    assert not list(out.rglob("*.tmp"))
+
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(failures, key=lambda failure: failure["file"]) == [
+        {"file": str(photos.folder / "broken.png"), "status": 400, "reason": post(server, BROKEN).json()["message"]},
+        {"file": str(missing), "status": None, "reason": "cannot read the image: No such file or directory"},
+    ]
+
+    check_coco(out / "coco.json", answers, [*photos.order, "missing.png"])
+    # The EXIF-rotated JPEG is 300x200 in the file; the server, and so the COCO file, turn it.
+    assert header_size(photos.folder / "rotated.jpg") == (200, 300)
+    assert answers["rotated.jpg"][0]["segmentation"]["size"] == [300, 200]
+
+
+def test_interrupted_run_resumes_sending_only_what_is_missing(server, photos, answers, tmp_path):
+    out, coco = tmp_path / "out", tmp_path / "out" / "coco.json"
+    arguments = [*photos.arguments, "--out", str(out), "--coco", str(coco)]
+    started = subprocess.Popen(
+        [*client_command(server), *arguments, "--concurrency", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while len(list(out.rglob("*.json"))) < 3 and time.monotonic() < deadline and started.poll() is None:
+        time.sleep(0.05)
+    started.send_signal(signal.SIGINT)
+    stdout, stderr = started.communicate(timeout=120)
+    assert started.returncode == 130, stderr
+    assert "interrupted" in stderr
+
+    # Everything written is whole: results, overlays, the COCO file of what was done.
+    done = {name for name in photos.good if (out / result_name(name)).exists()}
+    assert 3 <= len(done) < len(photos.good)
+    assert f"{len(done)} of {len(photos.order)} images segmented" in stdout
+    for name in done:
+        assert is_annotation_list(json.loads((out / result_name(name)).read_text()))
+        with Image.open(out / PurePosixPath(name).with_suffix(".overlay.png")) as overlay:
+            overlay.load()
+    assert not list(out.rglob("*.tmp"))
+    check_coco(coco, {name: answers[name] for name in done}, photos.order)
+    stamps = {name: (out / result_name(name)).stat().st_mtime_ns for name in done}
+
+    probe = photos.good["astronaut/astronaut.png"]
+    before = posts_logged(server, probe)
+    rerun = run_client(*arguments, server=server)
+    sent = posts_logged(server, probe) - before - 1  # less the probe
+    assert rerun.returncode == 1, rerun.stderr  # the broken PNG fails again
+    assert sent == len(photos.order) - len(done)
+    assert f"{len(photos.good)} of {len(photos.order)} images segmented, {len(done)} skipped" in rerun.stdout
+    assert {name: (out / result_name(name)).stat().st_mtime_ns for name in done} == stamps
+    check_coco(coco, answers, photos.order)
+
+
+def run_in_terminal(command: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run `command` with a pseudo-terminal (160 columns) as stdin, stdout and stderr; its exit
+    status and everything it wrote there."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([controller], [], [], 1)[0]:
+            try:
+                chunk = os.read(controller, 1 << 16)
+            except OSError:  # EIO: the command has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(controller)
+    return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_no_overlay(server, photos, tmp_path):
+    folder = photos.folder
+    images = [folder / "astronaut" / "astronaut.png", folder / "chelsea" / "flipped.jpg", folder / "broken.png"]
+    command = [*client_command(server), *map(str, images), "--out", str(tmp_path / "out"), "--no-overlay"]
+    status, shown = run_in_terminal(command)
+    assert status == 1, shown
+    assert re.search(r"3/3 \[.*\d+\.\d+img/s, failed=1, skipped=0\]", shown), shown
+    assert f"{images[0]}: {MASKS_PER_IMAGE} masks" in shown and f"{images[2]}: FAILED: HTTP 400" in shown
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.json", "failures.jsonl", "flipped.json"]
+
+    status, shown = run_in_terminal([*command, "--progress", "never"])
+    assert status == 1 and "2 of 3 images segmented, 2 skipped (already done), 1 failed" in shown
+    assert "img/s" not in shown
+
+
+def test_prompts_to_coco(server, photos, tmp_path):
+    """Prompted answers (JSON wire format): every mask of every prompt becomes an annotation."""
+    folder = photos.folder
+    images = [folder / "astronaut" / "astronaut.png", folder / "coffee" / "coffee.png"]
+    boxes = [[100, 50, 300, 260], [10, 100, 200, 290]]
+    prompts = [
+        "--point",
+        "150,120",
+        "--point",
+        "60,200:0",
+        *(a for box in boxes for a in ("--box", ",".join(map(str, box)))),
+    ]
+    out = tmp_path / "out"
+    run = run_client(*images, "--out", out, "--coco", out / "coco.json", "--format", "json", *prompts, server=server)
+    assert run.returncode == 0, run.stderr
+    coco = COCO(str(out / "coco.json"))
+    assert [image["file_name"] for image in coco.dataset["images"]] == ["astronaut.png", "coffee.png"]
+    for image, path in zip(coco.dataset["images"], images):
+        request = {"image": base64.b64encode(path.read_bytes()).decode(), "boxes": boxes}
+        request |= {"points": [[150, 120], [60, 200]], "labels": [1, 0]}
+        reply = post(server, json.dumps(request).encode(), **{"Content-Type": "application/json"})
+        masks = [mask for prompt in decode_pickled(reply.text)["prompts"] for mask in prompt["masks"]]
+        assert len(masks) == 2  # one mask per box
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert [ann["score"] for ann in annotations] == [mask["predicted_iou"] for mask in masks]
+        for ann, mask in zip(annotations, masks):
+            assert np.array_equal(coco.annToMask(ann), mask_utils.decode(mask["segmentation"]))
+        assert (out / path.with_suffix(".overlay.png").name).stat().st_size > 1000
+
+
+def test_two_inputs_with_one_result_name_are_refused(tmp_path):
+    for name in ("a/x.png", "b/x.jpg", "c/x.png", "c/x.JPG"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(encode(data.chelsea()))
+    out = tmp_path / "out"
+    for inputs, options in (
+        ([tmp_path / "a" / "x.png", tmp_path / "b" / "x.jpg"], []),  # two files
+        ([tmp_path / "c"], []),  # x.png and x.JPG in one folder
+        ([tmp_path / "a"], ["--coco", out / "x.json"]),  # the COCO file over a result
+    ):
+        run = run_client(*inputs, "--out", out, *options)
+        assert run.returncode == 2 and "refusing to write one file twice" in run.stderr, run.stderr
+        assert str((out / "x.json").resolve()) in run.stderr
+    assert not out.exists()
+
+
+def test_arguments_refused_before_anything_is_sent(tmp_path):
+    for bad in (["--point", "1,2,3"], ["--point", "1,2:7"], ["--box", "1,2,3"], ["--concurrency", "0"]):
+        run = run_client(tmp_path / "x.png", *bad)
+        assert run.returncode == 2 and bad[0] in run.stderr, run.stderr
+    (tmp_path / "empty").mkdir()
+    run = run_client(tmp_path / "empty", tmp_path / "*.webp")
+    assert run.returncode == 2 and "empty: no image" in run.stderr and "no images to segment" in run.stderr
+    shown = run_client("--version")
+    assert shown.returncode == 0 and shown.stdout.split() == ["sam-fast-client", sam_fast_serve.__version__]
+
+
+def test_client_imports_no_server_package():
+    script = "import json, sys, sam_fast_serve.client.cli; print(json.dumps(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    top_level = {name.split(".")[0] for name in json.loads(loaded.stdout)}
+    assert "sam_fast_serve" in top_level and not {"torch", "cv2", "segment_anything", "ts", "yaml"} & top_level
+
+
+def test_coco_size_of_an_image_without_masks_comes_from_its_turned_header(tmp_path):
+    exif = Image.Exif()
+    for orientation, size in ((1, (300, 200)), (6, (200, 300)), (8, (200, 300))):
+        exif[EXIF_ORIENTATION] = orientation
+        path = tmp_path / f"o{orientation}.jpg"
+        path.write_bytes(encode(data.chelsea()[:200, :300], "JPEG", exif=exif.tobytes()))
+        assert header_size(path) == size
+    (tmp_path / "o6.json").write_text("[]")
+    with open(tmp_path / "coco.json", "w") as stream:
+        count = write_coco(stream, [CocoImage(7, "o6.jpg", *header_size(tmp_path / "o6.jpg"), tmp_path / "o6.json")])
+    coco = COCO(str(tmp_path / "coco.json"))
+    assert count == 0 and coco.dataset["annotations"] == []
+    assert coco.dataset["images"] == [{"id": 7, "file_name": "o6.jpg", "width": 200, "height": 300}]

@@ -1,0 +1,102 @@
+"""The client-only install (`pip install .`, no extra) in a fresh virtualenv: torch, OpenCV,
+segment_anything and TorchServe are not there, and its `sam-fast-client` segments a folder
+through a real TorchServe, sends nothing again on a rerun, and writes a COCO file that holds
+the server's own masks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+from test_client import check_coco, post, posts_logged
+
+from harness.archives import running_server
+from harness.files import encode
+from harness.servers import REPO
+from sam_fast_serve.common.wire import decode_pickled
+
+# What a source distribution of the package holds: the build needs no other file of the checkout.
+PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "sam_fast_serve")
+SERVER_PACKAGES = ("torch", "cv2", "segment_anything", "ts")
+
+
+@pytest.fixture(scope="module")
+def client_bin(tmp_path_factory) -> Path:
+    """The bin folder of a fresh virtualenv with the package installed, no extra. Built from a
+    copy of the package's files, so that the build leaves nothing behind in the checkout."""
+    work = tmp_path_factory.mktemp("client-install")
+    source = work / "source"
+    source.mkdir()
+    for name in PACKAGE_FILES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "venv", str(work / "venv")], check=True, timeout=300)
+    bin_dir = work / "venv" / "bin"
+    installed = subprocess.run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert installed.returncode == 0, installed.stderr
+    return bin_dir
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, random_checkpoint):
+    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
+        yield ts
+
+
+def test_client_install_has_no_server_packages(client_bin, tmp_path):
+    python = str(client_bin / "python")
+    for module in SERVER_PACKAGES:
+        imported = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, cwd=tmp_path)
+        assert imported.returncode != 0 and "ModuleNotFoundError" in imported.stderr, module
+    script = (
+        "import sys, sam_fast_serve.client.cli\n"
+        "print(sam_fast_serve.client.cli.__file__)\n"
+        "print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    loaded = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    where, modules = loaded.stdout.splitlines()
+    assert Path(where).is_relative_to(client_bin.parent)  # the installed copy, not the checkout
+    assert not {*SERVER_PACKAGES, "yaml"} & set(modules.split())
+
+
+def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, tmp_path):
+    folder = tmp_path / "photos"
+    images = {
+        "coffee.png": data.coffee()[::-1],
+        "nested/astronaut.jpg": data.astronaut()[:, ::-1],
+        "nested/deeper/chelsea.png": data.chelsea()[::-1, ::-1],
+    }
+    for name, rgb in images.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(encode(np.ascontiguousarray(rgb), "JPEG" if name.endswith(".jpg") else "PNG"))
+    out = tmp_path / "out"
+    command = [
+        str(client_bin / "sam-fast-client"), str(folder), "--url", server.inference_url, f"--token={server.token()}",
+        "--out", str(out), "--coco", str(out / "coco.json"),
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "3 of 3 images segmented" in first.stdout
+
+    probe = (folder / "coffee.png").read_bytes()
+    before = posts_logged(server, probe)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "3 of 3 images segmented, 3 skipped (already done)" in again.stdout
+    assert posts_logged(server, probe) == before + 1  # the probe alone: the rerun sent nothing
+
+    answers = {name: decode_pickled(post(server, (folder / name).read_bytes()).text) for name in images}
+    check_coco(out / "coco.json", answers, sorted(images))

@@ -1,0 +1,103 @@
+"""Config validation and checkpoint checks: each failure names the key or the file."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+
+from harness.servers import REPO
+from sam_fast_serve.common.errors import ConfigError, InvalidOption
+from sam_fast_serve.common.options import AmgSettings, apply_request_options
+from sam_fast_serve.models.checkpoints import resolve_checkpoint
+from sam_fast_serve.models.registry import SAM1, official_checkpoints
+from sam_fast_serve.server.config import ServiceConfig, load_service_config
+
+
+def test_repo_model_config_is_valid():
+    with open(REPO / "model-config.yaml") as f:
+        document = yaml.safe_load(f)
+    config = load_service_config(document["handler"])
+    assert config.model_type == "vit_b" and config.sam_checkpoint == "sam_vit_b_01ec64.pth"
+    assert config.amg == AmgSettings()  # the file spells out the defaults
+    assert document["minWorkers"] == document["maxWorkers"] == 1
+
+
+def test_empty_section_gives_defaults():
+    assert load_service_config(None) == ServiceConfig()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("points_per_side", 0),
+        ("points_per_side", "32"),
+        ("points_per_side", True),
+        ("points_per_batch", 1.5),
+        ("pred_iou_thresh", 1.5),
+        ("stability_score_thresh", -0.1),
+        ("box_nms_thresh", 0.0),
+        ("crop_n_layers", 9),
+        ("min_mask_region_area", -1),
+        ("dtype", "fp8"),
+        ("dtype", "int4"),
+        ("dtype", "torch.int8"),
+        ("model_type", "vit_x"),
+        ("compile", "yes"),
+        ("process_batch_size", 0),
+        ("sam_checkpoint", "../etc/passwd"),
+        ("max_image_pixels", 0),
+    ],
+)
+def test_bad_value_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=repr(key)):
+        load_service_config({key: value})
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16", "int8"])
+def test_dtypes_and_int8_are_accepted(dtype):
+    assert load_service_config({"dtype": dtype}).dtype == dtype
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'points_per_sid'"):
+        load_service_config({"points_per_sid": 16})
+
+
+def test_request_options_apply_and_are_checked():
+    amg = apply_request_options(AmgSettings(), {"points_per_side": 8, "pred_iou_thresh": 0.5}, SAM1.amg_keys, "vit_b")
+    assert (amg.points_per_side, amg.pred_iou_thresh) == (8, 0.5)
+    with pytest.raises(InvalidOption, match="'colour'") as unknown:
+        apply_request_options(AmgSettings(), {"colour": 1}, SAM1.amg_keys, "vit_b")
+    assert unknown.value.status == 422
+    with pytest.raises(InvalidOption, match="'box_nms_thresh'"):
+        apply_request_options(AmgSettings(), {"box_nms_thresh": 2}, SAM1.amg_keys, "vit_b")
+
+
+def test_missing_official_checkpoint_gives_url_and_hash(tmp_path):
+    official = official_checkpoints()["sam_vit_b_01ec64.pth"]
+    with pytest.raises(ConfigError) as error:
+        resolve_checkpoint(tmp_path, official.file_name, "vit_b")
+    assert official.url in str(error.value) and official.sha256 in str(error.value)
+
+
+def test_missing_custom_checkpoint_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'mine.pth' not found"):
+        resolve_checkpoint(tmp_path, "mine.pth", "vit_b")
+
+
+def test_official_name_with_wrong_bytes_fails_hash_check(tmp_path):
+    (tmp_path / "sam_vit_l_0b3195.pth").write_bytes(b"truncated download")
+    with pytest.raises(ConfigError, match="sha256 " + hashlib.sha256(b"truncated download").hexdigest()):
+        resolve_checkpoint(tmp_path, "sam_vit_l_0b3195.pth", "vit_l")
+
+
+def test_official_checkpoint_of_another_model_type_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="official vit_h checkpoint"):
+        resolve_checkpoint(tmp_path, "sam_vit_h_4b8939.pth", "vit_b")
+
+
+def test_custom_checkpoint_is_found(tmp_path):
+    (tmp_path / "mine.pth").write_bytes(b"x")
+    assert resolve_checkpoint(tmp_path, "mine.pth", "vit_b") == tmp_path / "mine.pth"
