@@ -30,6 +30,10 @@ def match_masks(reference: Sequence[dict], candidate: Sequence[dict]) -> tuple[l
             unmatched += 1
             continue
         scores = mask_utils.iou([c["segmentation"] for c in pool], [ann["segmentation"]], [0])
+        # pycocotools gives 0 for two empty masks; they are the same mask.
+        empty = mask_utils.area([c["segmentation"] for c in pool]) == 0
+        if mask_utils.area(ann["segmentation"]) == 0:
+            scores[empty, 0] = 1.0
         best = int(scores.argmax())
         ious.append(float(scores[best, 0]))
         pool.pop(best)

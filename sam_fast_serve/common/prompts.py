@@ -1,12 +1,16 @@
-"""Prompted requests: point / box prompts in original-image pixels, validated against the image.
+"""Prompted requests: point / box prompts in original-image pixels, validated against the image,
+and mask prompts (low-resolution logits, as an answer's `low_res_logits` carries them).
 
-A request with `points` and/or `boxes` asks for the masks of those prompts instead of automatic
-mask generation. Without boxes, all points form one prompt; with boxes, each box is one prompt
-and the points (if any) join every box. Every failure is a 422 naming the field.
+A request with `points`, `boxes` and/or `mask_input` asks for the masks of those prompts instead of
+automatic mask generation. Without boxes, all points form one prompt; with boxes, each box is one
+prompt and the points (if any) join every box; a mask prompt joins the one prompt there may be.
+Every failure is a 422 naming the field.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +19,12 @@ import numpy as np
 
 from sam_fast_serve.common.errors import InvalidOption
 
-PROMPT_FIELDS = ("points", "labels", "boxes", "multimask", "return_logits")
+PROMPT_FIELDS = ("points", "labels", "boxes", "mask_input", "multimask", "return_logits")
+# Which of them ask for prompted masks (the others qualify a prompt).
+PROMPT_KINDS = ("points", "boxes", "mask_input")
+# A mask prompt is low-resolution logits, as an answer's `low_res_logits` carries them: this side
+# (both families' models take 1024 x 1024 input, a quarter of it per side).
+MASK_INPUT_SIDE = 256
 MAX_POINTS = 64
 MAX_BOXES = 64
 
@@ -29,6 +38,8 @@ class Prompts:
     boxes: np.ndarray | None
     multimask: bool
     return_logits: bool
+    # (256, 256) float32 logits: a mask prompt, e.g. one mask of an earlier answer's low_res_logits.
+    mask_input: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -57,7 +68,40 @@ def _flag(fields: Mapping[str, Any], name: str, default: bool) -> bool:
 
 
 def has_prompts(options: Mapping[str, Any]) -> bool:
-    return "points" in options or "boxes" in options
+    return any(kind in options for kind in PROMPT_KINDS)
+
+
+def logits_payload(array: np.ndarray) -> dict[str, Any]:
+    """A float array as the wire carries logits: shape, dtype float32, little-endian bytes in base64."""
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return {"shape": list(data.shape), "dtype": "float32", "data": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def _mask_input(value: Any) -> np.ndarray:
+    """The (256, 256) float32 logits of a `mask_input` field in `logits_payload` form, shape
+    [256, 256] or [1, 256, 256]."""
+    side = MASK_INPUT_SIDE
+    usage = (
+        f"'mask_input' must be {{'shape': [1, {side}, {side}], 'dtype': 'float32', 'data': <base64>}}, "
+        "one mask of an answer's low_res_logits"
+    )
+    if not isinstance(value, dict) or value.get("dtype") != "float32" or not isinstance(value.get("data"), str):
+        raise InvalidOption(usage)
+    if value.get("shape") not in ([side, side], [1, side, side]):
+        raise InvalidOption(f"{usage}; got shape {value.get('shape')!r}")
+    expected = side * side * 4
+    if len(value["data"]) > 4 * (expected // 3 + 1):  # checked before decoding: no large allocation
+        raise InvalidOption(f"{usage}; its data is longer than {expected} bytes")
+    try:
+        raw = base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidOption(f"{usage}; its data is not base64") from None
+    if len(raw) != expected:
+        raise InvalidOption(f"{usage}; its data holds {len(raw)} bytes, not {expected}")
+    logits = np.frombuffer(raw, dtype="<f4").reshape(side, side).astype(np.float32)
+    if not np.isfinite(logits).all():
+        raise InvalidOption("'mask_input' holds values that are not finite numbers")
+    return logits
 
 
 def split_prompt_fields(options: dict[str, Any]) -> dict[str, Any]:
@@ -98,10 +142,18 @@ def parse_prompts(fields: Mapping[str, Any], image_size: tuple[int, int]) -> Pro
                 f"'boxes' has {bad}: each box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, "
                 f"inside the {width}x{height} image"
             )
-    if points is None and boxes is None:
-        raise InvalidOption("a prompted request needs 'points' or 'boxes'")
+    mask_input = _mask_input(fields["mask_input"]) if "mask_input" in fields else None
+    if points is None and boxes is None and mask_input is None:
+        raise InvalidOption("a prompted request needs 'points', 'boxes' or 'mask_input'")
+    if mask_input is not None and boxes is not None and len(boxes) > 1:
+        raise InvalidOption("'mask_input' is one mask prompt: give it with at most one box")
     # SAM's advice: several masks for a lone click (it is ambiguous), one mask otherwise.
     single_click = boxes is None and points is not None and len(points) == 1
     return Prompts(
-        points, labels, boxes, _flag(fields, "multimask", single_click), _flag(fields, "return_logits", False)
+        points,
+        labels,
+        boxes,
+        _flag(fields, "multimask", single_click),
+        _flag(fields, "return_logits", False),
+        mask_input,
     )

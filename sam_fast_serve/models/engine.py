@@ -63,6 +63,20 @@ class Generator(Protocol):
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
 
 
+# What the warm-up runs: one whole decoder batch of the default size (64 prompts, every mask kept)
+# on a photo-sized image, so that kernel selection for the real shapes, first-touch of the
+# decoder's largest activations and the upsampling weights of that size are paid before READY,
+# not by the first request (a blank 64 x 64 image with 4 prompts left most of that to it).
+WARM_UP_SIZE = (512, 512)
+WARM_UP_SETTINGS = AmgSettings(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+def warm_up_image() -> np.ndarray:
+    """The warm-up's image: a smooth gradient (blank pixels would make every mask the same)."""
+    y, x = np.mgrid[0 : WARM_UP_SIZE[0], 0 : WARM_UP_SIZE[1]]
+    return np.stack([x * 255 // WARM_UP_SIZE[1], y * 255 // WARM_UP_SIZE[0], (x + y) % 256], axis=-1).astype(np.uint8)
+
+
 def _stage_seconds(measured: Mapping[str, float], elapsed: float) -> dict[str, float]:
     """Every engine stage's seconds (0 for a stage skipped); postprocess is what the clock's
     stages do not account for of `elapsed`."""

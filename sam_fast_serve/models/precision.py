@@ -80,8 +80,16 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
     int8: the dtype "auto" picks, with the image encoder's linear layers in int8. It runs on x86
     CPUs with AVX512-VNNI or AMX only; elsewhere it is refused with a ConfigError naming the key,
-    rather than served in float under the int8 name.
+    rather than served in float under the int8 name. bfloat16 on a CPU without native bf16 is
+    served, with a warning at load that says what it costs against float32.
     """
+    if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning(
+            "dtype bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): torch emulates "
+            "it, about %.1fx slower than float32 (vit_b's encoder on an AVX2-only CPU); dtype auto picks "
+            "float32 here",
+            EMULATED_BF16_FACTOR,
+        )
     if name != INT8:
         return Precision(resolve_dtype(name, device))
     if device.type != "cpu":

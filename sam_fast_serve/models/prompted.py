@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any, Protocol
 
 import torch
 from pycocotools import mask as mask_utils
 
-from sam_fast_serve.common.prompts import Prompts
+from sam_fast_serve.common.prompts import Prompts, logits_payload
 from sam_fast_serve.common.records import mask_record, rle_to_builtins
 from sam_fast_serve.models.rle import encode_masks, rle_areas
-
-
-def _logits_payload(logits: torch.Tensor) -> dict[str, Any]:
-    array = logits.float().cpu().numpy().astype("<f4")
-    return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
 class PromptPredictor(Protocol):
@@ -45,6 +39,6 @@ def segment_prompts(predictor: PromptPredictor, prompts: Prompts) -> list[dict[s
             ]
         }
         if prompts.return_logits:
-            entry["low_res_logits"] = _logits_payload(low_res[prompt])
+            entry["low_res_logits"] = logits_payload(low_res[prompt].float().cpu().numpy())
         results.append(entry)
     return results

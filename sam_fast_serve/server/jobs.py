@@ -61,15 +61,19 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
         if options:
             raise InvalidOption(
                 f"option(s) {', '.join(map(repr, sorted(options)))} apply to automatic mask generation, "
-                "not to a request with points or boxes"
+                "not to a request with points, boxes or a mask_input"
             )
         if image is not None:
             parse_prompts(prompt_fields, image.shape[:2])  # refuse bad prompts before the encoder runs
         return Job(as_json, image, image_id, prompt_fields=prompt_fields)
     if prompt_fields:
-        raise InvalidOption(f"{', '.join(map(repr, sorted(prompt_fields)))} given without 'points' or 'boxes'")
+        raise InvalidOption(
+            f"{', '.join(map(repr, sorted(prompt_fields)))} given without 'points', 'boxes' or 'mask_input'"
+        )
     if image is None:
-        raise BadRequest("automatic mask generation needs the image itself; 'image_id' works with points or boxes")
+        raise BadRequest(
+            "automatic mask generation needs the image itself; 'image_id' works with points, boxes or a mask_input"
+        )
     return Job(
         as_json,
         image,

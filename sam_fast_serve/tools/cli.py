@@ -5,6 +5,7 @@
     sam-fast-serve download --config PATH [--dest PATH]
     sam-fast-serve wait-ready [--management-url URL] [--model NAME] [--key-file PATH] [--timeout S]
     sam-fast-serve random-checkpoint PATH [--model-type vit_b|sam2.1_hiera_tiny|...]
+    sam-fast-serve models
     sam-fast-serve samples DIR
 
 Every path is an argument (relative to the working directory); nothing depends on a checkout's
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     random = sub.add_parser("random-checkpoint", help="write a random-weight checkpoint (smoke mode)")
     random.add_argument("path", type=Path)
     random.add_argument("--model-type", default="vit_b", choices=tuple(MODEL_TYPES), help="default: vit_b")
+    sub.add_parser("models", help="print the table of model types (family, parameters, checkpoint)")
     samples = sub.add_parser("samples", help="write sample photos (needs scikit-image)")
     samples.add_argument("directory", type=Path)
     return parser
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.model} READY after {seconds:.1f} s")
         elif args.command == "random-checkpoint":
             print(save_random_checkpoint(args.path, args.model_type))
+        elif args.command == "models":
+            from sam_fast_serve.tools.docs import models_table
+
+            print(models_table(), end="")
         else:
             for path in write_samples(args.directory):
                 print(path)

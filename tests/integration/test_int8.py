@@ -45,6 +45,22 @@ def test_int8_is_a_precision_of_its_own():
         assert int8.name == "int8" != resolve_precision("auto", CPU).name
 
 
+def test_emulated_bfloat16_is_served_with_its_cost_in_the_log(monkeypatch, caplog):
+    import sam_fast_serve.models.precision as precision
+
+    with caplog.at_level("WARNING", logger=precision.__name__):
+        precision.resolve_precision("bfloat16", CPU)
+    assert ("without native bf16" in caplog.text) != precision.cpu_has_native_bf16()
+    # As on an AVX2-only CPU (the flags are read from /proc/cpuinfo; no such CPU here to read).
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=precision.__name__):
+        assert precision.resolve_precision("bfloat16", CPU) == Precision(torch.bfloat16)
+        assert precision.resolve_precision("auto", CPU) == Precision(torch.float32)
+    assert "without native bf16" in caplog.text and "slower than float32" in caplog.text
+    assert caplog.text.count("without native bf16") == 1  # auto picks float32 there: no warning
+
+
 def test_int8_is_refused_off_the_cpu_and_with_compile():
     with pytest.raises(ConfigError, match="'dtype'"):
         resolve_precision("int8", torch.device("cuda"))

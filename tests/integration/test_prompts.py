@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 
 from harness.files import encode
+from sam_fast_serve.common.prompts import logits_payload
 from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.embedding import EmbeddingCache, ImageEmbedding, pixel_key
 
@@ -73,6 +74,30 @@ def test_prompts_match_sam_predictor(fp32_service, reference_predictor, astronau
             assert union == 0 or (ours & ref_mask).sum() / union >= 0.99
             assert abs(mask["predicted_iou"] - float(ref_score)) < 1e-3
             assert mask["area"] == int(ours.sum())
+
+
+MASK = logits_payload(np.zeros((1, 256, 256), dtype=np.float32))
+
+
+def test_a_mask_prompt_from_an_answer_matches_sam_predictor(fp32_service, reference_predictor, astronaut):
+    # The loop annotation tools run: a click, then the chosen mask's logits back with a second click.
+    image = base64.b64encode(encode(astronaut)).decode()
+    reply, first = ask(fp32_service, {"image": image, "points": [[200.0, 150.0]], "return_logits": True}, True)
+    logits = first["prompts"][0]["low_res_logits"]
+    best = np.frombuffer(base64.b64decode(logits["data"]), dtype="<f4").reshape(logits["shape"])[:1]
+    points, labels = [[200.0, 150.0], [320.0, 400.0]], [1, 0]
+    document = {"image_id": first["image_id"], "points": points, "labels": labels, "mask_input": logits_payload(best)}
+    reply, answer = ask(fp32_service, document)
+    assert reply.status == 200, reply.body
+    ref_masks, ref_scores, _ = reference_predictor.predict(
+        np.array(points), np.array(labels), mask_input=best, multimask_output=False
+    )
+    ours = mask_utils.decode(answer["prompts"][0]["masks"][0]["segmentation"]).astype(bool)
+    assert (ours & ref_masks[0]).sum() / max(1, (ours | ref_masks[0]).sum()) >= 0.99
+    assert abs(answer["prompts"][0]["masks"][0]["predicted_iou"] - float(ref_scores[0])) < 1e-3
+    # The mask prompt changes the answer: without it the same points give another mask.
+    reply, plain = ask(fp32_service, {"image_id": first["image_id"], "points": points, "labels": labels})
+    assert plain["prompts"][0]["masks"][0]["segmentation"] != answer["prompts"][0]["masks"][0]["segmentation"]
 
 
 def test_cached_prompts_skip_the_encoder_and_image_id_works(fp32_service, chelsea):
@@ -141,6 +166,13 @@ def test_cache_eviction_respects_the_byte_bound():
         ({"points": [[10, 10]], "multimask": "yes"}, 422, "'multimask'"),
         ({"labels": [1]}, 422, "'labels'"),
         ({"points": [[10, 10]], "points_per_side": 4}, 422, "'points_per_side'"),
+        ({"mask_input": [[0.0]]}, 422, "'mask_input'"),
+        ({"mask_input": {**MASK, "shape": [3, 256, 256]}}, 422, "'mask_input'"),
+        ({"mask_input": {**MASK, "data": "not base64!"}}, 422, "'mask_input'"),
+        ({"mask_input": {**MASK, "data": MASK["data"][:-8]}}, 422, "'mask_input'"),
+        ({"mask_input": {**MASK, "data": "A" * 400_000}}, 422, "'mask_input'"),
+        ({"mask_input": logits_payload(np.full((256, 256), np.nan))}, 422, "'mask_input'"),
+        ({"mask_input": MASK, "boxes": [[0, 0, 10, 10]] * 2}, 422, "'mask_input'"),
     ],
 )
 def test_bad_prompts_get_422_naming_the_field(fp32_service, astronaut, fields, status, mentions):

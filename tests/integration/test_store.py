@@ -14,6 +14,7 @@ import pytest
 import redis
 import torch
 
+from harness.archives import model_type_of
 from harness.files import encode
 from harness.servers import RedisServer
 from sam_fast_serve.common.errors import ServiceUnavailable
@@ -64,6 +65,31 @@ def test_round_trip_with_ttl(redis_server, dtype):
     assert 0 < store.client.ttl(identity.key_prefix() + "img") <= 120
 
 
+SAM2_LAYOUT = {"image_embed": (1, 256, 64, 64), "high_res_0": (1, 32, 256, 256), "high_res_1": (1, 64, 128, 128)}
+
+
+def sam2_embedding(seed: int) -> ImageEmbedding:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(shape, generator=generator).bfloat16() for name, shape in SAM2_LAYOUT.items()}
+    return ImageEmbedding(tensors, (1024, 1024), (512, 342))
+
+
+def test_a_sam2_entry_carries_all_its_tensors_and_fits_no_other_layout(redis_server):
+    identity = ModelIdentity("sam2.1_hiera_tiny", "ab" * 32, torch.bfloat16)
+    store = RedisEmbeddings(redis_server.url, identity, SAM2_LAYOUT, 60)
+    original = sam2_embedding(3)
+    store.put("img", original)
+    assert same(store.get("img"), original)
+    # The same bytes read as another family's (or another size's) embedding are a miss, whatever
+    # the key: a header that does not list exactly the layout's tensors is refused.
+    sam1_view = RedisEmbeddings(redis_server.url, identity, {"features": (1, *SHAPE)}, 60)
+    assert sam1_view.get("img") is None
+    smaller = {**SAM2_LAYOUT, "high_res_0": (1, 32, 128, 128)}
+    assert RedisEmbeddings(redis_server.url, identity, smaller, 60).get("img") is None
+    store.client.set(identity.key_prefix() + "sam1", encode_entry(embedding(1)))
+    assert store.get("sam1") is None
+
+
 def test_models_never_read_each_others_entries(redis_server):
     store = shared(redis_server)
     store.put("img", embedding(1))
@@ -72,6 +98,7 @@ def test_models_never_read_each_others_entries(redis_server):
         ModelIdentity("vit_l", "ab" * 32, torch.bfloat16),  # other model type
         ModelIdentity("vit_b", "ab" * 32, torch.float32),  # other dtype
         ModelIdentity("vit_b", "ab" * 32, torch.bfloat16, "int8"),  # bf16 embeddings, int8 encoder linears
+        ModelIdentity("sam2.1_hiera_tiny", "ab" * 32, torch.bfloat16),  # another family
     ):
         assert other.key_prefix() != IDENTITY.key_prefix()
         assert shared(redis_server, other).get("img") is None
@@ -146,17 +173,19 @@ def test_memory_limit_evicts_instead_of_failing(tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def services_on_one_redis(random_checkpoint, tmp_path_factory):
-    """Two mask services ("workers") sharing one Redis store, and the Redis server."""
+@pytest.fixture(scope="module", params=["random_checkpoint", "random_sam2_checkpoint"], ids=["sam1", "sam2"])
+def services_on_one_redis(request, tmp_path_factory):
+    """Two mask services ("workers") of one family's test architecture sharing one Redis store,
+    and the Redis server."""
+    checkpoint = request.getfixturevalue(request.param)
     work = tmp_path_factory.mktemp("shared-store")
     server = RedisServer(work)
     server.start()
     model_dir = work / "model"
     model_dir.mkdir()
-    (model_dir / random_checkpoint.name).symlink_to(random_checkpoint)
-    section = {"sam_checkpoint": random_checkpoint.name, "dtype": "float32", "embedding_store": server.url,
-               "points_per_side": 2}  # fmt: skip
+    (model_dir / checkpoint.name).symlink_to(checkpoint)
+    section = {"model_type": model_type_of(checkpoint), "sam_checkpoint": checkpoint.name, "dtype": "float32",
+               "embedding_store": server.url, "points_per_side": 2}  # fmt: skip
     try:
         yield [MaskService.load(section, model_dir, gpu_id=None) for _ in range(2)], server
     finally:

@@ -1,7 +1,10 @@
-"""Several models side by side in one TorchServe: a fast and an accurate configuration of one
-checkpoint, each its own archive, config, URL, workers, metrics and embedding-store keys."""
+"""Several models side by side in one TorchServe: a fast and an accurate configuration of one SAM 1
+checkpoint and a SAM 2.1 model, each its own archive, config, URL, workers, metrics and
+embedding-store keys."""
 
 from __future__ import annotations
+
+import base64
 
 import numpy as np
 import redis
@@ -11,22 +14,28 @@ from harness.archives import smoke_archive
 from harness.files import encode
 from harness.servers import RedisServer, TorchServe
 
-# Two configurations of the random vit_b: the fast one in bf16 on a 4x4 grid, the accurate one in fp32 on 2x2.
+# Two configurations of SAM 1 (the fast one in bf16 on a 4x4 grid, the accurate one in fp32 on
+# 2x2) and SAM 2.1 on 3x3, by the checkpoint fixture each serves.
 MODELS = {
-    "sam-fast": {"dtype": "bfloat16", "points_per_side": 4},
-    "sam-accurate": {"dtype": "float32", "points_per_side": 2},
+    "sam-fast": ("random_checkpoint", {"dtype": "bfloat16", "points_per_side": 4}),
+    "sam-accurate": ("random_checkpoint", {"dtype": "float32", "points_per_side": 2}),
+    "sam2": ("random_sam2_checkpoint", {"points_per_side": 3}),
 }
+GRIDS = {"sam-fast": 4 * 4 * 3, "sam-accurate": 2 * 2 * 3, "sam2": 3 * 3 * 3}
 
 
-def test_two_models_each_with_its_own_config_url_and_store_keys(tmp_path, random_checkpoint, chelsea):
+def test_models_of_both_families_each_with_its_own_config_url_and_store_keys(request, tmp_path, chelsea):
     redis_server = RedisServer(tmp_path)
     redis_server.start()
     try:
         archives = {
             name: smoke_archive(
-                tmp_path, random_checkpoint, name, handler={**handler, "embedding_store": redis_server.url}
+                tmp_path,
+                request.getfixturevalue(checkpoint),
+                name,
+                handler={**handler, "embedding_store": redis_server.url},
             )
-            for name, handler in MODELS.items()
+            for name, (checkpoint, handler) in MODELS.items()
         }
         (tmp_path / "torchserve").mkdir()
         server = TorchServe(tmp_path / "torchserve", tmp_path / "model_store", {n: a.name for n, a in archives.items()})
@@ -49,17 +58,22 @@ def check_side_by_side(server: TorchServe, store: redis.Redis, chelsea: np.ndarr
 
     png = encode(chelsea)
     masks = {model: len(ask(model, png).json()) for model in MODELS}
-    assert masks == {"sam-fast": 4 * 4 * 3, "sam-accurate": 2 * 2 * 3}  # each its own grid
+    assert masks == GRIDS  # each its own grid
     keys = [key.decode() for key in store.keys("sam-fast:emb:*")]
     prefixes = {key.rsplit(":", 1)[0] for key in keys}
-    assert len(keys) == 2 and len(prefixes) == 2  # one image, two models, two identities
+    assert len(keys) == 3 and len(prefixes) == 3  # one image, three models, three identities
     # An image only the fast model has seen is unknown to the accurate one, whatever the shared store holds.
     flipped = ask("sam-fast", encode(np.ascontiguousarray(chelsea[::-1])))
     image_id = flipped.headers["X-Image-Id"]
     prompt = {"image_id": image_id, "points": [[100.0, 100.0]]}
     assert ask("sam-fast", prompt).status_code == 200
-    unknown = ask("sam-accurate", prompt)
-    assert unknown.status_code == 404 and "not in the embedding store" in unknown.json()["message"]
+    for other in ("sam-accurate", "sam2"):
+        unknown = ask(other, prompt)
+        assert unknown.status_code == 404 and "not in the embedding store" in unknown.json()["message"]
+    # An option of one family only is refused by the other, naming it.
+    refused = ask("sam-fast", {"image": base64.b64encode(png).decode(), "use_m2m": True})
+    assert refused.status_code == 422 and "'use_m2m'" in refused.json()["message"]
+    assert ask("sam2", {"image": base64.b64encode(png).decode(), "use_m2m": True}).status_code == 200
     # Each model has its own workers and its own metrics.
-    for model, count in {"sam-fast": 3, "sam-accurate": 1}.items():
+    for model, count in {"sam-fast": 3, "sam-accurate": 1, "sam2": 2}.items():
         assert server.metric("sam_answers_total", ModelName=model, status="200") == count, model

@@ -30,12 +30,19 @@ _BUILDERS: dict[str, Callable[..., Sam]] = {**sam_model_registry, "test_vit": _t
 
 def build(model: ModelType, checkpoint: str | None = None) -> Sam:
     """Build `model` on the CPU in eval mode; load `checkpoint` (a state dict file) with
-    weights_only=True if given, else keep random weights."""
+    weights_only=True if given, else keep random weights. Raises ConfigError when the checkpoint
+    is not one of `model`."""
     # segment_anything's own loader calls torch.load without weights_only, so it gets no path.
     sam = _BUILDERS[model.build](checkpoint=None)
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        sam.load_state_dict(state)
+        if not isinstance(state, dict) or "model" in state:
+            raise ConfigError(f"{checkpoint}: not a SAM 1 checkpoint (a state dict; {{'model': ...}} is SAM 2's form)")
+        try:
+            sam.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip()[:300] if "\n" in str(exc) else str(exc)[:300]
+            raise ConfigError(f"{checkpoint} does not fit {model.name}: {first}") from None
     return sam.eval()
 
 

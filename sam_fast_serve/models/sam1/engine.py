@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.models.embedding import EmbeddingStore
-from sam_fast_serve.models.engine import Engine
+from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
 from sam_fast_serve.models.fast_decoder import FastMaskDecoder
 from sam_fast_serve.models.registry import SAM1, ModelType
 from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
@@ -36,10 +35,8 @@ def engine(model: ModelType, sam: Sam, dtype: torch.dtype, store: EmbeddingStore
         )
 
     def warm_up() -> None:
-        # Its predictor shares the decoder but keeps nothing: a blank warm-up image has no place in
-        # the embedding store, and a shared store that is down must not slow or log a worker's start.
-        image = np.zeros((64, 64, 3), dtype=np.uint8)
-        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        generator(settings, FastSamPredictor(sam, predictor.decoder)).generate(image)
+        # Its predictor shares the decoder but keeps nothing: the warm-up image has no place in the
+        # embedding store, and a shared store that is down must not slow or log a worker's start.
+        generator(WARM_UP_SETTINGS, FastSamPredictor(sam, predictor.decoder)).generate(warm_up_image())
 
     return Engine(model, dtype, predictor, generator, warm_up)

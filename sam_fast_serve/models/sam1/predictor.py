@@ -76,7 +76,10 @@ class FastSamPredictor(EmbeddingKeeper, SamPredictor):
             boxes = torch.as_tensor(
                 self.transform.apply_boxes(prompts.boxes, size), dtype=torch.float, device=self.device
             )
-        return self.predict_torch(coords, labels, boxes, multimask_output=prompts.multimask)
+        mask = (
+            None if prompts.mask_input is None else torch.as_tensor(prompts.mask_input, device=self.device)[None, None]
+        )
+        return self.predict_torch(coords, labels, boxes, mask, multimask_output=prompts.multimask)
 
     def image_state(self) -> ImageState:
         """The decoder's per-image state of the current image (RuntimeError when none is set)."""

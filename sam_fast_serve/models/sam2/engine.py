@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.models.embedding import EmbeddingStore
-from sam_fast_serve.models.engine import Engine
+from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
 from sam_fast_serve.models.registry import SAM2, ModelType
 from sam_fast_serve.models.sam2.automatic import Sam2AutomaticMaskGenerator
 from sam_fast_serve.models.sam2.predictor import Sam2Predictor
@@ -31,9 +30,7 @@ def engine(
         )
 
     def warm_up() -> None:
-        # A predictor of its own, which keeps nothing (see the SAM 1 engine).
-        image = np.zeros((64, 64, 3), dtype=np.uint8)
-        settings = AmgSettings(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        generator(settings, Sam2Predictor(net, dtype)).generate(image)
+        # A predictor of its own sharing the decoder, which keeps nothing (see the SAM 1 engine).
+        generator(WARM_UP_SETTINGS, Sam2Predictor(net, dtype, decoder=predictor.decoder)).generate(warm_up_image())
 
     return Engine(model, dtype, predictor, generator, warm_up)

@@ -173,20 +173,27 @@ class Sam2Predictor(EmbeddingKeeper):
         return size, size
 
     def _reference_decode(
-        self, coords: torch.Tensor, labels: torch.Tensor, multimask: bool, mask_input: torch.Tensor
+        self,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        multimask: bool,
+        mask_input: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.features is not None
+        """SAM 2's own decoder call, for prompts the fast decoder does not fold (a mask prompt)."""
+        if self.features is None:
+            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
         net = self.model
         features = self.features
+        points = None if coords is None or labels is None else (coords, labels)
         with self.clock.stage("mask_decoder"):
-            sparse, dense = net.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+            sparse, dense = net.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
             low_res, iou, _, _ = net.sam_mask_decoder(
                 image_embeddings=features["image_embed"],
                 image_pe=net.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
-                repeat_image=coords.shape[0] > 1,
+                repeat_image=sparse.shape[0] > 1,
                 high_res_features=[features["high_res_0"], features["high_res_1"]],
             )
         return low_res, iou
@@ -221,8 +228,14 @@ class Sam2Predictor(EmbeddingKeeper):
             parts.append(
                 (points, torch.as_tensor(prompts.labels, dtype=torch.int, device=self.device)[None].expand(count, -1))
             )
-        coords = self.model_coords(torch.cat([p for p, _ in parts], dim=1))
-        labels = torch.cat([label for _, label in parts], dim=1)
-        low_res, iou = self.decode(coords, labels, prompts.multimask)
+        mask = (
+            None if prompts.mask_input is None else torch.as_tensor(prompts.mask_input, device=self.device)[None, None]
+        )
+        if parts:
+            coords = self.model_coords(torch.cat([p for p, _ in parts], dim=1))
+            labels = torch.cat([label for _, label in parts], dim=1)
+            low_res, iou = self.decode(coords, labels, prompts.multimask, mask)
+        else:
+            low_res, iou = self._reference_decode(None, None, prompts.multimask, mask)
         masks = self.upsample(low_res) > self.mask_threshold
         return masks, iou, low_res.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
