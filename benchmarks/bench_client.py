@@ -15,66 +15,22 @@ exit. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import requests
-import yaml
-from PIL import Image
 from skimage import data
 
-from benchmarks.bench_engine import KEEP_ALL
-from benchmarks.measure import scratch_dir
+from benchmarks.measure import CLIENT, make_images, repo_archive, scratch_dir
+from harness.archives import KEEP_ALL
+from harness.files import encode
+from harness.servers import TorchServe
 from sam_fast_serve.client.cli import DEFAULT_CONCURRENCY
-from sam_fast_serve.tools.archive import build_archive
+from sam_fast_serve.common.endpoint import MODEL_NAME
 from sam_fast_serve.tools.cli import save_random_checkpoint
-from harness.servers import REPO, TorchServe
 
-CLIENT = Path(sys.executable).parent / "sam-fast-client"
 SIDE = 512
-
-
-def png(rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def make_images(folder: Path, count: int) -> None:
-    """`count` PNGs of SIDE x SIDE in `folder`, each with pixels of its own: scikit-image photos
-    cropped to a square, resized, and rolled by a different offset."""
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    squares = []
-    for rgb in photos:
-        side = min(rgb.shape[:2])
-        squares.append(np.asarray(Image.fromarray(rgb[:side, :side]).resize((SIDE, SIDE))))
-    folder.mkdir(parents=True)
-    for i in range(count):
-        rolled = np.roll(squares[i % len(squares)], 17 * (i // len(squares)) + 1, axis=1)
-        (folder / f"image{i:04d}.png").write_bytes(png(rolled))
-
-
-def archive(work: Path, checkpoint: Path, keep_all: bool) -> Path:
-    """An archive of `checkpoint` with the repo's model-config.yaml, no embedding cache, and
-    keep-all thresholds if asked."""
-    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-    config["handler"].update(sam_checkpoint=checkpoint.name, embedding_cache_bytes=0)
-    if keep_all:
-        config["handler"].update(KEEP_ALL)
-    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
-
-
-def start_server(work: Path, checkpoint: Path, keep_all: bool) -> TorchServe:
-    """TorchServe serving `archive(...)`; READY on return."""
-    tgz = archive(work, checkpoint, keep_all)
-    server = TorchServe(work, tgz.parent, tgz.name)
-    server.start()
-    return server
 
 
 def timed_run(server: TorchServe, folder: Path, out: Path, concurrency: int) -> float:
@@ -102,12 +58,18 @@ def main() -> None:
     args = parser.parse_args()
     work = scratch_dir(prefix="bench-client-")
     checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
-    make_images(work / "images", args.images)
-    server = start_server(work, checkpoint, args.keep_all)
+    make_images(work / "images", args.images, SIDE)
+    # No embedding cache: no run is answered from an earlier run's embeddings.
+    tgz = repo_archive(checkpoint, work, embedding_cache_bytes=0, **(KEEP_ALL if args.keep_all else {}))
+    server = TorchServe(work, tgz.parent, tgz.name)
+    server.start()
     try:
         # One request first, so that no run pays for the worker's first-call allocations.
         warm = requests.post(
-            f"{server.inference_url}/predictions/sam-fast", data=png(data.camera()), headers=server.auth(), timeout=900
+            f"{server.inference_url}/predictions/{MODEL_NAME}",
+            data=encode(data.camera()),
+            headers=server.auth(),
+            timeout=900,
         )
         warm.raise_for_status()
         setting = "keep-all" if args.keep_all else "default thresholds"

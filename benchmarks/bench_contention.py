@@ -56,9 +56,9 @@ def child(spec: dict[str, Any]) -> None:
     from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
     from skimage import data as sample_images
 
-    from sam_fast_serve.models.sam1 import fast_decoder
+    from sam_fast_serve.models import fast_decoder
+    from sam_fast_serve.models.precision import resolve_precision
     from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
-    from sam_fast_serve.models.sam1.build import resolve_dtype
     from sam_fast_serve.server.runtime import keep_freed_memory
 
     if spec["threads"]:
@@ -71,7 +71,7 @@ def child(spec: dict[str, Any]) -> None:
     if spec["kind"] == "reference":
         generator: Any = ReferenceGenerator(cpu_model(spec["checkpoint"]), **settings)
     else:
-        dtype = resolve_dtype("auto", torch.device("cpu"))
+        dtype = resolve_precision("auto", torch.device("cpu")).dtype
         generator = SamAutomaticMaskGenerator(cpu_model(spec["checkpoint"], dtype), decoder_dtype=dtype, **settings)
     image = getattr(sample_images, spec["image"])()
     generator.generate(np.ascontiguousarray(image[:64, :64]))

@@ -1,6 +1,6 @@
 """Benchmark SAM's mask decoder against `FastMaskDecoder`, float32 and bfloat16, on CPU.
 
-    python benchmarks/bench_decoder.py [--batch 64] [--repeats 3]
+    python -m benchmarks.bench_decoder [--batch 64] [--repeats 3]
 
 Decodes `--batch` single positive point prompts (automatic mask generation's case) on
 one random image embedding with a random-weight vit_b SAM (the decoder is the same

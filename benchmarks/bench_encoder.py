@@ -39,8 +39,8 @@ from segment_anything.modeling import ImageEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.measure import PeakRss, gemm_peaks, peak_for
+from sam_fast_serve.models.precision import cpu_has_int8_dot
 from sam_fast_serve.models.sam1 import fast_encoder
-from sam_fast_serve.models.sam1.build import cpu_has_int8_dot
 from sam_fast_serve.models.sam1.fast_encoder import accelerate_image_encoder
 from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear, quantize_activations, quantize_image_encoder
 
@@ -242,7 +242,7 @@ def measure_compile() -> None:
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
             for cache_state in ("cold", "warm"):
-                command = [sys.executable, __file__, "--compile-worker", which]
+                command = [sys.executable, "-m", "benchmarks.bench_encoder", "--compile-worker", which]
                 result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
                 timing = json.loads(result.stdout.strip().splitlines()[-1])
                 compile_s = timing["first_call_s"] - timing["steady_s"]

@@ -29,141 +29,50 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-import segment_anything.automatic_mask_generator as reference_module
+import requests
 import torch
 import yaml
 from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from skimage import data as sample_images
 
-from benchmarks.measure import PeakRss, cpu_model, gemm_peaks, peak_for, scratch_dir
-from benchmarks.shares import SHARES, pairs_kept, predicted_ious, share_settings
-from sam_fast_serve.common.wire import encode_pickled
-from sam_fast_serve.models.sam1 import automatic as engine_module
-from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
-from sam_fast_serve.models.sam1.build import resolve_dtype, resolve_precision
+from benchmarks.measure import (
+    CPU,
+    OVERHEAD_COLUMNS,
+    REFERENCE,
+    SHORT_NAMES,
+    PeakRss,
+    agreement,
+    cpu_model,
+    engine_stages,
+    gemm_peaks,
+    peak_for,
+    reference_stages,
+    repo_archive,
+    request_overhead,
+    run_variant,
+    scratch_dir,
+)
+from benchmarks.shares import KEEP_ALL_LABEL, SHARES, predicted_ious, share_label, sweep_setting
+from harness.files import encode
+from harness.servers import REPO, TorchServe
+from sam_fast_serve.common.endpoint import MODEL_NAME
 from sam_fast_serve.models.fast_decoder import FastMaskDecoder
+from sam_fast_serve.models.precision import resolve_precision
+from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
 from sam_fast_serve.server.runtime import keep_freed_memory
-from sam_fast_serve.tools.archive import build_archive
+from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
-from tests.agreement import match_masks
-from harness.servers import REPO
-
-# Thresholds 0 and NMS off: every mask of the grid goes through post-processing and the wire (with
-# random weights NMS leaves about one mask of the grid, so this is where masks are compared one to one).
-KEEP_ALL = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
-KEEP_ALL_LABEL = "keep-all"
-# The row every ratio is taken against (segment_anything's own generator in fp32).
-REFERENCE = "(a) reference fp32"
-STAGES = ("encoder", "decoder", "upsample", "rle")
-
-
-@contextlib.contextmanager
-def timed(totals: dict[str, float], stage: str, owner: Any, attr: str) -> Iterator[None]:
-    """Add the time spent in owner.attr to totals[stage] while inside the block."""
-    original = getattr(owner, attr)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals[stage] += time.perf_counter() - started
-
-    setattr(owner, attr, wrapper)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, original)
-
-
-def reference_stages(generator: ReferenceGenerator, totals: dict[str, float]) -> contextlib.ExitStack:
-    sam = generator.predictor.model
-    stack = contextlib.ExitStack()
-    stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
-    stack.enter_context(timed(totals, "decoder", sam.mask_decoder, "forward"))
-    stack.enter_context(timed(totals, "upsample", sam, "postprocess_masks"))
-    stack.enter_context(timed(totals, "rle", reference_module, "mask_to_rle_pytorch"))
-    stack.enter_context(timed(totals, "rle", reference_module, "coco_encode_rle"))
-    return stack
-
-
-def engine_stages(generator: SamAutomaticMaskGenerator, totals: dict[str, float]) -> contextlib.ExitStack:
-    sam = generator.predictor.model
-    decoder = generator.predictor.decoder
-    stack = contextlib.ExitStack()
-    stack.enter_context(timed(totals, "encoder", sam.image_encoder, "forward"))
-    for attr in ("prepare_image", "run_transformer", "mask_logits"):
-        stack.enter_context(timed(totals, "decoder", decoder, attr))
-    stack.enter_context(timed(totals, "upsample", generator.predictor, "upsample"))
-    stack.enter_context(timed(totals, "rle", engine_module, "encode_masks"))
-    return stack
-
-
-def run_variant(
-    name: str,
-    make: Callable[[dict[str, Any]], Any],
-    stages: Callable[[Any, dict[str, float]], contextlib.ExitStack],
-    images: list[np.ndarray],
-    settings: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Time `make(settings[i]).generate(images[i])` for every image, by stage; then the wire encoding."""
-    totals: dict[str, float] = defaultdict(float)
-    outputs = []
-    total = 0.0
-    gc.collect()
-    with PeakRss() as rss:
-        for image, kwargs in zip(images, settings, strict=True):
-            generator = make(kwargs)
-            with stages(generator, totals):
-                started = time.perf_counter()
-                outputs.append(generator.generate(image))
-                total += time.perf_counter() - started
-    wire_started = time.perf_counter()
-    bodies = [encode_pickled(anns) for anns in outputs]
-    totals["wire"] = time.perf_counter() - wire_started
-    n = len(images)
-    return {
-        "name": name,
-        "total": total / n,
-        **{stage: totals[stage] / n for stage in STAGES},
-        "post": (total - sum(totals[s] for s in STAGES)) / n,
-        "wire": totals["wire"] / n,
-        "rss": rss.peak,
-        "bytes": sum(len(b) for b in bodies) / n,
-        "masks": sum(len(o) for o in outputs) / n,
-        "outputs": outputs,
-    }
-
-
-def agreement(reference: dict[str, Any], row: dict[str, Any]) -> str:
-    ious: list[float] = []
-    unmatched = leftover = 0
-    for ref, ours in zip(reference["outputs"], row["outputs"]):
-        i, u, left = match_masks(ref, ours)
-        ious += i
-        unmatched += u
-        leftover += left
-    if not ious:
-        return "n/a (no masks)" if not leftover else f"{leftover} extra"
-    ious_a = np.array(ious)
-    return f"{(ious_a >= 0.9).mean():.1%} >=0.9, {(ious_a >= 0.99).mean():.1%} >=0.99, min {ious_a.min():.3f}" + (
-        f", {unmatched} unmatched, {leftover} extra" if unmatched or leftover else ""
-    )
 
 
 def print_table(title: str, rows: list[dict[str, Any]], reference: dict[str, Any] | None) -> None:
@@ -181,23 +90,6 @@ def print_table(title: str, rows: list[dict[str, Any]], reference: dict[str, Any
             f"| {row['upsample']:.2f} | {row['post']:.2f} | {row['rle']:.2f} | {row['wire']:.3f} "
             f"| {row['rss'] / 2**30:.2f} GiB | {row['masks']:.0f} | {row['bytes']:,.0f} | {speedup} | {agrees} |"
         )
-
-
-def share_label(token: str) -> str:
-    """How a --shares token ("0", "0.3", "all") is named in the tables: "0%", "30%", "keep-all"."""
-    return KEEP_ALL_LABEL if token == "all" else f"{float(token):.0%}"
-
-
-def sweep_setting(token: str, ious: list[np.ndarray], base: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
-    """(label, table title, each image's generator arguments) for a --shares token: a share from 0 to
-    1 (NMS on), or "all" for KEEP_ALL (every pair through post-processing, NMS off)."""
-    if token == "all":
-        title = f"{KEEP_ALL_LABEL}: thresholds 0, NMS off, every mask to the wire"
-        return KEEP_ALL_LABEL, title, [{**base, **KEEP_ALL} for _ in ious]
-    share, label = float(token), share_label(token)
-    settings = [{**base, **share_settings(i, share)} for i in ious]
-    kept = np.mean([pairs_kept(i, s) for i, s in zip(ious, settings, strict=True)])
-    return label, f"{label} kept ({kept:.1%} of the pairs pass the IoU filter, NMS on)", settings
 
 
 def print_sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -274,10 +166,10 @@ def engine_mode(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     reference_sam = cpu_model(checkpoint)
     load_s = time.perf_counter() - started
-    engine_dtype = resolve_dtype("auto", torch.device("cpu"))
+    engine_dtype = resolve_precision("auto", CPU).dtype
     engine_sam = cpu_model(checkpoint, engine_dtype)
     fp32_sam = cpu_model(checkpoint, torch.float32)
-    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[engine_dtype]
+    dtype_name = SHORT_NAMES[engine_dtype]
     print(
         f"# bench_engine: vit_b, {args.points_per_side}x{args.points_per_side} points, images {args.images}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model build+load {load_s:.1f} s"
@@ -300,7 +192,7 @@ def engine_mode(args: argparse.Namespace) -> None:
         ("(b') engine fp32", lambda kw: SamAutomaticMaskGenerator(fp32_sam, **kw), engine_stages),
     ]
     if args.int8:
-        int8 = resolve_precision("int8", torch.device("cpu"))
+        int8 = resolve_precision("int8", CPU)
         int8_sam = cpu_model(checkpoint, int8)
         variants.append(
             (
@@ -353,31 +245,12 @@ def image_profile(title: str, make: Callable[[dict[str, Any]], Any], image: np.n
     print(f"| outside torch ops | | {wall - in_ops:.2f} | {(wall - in_ops) / wall:.0%} | |")
 
 
-def repo_archive(checkpoint: Path, work: Path, batch_size: int | None = None, **handler: Any) -> Path:
-    """An archive of `checkpoint` with the repo's model-config.yaml, `batch_size` and `handler` keys changed."""
-    config = yaml.safe_load((REPO / "model-config.yaml").read_text())
-    if batch_size is not None:
-        config["batchSize"] = batch_size
-    config["handler"].update(sam_checkpoint=checkpoint.name, **handler)
-    (work / "model-config.yaml").write_text(yaml.safe_dump(config))
-    return build_archive(REPO / "custom_handler.py", checkpoint, work / "model-config.yaml", work / "model_store")
-
-
 def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray, png: bytes) -> None:
     """A whole request through TorchServe against the same request handled in this process."""
-    import requests
-
-    from sam_fast_serve.common.wire import decode_pickled
-    from sam_fast_serve.server.service import MaskService
-    from harness.servers import TorchServe
-
     ious = predicted_ious(cpu_model(checkpoint), image, args.points_per_side)
     all_pairs = 3 * args.points_per_side**2
     tokens = args.server_shares.split(",")
-    print(
-        "\n| kept | max_masks | masks | response bytes | TorchServe, first request after READY | second request "
-        "| in process, second | TorchServe / in process | first / second |"
-    )
+    print(f"\n| kept | max_masks | {OVERHEAD_COLUMNS} |")
     print("|---|---|---|---|---|---|---|---|---|")
     # With random weights NMS leaves few masks at any share: only keep-all makes a large response,
     # once under the default max_masks and once with the cap raised to every pair.
@@ -393,48 +266,16 @@ def overhead_table(args: argparse.Namespace, checkpoint: Path, image: np.ndarray
         section = yaml.safe_load((work / "model-config.yaml").read_text())["handler"]
         service = MaskService.load(section, checkpoint.parent, gpu_id=None)
         server = TorchServe(work, archive.parent, archive.name, extra_properties=properties)
-        try:
-            for token in cap_tokens:
-                label, _, (settings,) = sweep_setting(token, [ious], {})
-                document = {"image": base64.b64encode(png).decode(), **settings}
-                server.start()
-                url = f"{server.inference_url}/predictions/sam-fast"
-
-                def over_http() -> tuple[float, bytes]:
-                    started = time.perf_counter()
-                    reply = requests.post(url, json=document, headers=server.auth(), timeout=900)
-                    reply.raise_for_status()
-                    return time.perf_counter() - started, reply.content
-
-                (first, body), (second, _) = over_http(), over_http()
-                server.stop()
-                in_process = []
-                for _ in range(2):
-                    started = time.perf_counter()
-                    (reply,) = service.handle([({"body": document}, {})])
-                    in_process.append(time.perf_counter() - started)
-                    assert reply.status == 200, reply.body
-                masks = len(decode_pickled(body))
-                print(
-                    f"| {label} | {service.config.max_masks} "
-                    f"| {masks} | {len(body):,} | {first:.2f} s | {second:.2f} s | {in_process[1]:.2f} s "
-                    f"| {second / in_process[1]:.3f} | {first / second:.3f} |",
-                    flush=True,
-                )
-        finally:
-            server.stop()
+        for token in cap_tokens:
+            label, _, (settings,) = sweep_setting(token, [ious], {})
+            document = {"image": base64.b64encode(png).decode(), **settings}
+            overhead = request_overhead(server, service, document)
+            print(f"| {label} | {service.config.max_masks} | {overhead.cells()} |", flush=True)
 
 
 def server_mode(args: argparse.Namespace) -> None:
-    import requests
-
-    from harness.servers import TorchServe
-
     checkpoint = args.checkpoint or save_random_checkpoint(scratch_dir() / "random_vit_b.pth")
-    png = {}
-    for name in args.images.split(","):
-        ok, encoded = cv2.imencode(".png", cv2.cvtColor(getattr(sample_images, name)(), cv2.COLOR_RGB2BGR))
-        png[name] = encoded.tobytes()
+    png = {name: encode(getattr(sample_images, name)()) for name in args.images.split(",")}
     first = args.images.split(",")[0]
     print(
         f"# bench_engine --server: TorchServe, repo model-config.yaml with a random-weight vit_b, "
@@ -457,7 +298,7 @@ def server_mode(args: argparse.Namespace) -> None:
         try:
             server.stop()
             warm = server.start()
-            url = f"{server.inference_url}/predictions/sam-fast"
+            url = f"{server.inference_url}/predictions/{MODEL_NAME}"
             headers = {**server.auth(), "Content-Type": "application/octet-stream"}
             bodies = list(png.values())
 
@@ -495,7 +336,7 @@ service = MaskService.load(section, model_dir, gpu_id=None)
 times = [time.perf_counter() - started]
 for image in (data.astronaut(), data.chelsea()):
     started = time.perf_counter()
-    service.engines.generator(service.config.amg).generate(image)
+    service.engine.automatic([image], service.config.amg)
     times.append(time.perf_counter() - started)
 print(json.dumps(times))
 """

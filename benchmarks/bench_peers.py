@@ -9,8 +9,9 @@ The peers live in their own environment (the server never depends on them); make
 A peer that is not installed is skipped and said so; the reference and engine rows still run.
 
 On the same random-weight vit_b checkpoint and the same image(s): (a) segment_anything in torch
-fp32, (b) this engine in bf16, (c) ONNX Runtime (CPU execution provider, fp32), (d) OpenVINO on
-the CPU, asked for bf16 (the precision it actually used is printed). The peers run vit_b as
+fp32, (b) this engine in the dtype a worker serves in on this CPU (dtype auto: bf16 where the CPU
+computes it natively, else fp32), (c) ONNX Runtime (CPU execution provider, fp32), (d) OpenVINO on
+the CPU, asked for that same dtype (the precision it actually used is printed). The peers run vit_b as
 exported once per run by torch.onnx.export: the image encoder, and segment_anything's
 SamOnnxModel (prompt encoder, mask decoder and upscaling to the image) with a dynamic batch of
 point prompts, so that one call decodes a whole `points_per_batch` batch against one embedding
@@ -32,9 +33,6 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import os
-import shlex
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -50,17 +48,22 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.onnx import SamOnnxModel
 from skimage import data as sample_images
 
-from benchmarks.bench_engine import (
+from benchmarks.measure import (
+    CPU,
     REFERENCE,
+    SHORT_NAMES,
     agreement,
+    command_line,
+    cpu_description,
+    cpu_model,
     engine_stages,
+    median_seconds,
     reference_stages,
     run_variant,
-    sweep_setting,
     timed,
 )
-from benchmarks.measure import cpu_model, median_seconds
-from benchmarks.shares import predicted_ious
+from benchmarks.shares import predicted_ious, sweep_setting
+from sam_fast_serve.models.precision import resolve_precision
 from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
 from sam_fast_serve.server.runtime import keep_freed_memory
 from sam_fast_serve.tools.cli import save_random_checkpoint
@@ -142,7 +145,8 @@ def export_decoder(sam: Sam, original_size: tuple[int, ...], path: Path) -> None
         )
 
 
-def onnxruntime_runner(path: Path, threads: int) -> tuple[Runner, str]:
+def onnxruntime_runner(path: Path, threads: int, dtype: torch.dtype) -> tuple[Runner, str]:
+    """ONNX Runtime's CPU execution provider, which runs the fp32 graph in fp32 whatever `dtype`."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -154,21 +158,24 @@ def onnxruntime_runner(path: Path, threads: int) -> tuple[Runner, str]:
     return (lambda feeds: session.run(None, feeds)), f"fp32, CPU EP, {threads} intra-op threads"
 
 
-def openvino_runner(path: Path, threads: int) -> tuple[Runner, str]:
+def openvino_runner(path: Path, threads: int, dtype: torch.dtype) -> tuple[Runner, str]:
+    """OpenVINO on the CPU, asked to infer in `dtype` (it falls back where the CPU lacks it)."""
     import openvino
+
+    asked = OPENVINO_PRECISIONS[dtype]
 
     compiled = openvino.Core().compile_model(
         str(path),
         "CPU",
         {
-            "INFERENCE_PRECISION_HINT": "bf16",
+            "INFERENCE_PRECISION_HINT": asked,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(threads),
         },
     )
     used = (
-        f"{compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()} (asked bf16), "
+        f"{compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()} (asked {asked}), "
         f"{compiled.get_property('NUM_STREAMS')} stream, {compiled.get_property('INFERENCE_NUM_THREADS')} threads"
     )
 
@@ -179,7 +186,9 @@ def openvino_runner(path: Path, threads: int) -> tuple[Runner, str]:
     return run, used
 
 
-LOADERS: dict[str, Callable[[Path, int], tuple[Runner, str]]] = {
+# OpenVINO's names of the dtypes (its INFERENCE_PRECISION_HINT values).
+OPENVINO_PRECISIONS = {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}
+LOADERS: dict[str, Callable[[Path, int, torch.dtype], tuple[Runner, str]]] = {
     "(c) ONNX Runtime": onnxruntime_runner,
     "(d) OpenVINO": openvino_runner,
 }
@@ -340,16 +349,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a worker does (MaskService.load): the engine row runs as it serves
-    command = [os.path.relpath(sys.executable), "-m", "benchmarks.bench_peers", *sys.argv[1:]]
-    print(f"# bench_peers: {shlex.join(command)}")
-    print(f"torch {torch.__version__}, {args.threads} threads for torch and each peer")
+    print(f"# bench_peers: {command_line()}")
+    dtype = resolve_precision("auto", CPU).dtype
+    print(
+        f"{cpu_description()}: (b) in {SHORT_NAMES[dtype]} (dtype auto); torch {torch.__version__}, "
+        f"{args.threads} threads for torch and each peer"
+    )
     peers = available_peers()
 
     images = [getattr(sample_images, name)() for name in args.images.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as work:
         checkpoint = args.checkpoint or save_random_checkpoint(Path(work) / "random_vit_b.pth")
         reference_sam = cpu_model(checkpoint)
-        engine_sam = cpu_model(checkpoint, torch.bfloat16)
+        engine_sam = cpu_model(checkpoint, dtype)
         cache = args.cache or Path(work)
         cache.mkdir(parents=True, exist_ok=True)
         runners: dict[str, tuple[Runner, dict[tuple[int, ...], Runner]]] = {}
@@ -358,10 +370,10 @@ def main() -> None:
                 reference_sam, checkpoint, {image.shape[:2] for image in images}, cache
             )
             for name in peers:
-                encoder, used = LOADERS[name](encoder_path, args.threads)
-                decoders = {size: LOADERS[name](path, args.threads)[0] for size, path in decoder_paths.items()}
+                encoder, used = LOADERS[name](encoder_path, args.threads, dtype)
+                decoders = {size: LOADERS[name](path, args.threads, dtype)[0] for size, path in decoder_paths.items()}
                 runners[f"{name} {used}"] = (encoder, decoders)
-        run_benchmark(args, images, reference_sam, engine_sam, runners)
+        run_benchmark(args, images, reference_sam, engine_sam, dtype, runners)
 
 
 def run_benchmark(
@@ -369,11 +381,13 @@ def run_benchmark(
     images: list[np.ndarray],
     reference_sam: Sam,
     engine_sam: Sam,
+    dtype: torch.dtype,
     runners: dict[str, tuple[Runner, dict[tuple[int, ...], Runner]]],
 ) -> None:
+    engine = f"(b) engine {SHORT_NAMES[dtype]}"
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         REFERENCE: reference_sam.image_encoder,
-        "(b) engine bf16": lambda image: engine_sam.image_encoder(image.to(torch.bfloat16)),
+        engine: lambda image: engine_sam.image_encoder(image.to(dtype)),
     }
     for name, (encoder, _) in runners.items():
         encoders[name] = partial(encode_with, encoder)
@@ -381,11 +395,7 @@ def run_benchmark(
 
     variants: list[tuple[str, Callable[[dict[str, Any]], Any], Any]] = [
         (REFERENCE, lambda kw: ReferenceGenerator(reference_sam, **kw), reference_stages),
-        (
-            "(b) engine bf16",
-            lambda kw: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=torch.bfloat16, **kw),
-            engine_stages,
-        ),
+        (engine, lambda kw: SamAutomaticMaskGenerator(engine_sam, decoder_dtype=dtype, **kw), engine_stages),
     ]
     for name, (encoder, decoders) in runners.items():
         variants.append((name, partial(peer_generator, reference_sam, encoder, decoders), peer_stages))

@@ -22,7 +22,7 @@ from sam_fast_serve.tools.cli import save_random_checkpoint
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompts", type=int, default=10)
     args = parser.parse_args()
@@ -40,7 +40,9 @@ def main() -> None:
         first = service.handle([({"body": {"image": image, "points": [[100, 100]]}}, {})])[0]
         first_s = time.perf_counter() - started
         image_id = first.headers["X-Image-Id"]
-        print(f"| {name} | first prompt (image sent) | {first_s:.3f} | {service.engine.predictor.encoder_calls} | 1.0x |")
+        print(
+            f"| {name} | first prompt (image sent) | {first_s:.3f} | {service.engine.predictor.encoder_calls} | 1.0x |"
+        )
         for label, request in (
             ("next click (image_id)", lambda i: {"image_id": image_id, "points": [[20 + 15 * i, 40 + 10 * i]]}),
             ("next box (image_id)", lambda i: {"image_id": image_id, "boxes": [[10 + i, 20, 200 + 5 * i, 260]]}),

@@ -20,19 +20,18 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import requests
 
-from benchmarks.bench_client import archive, make_images
-from benchmarks.measure import scratch_dir
-from sam_fast_serve.tools.cli import save_random_checkpoint
+from benchmarks.measure import CLIENT, make_images, repo_archive, scratch_dir
+from harness.archives import KEEP_ALL
 from harness.servers import Balancer, TorchServe
+from sam_fast_serve.common.endpoint import MODEL_NAME
+from sam_fast_serve.tools.cli import save_random_checkpoint
 
-CLIENT = Path(sys.executable).parent / "sam-fast-client"
 LATENCY = re.compile(r": \d+ masks, ([\d.]+) s,")
 
 
@@ -58,7 +57,7 @@ def run(
         # One image per instance first, so that no timed request pays for a worker's first call.
         warm = (images / "image0000.png").read_bytes()
         for server in servers:
-            url = f"{server.inference_url}/predictions/sam-fast"
+            url = f"{server.inference_url}/predictions/{MODEL_NAME}"
             requests.post(url, data=warm, headers=server.auth(), timeout=900).raise_for_status()
         started = time.perf_counter()
         done = subprocess.run(
@@ -92,7 +91,7 @@ def main() -> None:
     work = scratch_dir(prefix="bench-replicas-")
     checkpoint = args.checkpoint or save_random_checkpoint(work / "random_vit_b.pth")
     make_images(work / "images", args.images)
-    tgz = archive(work, checkpoint, args.keep_all)
+    tgz = repo_archive(checkpoint, work, embedding_cache_bytes=0, **(KEEP_ALL if args.keep_all else {}))
     setting = "keep-all" if args.keep_all else "default thresholds (random weights keep no mask: a lower bound)"
     print(
         f"# bench_replicas: {args.images} images 512x512, sam-fast-client --concurrency {args.concurrency} through "

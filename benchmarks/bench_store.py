@@ -16,9 +16,9 @@ from PIL import Image
 from skimage import data
 
 from benchmarks.measure import median_seconds, scratch_dir
+from harness.servers import RedisServer
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
-from harness.servers import RedisServer
 
 
 def answer(service: MaskService, document: dict) -> None:
@@ -27,7 +27,7 @@ def answer(service: MaskService, document: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompts", type=int, default=20)
     args = parser.parse_args()
@@ -61,12 +61,11 @@ def main() -> None:
             seconds = median_seconds(run, 3 if label.startswith("miss") else args.prompts)
             local_s = local_s or seconds
             print(f"| {label} | {seconds:.4f} | {seconds / local_s:.1f}x |")
-        store = remote.predictor.store
+        store = remote.engine.store
         assert store.shared is not None
         embedding = store.shared.get(image_id)
         assert embedding is not None
-        size = embedding.features.numel() * embedding.features.element_size()
-        print(f"\nThe store alone, one embedding of {size / 2**20:.1f} MiB:\n")
+        print(f"\nThe store alone, one embedding of {embedding.nbytes / 2**20:.1f} MiB:\n")
         print("| operation | milliseconds |")
         print("|---|---|")
         print(

@@ -1,6 +1,6 @@
 """The wire format: response bytes and encode time by zlib level, against pickle+base64 alone.
 
-    python benchmarks/bench_wire.py
+    python -m benchmarks.bench_wire
 
 Payloads: annotations shaped like SAM's for natural masks (SLIC superpixels of the sample photos,
 grouped into ~100 masks of varied size, like a real AMG answer), and for the fragmented masks a
@@ -9,6 +9,7 @@ random-weight model gives (the keep-all tests' case). Times are the best of 5.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import pickle
 from typing import Any
@@ -59,6 +60,7 @@ def pickle_base64(payload: Any) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
     payloads = {
         "astronaut, ~100 natural masks": natural_payload(data.astronaut()),
         "chelsea, ~100 natural masks": natural_payload(data.chelsea()),

@@ -1,5 +1,6 @@
-"""Test and benchmark tooling (not shipped): a real TorchServe on 127.0.0.1 in a directory of its own (tests and benchmarks): started from
-a real archive with the repo's config.properties (ports swapped for free ones), stopped in every case."""
+"""Real servers for tests and benchmarks (not shipped), on 127.0.0.1: a TorchServe in a directory of
+its own, started from a real archive with the repo's config.properties (ports swapped for free
+ones), and Debian's Redis, Prometheus and nginx balancer; each stopped in every case."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ class AmgSettings:
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """How an image file becomes the 8-bit RGB that SAM sees (imaging.py): a config or a request may
+    """How an image file becomes the 8-bit RGB that SAM sees (server/imaging.py): a config or a request may
     set each key."""
 
     intensity: str = option("auto", one_of(INTENSITY_MODES))

@@ -91,7 +91,9 @@ def _mask_input(value: Any) -> np.ndarray:
         raise InvalidOption(f"{usage}; got shape {value.get('shape')!r}")
     expected = side * side * 4
     if len(value["data"]) > 4 * (expected // 3 + 1):  # checked before decoding: no large allocation
-        raise InvalidOption(f"{usage}; its data is longer than {expected} bytes")
+        raise InvalidOption(
+            f"{usage}; its data has {len(value['data'])} base64 characters, more than {expected} bytes take"
+        )
     try:
         raw = base64.b64decode(value["data"], validate=True)
     except (binascii.Error, ValueError):

@@ -51,26 +51,46 @@ def upsample_chunk(device: torch.device, largest_pixels: int) -> int:
     return max(1, UPSAMPLE_CHUNK_BYTES // (largest_pixels * 4))
 
 
-@contextmanager
-def pinned_crops(
-    predictor: EmbeddingKeeper,
-    images: Sequence[np.ndarray],
-    crop_n_layers: int,
-    crop_overlap_ratio: float,
-    batch_size: int,
-) -> Iterator[None]:
-    """Within: the embeddings of `images` and of their crops are computed, `batch_size` per encoder
-    call, and pinned in `predictor` for the generator's `generate`."""
-    crops: list[np.ndarray] = []
-    for image in images:
-        boxes, _ = generate_crop_boxes(image.shape[:2], crop_n_layers, crop_overlap_ratio)
-        crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
-    with torch.no_grad():
-        predictor.pin(crops, batch_size)
-    try:
-        yield
-    finally:
-        predictor.unpin()
+class BatchedGeneration:
+    """What both families' generators add to their reference: the embeddings of a group of images
+    (and of their crops) computed `process_batch_size` per encoder call and pinned in the predictor
+    for `generate`. A generator sets `predictor`, `process_batch_size`, `crop_n_layers` and
+    `crop_overlap_ratio` and defines `generate`."""
+
+    predictor: EmbeddingKeeper
+    process_batch_size: int
+    crop_n_layers: int
+    crop_overlap_ratio: float
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    @contextmanager
+    def pinned(self, images: Sequence[np.ndarray]) -> Iterator[None]:
+        """Within: the embeddings of `images` and of their crops are computed and pinned."""
+        crops: list[np.ndarray] = []
+        for image in images:
+            boxes, _ = generate_crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
+            crops.extend(image[y0:y1, x0:x1, :] for x0, y0, x1, y1 in boxes)
+        with torch.no_grad():
+            self.predictor.pin(crops, self.process_batch_size)
+        try:
+            yield
+        finally:
+            self.predictor.unpin()
+
+    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
+        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
+        with self.pinned(images):
+            return [self.generate(image) for image in images]
+
+    def _process_crop(self, *args: Any, **kwargs: Any) -> MaskData:
+        # The references make a crop without masks a (0,) crop_boxes tensor, on which the crop NMS
+        # (crop_n_layers > 0) fails: give it its (0, 4) shape.
+        data = super()._process_crop(*args, **kwargs)  # type: ignore[misc]
+        if len(data["rles"]) == 0:
+            data["crop_boxes"] = torch.zeros((0, 4), dtype=torch.int64)
+        return data
 
 
 def masks_to_rles(
@@ -95,17 +115,6 @@ def masks_to_rles(
     data["rles"] = encode_masks(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
     del data["masks"]
     return data
-
-
-def empty_batch(device: torch.device) -> MaskData:
-    """A batch with no mask: the references always return these keys, which NMS downstream needs."""
-    return MaskData(
-        iou_preds=torch.zeros(0, device=device),
-        points=torch.zeros(0, 2, dtype=torch.float64),
-        stability_score=torch.zeros(0, device=device),
-        boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
-        rles=[],
-    )
 
 
 def uncompress(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.registry import ModelType, official_checkpoints
+
+
+def load_fitting(model: Any, state: Mapping[str, Any], checkpoint: str, model_type: str) -> None:
+    """Load `state` into `model` (torch.nn.Module.load_state_dict, strict). Raises ConfigError naming
+    the file, the model type and the first keys that do not fit (missing, unexpected, another shape)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        details = [line.strip() for line in str(exc).splitlines()[1:3]]
+        raise ConfigError(f"{checkpoint} does not fit {model_type}: {' '.join(details)[:400]}") from None
 
 
 def file_sha256(path: Path) -> str:

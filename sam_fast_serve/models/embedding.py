@@ -2,7 +2,7 @@
 its key, this worker's byte-bounded LRU of them, and the store that puts a shared tier (Redis, in
 server.store) behind that LRU.
 
-The engine knows what its embedding holds (`Engine.embedding_layout`); everything here treats it as
+The family knows what its embedding holds (its `embedding_layout`); everything here treats it as
 named tensors, so an entry of one family can never pass for another's (the shared tier's keys name
 the model, and an entry whose tensors do not match the layout is a miss).
 """
@@ -162,6 +162,10 @@ class EmbeddingStore:
         except SharedStoreError as exc:
             self.counts["shared_error"] += 1
             logger.warning("embedding store unavailable for a write, skipped (%s)", exc)
+
+
+# What a predictor raises (RuntimeError) when asked for masks with no image set.
+NO_IMAGE = "An image must be set with .set_image(...) or .set_embedding(...) first."
 
 
 class EmbeddingKeeper:

@@ -4,10 +4,10 @@ keeps in the embedding store.
 
 A family (models/<family>/__init__.py) builds and prepares its model, says what one embedding holds
 (`embedding_layout`: the tensors the shared store checks every entry against), and gives the engine
-its predictor (the `Predictor` protocol below) and its generator (`Generator`); the engine does what is the same for every family: pinning a group's
-embeddings, timing the stages, finding a cached image. Inputs are decoded images (or a cached
-image's id) and validated settings; outputs are payloads of builtins, ready for the wire. Failures
-are exceptions: the service maps them to replies.
+its predictor (the `Predictor` protocol below) and its generator (`Generator`). The engine does what
+is the same for every family: pinning a group's embeddings, timing the stages, finding a cached
+image. Inputs are decoded images (or a cached image's id) and validated settings; outputs are
+payloads of builtins, ready for the wire. Failures are exceptions: the service maps them to replies.
 """
 
 from __future__ import annotations

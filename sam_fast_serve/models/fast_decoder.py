@@ -1,8 +1,9 @@
-"""Exact, fast re-implementation of SAM's mask decoder for many prompts per image.
+"""Exact, fast re-implementation of SAM's mask decoder for many prompts per image (SAM 1's and
+SAM 2's: see FastMaskDecoder.__init__ for what SAM 2 adds).
 
 `segment_anything.modeling.MaskDecoder.predict_masks` repeats the image embedding
 once per prompt and then projects all 4096 image tokens in every attention layer,
-for every prompt. With a handful of tokens per prompt (5 output tokens plus 2-4
+for every prompt. With a handful of tokens per prompt (5 output tokens, 6 in SAM 2, plus 2-4
 sparse prompt tokens) almost all of that work is either shared between prompts or
 can be avoided by reassociating the matrix products. `FastMaskDecoder` computes the
 same function (equal up to floating-point rounding) as follows:
@@ -30,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 # prompts in bf16. Fewer, larger chunks mean fewer parallel regions, each of which waits
 # for every thread: beside another busy process, chunks of 8 prompts made the decoder
 # 2-4x slower than chunks of 64. Blocks this big are page-faulted in afresh at every
-# allocation unless freed memory is kept (runtime.keep_freed_memory, which MaskService.load
+# allocation unless freed memory is kept (server.runtime.keep_freed_memory, which MaskService.load
 # and the benchmarks call): with it, 64-prompt chunks are also a little faster when the
 # machine is quiet (a 512 x 512 photo at 0% kept: 6.0 -> 5.2 s per image).
 _CPU_CHUNK_BYTES = 128 * 2**20
@@ -195,6 +197,14 @@ class DecodedTokens:
     src: tuple[Tensor, ...]  # B tensors (HW, C): the transformer's image tokens per prompt
     size: tuple[int, int]  # (H, W) of the image embedding
     high_res: tuple[Tensor, Tensor] | None = None  # the image's ImageState.high_res
+
+
+def no_mask_dense(prompt_encoder: Any) -> Tensor:
+    """The dense prompt embedding of a prompt without a mask, (1, C, H, W): what a SAM 1 or SAM 2
+    prompt encoder gives every prompt, hence what `prepare_image` shares."""
+    weight: Tensor = prompt_encoder.no_mask_embed.weight
+    height, width = prompt_encoder.image_embedding_size
+    return weight.reshape(1, -1, 1, 1).expand(1, -1, height, width)
 
 
 def _project_heads(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int) -> Tensor:
@@ -371,6 +381,7 @@ class FastMaskDecoder:
         # SAM 2 puts its object-score token first; the IoU token follows, then the mask tokens.
         leading = [decoder.obj_score_token.weight] if getattr(decoder, "pred_obj_scores", False) else []
         self._iou_index = len(leading)
+        self._uses_high_res = bool(getattr(decoder, "use_high_res_features", False))
         self._output_tokens = torch.cat(
             [*leading, decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0
         ).detach()
@@ -401,6 +412,9 @@ class FastMaskDecoder:
         ):
             if x.dim() != 4 or x.shape[0] != 1:
                 raise ValueError(f"{name} must have shape (1, C, H, W), got {tuple(x.shape)}")
+        if (high_res_features is not None) != self._uses_high_res:
+            needs = "needs" if self._uses_high_res else "takes no"
+            raise ValueError(f"this decoder {needs} high_res_features")
         h, w = image_embeddings.shape[-2:]
         src = self._tokens(image_embeddings + dense_embeddings)
         pe = self._tokens(image_pe)
@@ -428,9 +442,14 @@ class FastMaskDecoder:
         h, w = size
         feat_s0, feat_s1 = features
         c1, c2 = feat_s1.shape[1], feat_s0.shape[1]
+        if feat_s0.shape != (1, c2, 4 * h, 4 * w) or feat_s1.shape != (1, c1, 2 * h, 2 * w):
+            raise ValueError(
+                f"high_res_features must be (1, C2, {4 * h}, {4 * w}) and (1, C1, {2 * h}, {2 * w}), "
+                f"got {tuple(feat_s0.shape)} and {tuple(feat_s1.shape)}"
+            )
         # feat_s1[c, 2y + dy, 2x + dx]; feat_s0[c, 4y + 2dy + dY, 4x + 2dx + dX].
-        s1 = feat_s1[0].view(c1, h, 2, w, 2).permute(1, 3, 2, 4, 0).reshape(h * w * 4, c1)
-        s0 = feat_s0[0].view(c2, h, 2, 2, w, 2, 2).permute(1, 4, 2, 5, 3, 6, 0).reshape(h * w * 16, c2)
+        s1 = feat_s1[0].reshape(c1, h, 2, w, 2).permute(1, 3, 2, 4, 0).reshape(h * w * 4, c1)
+        s0 = feat_s0[0].reshape(c2, h, 2, 2, w, 2, 2).permute(1, 4, 2, 5, 3, 6, 0).reshape(h * w * 16, c2)
         return s1.to(self.dtype).contiguous(), s0.to(self.dtype).contiguous()
 
     @torch.inference_mode()

@@ -12,8 +12,9 @@ from sam_fast_serve.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Compute dtypes by their torch names; "auto" picks one per device (resolve_dtype).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Compute dtypes by their torch names; "auto" picks one per device (resolve_dtype). No float16: the
+# fast decoder computes in float32 or bfloat16 only.
+DTYPE_NAMES = ("float32", "bfloat16")
 # Not a compute dtype: "auto"'s dtype with the image encoder's linear layers in int8 (x86 CPUs with
 # AVX512-VNNI or AMX; resolve_precision, sam1/quantize.py).
 INT8 = "int8"
@@ -22,7 +23,7 @@ INT8 = "int8"
 EMULATED_BF16_FACTOR = 9.4
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """This CPU's feature flags (/proc/cpuinfo; none where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -33,12 +34,12 @@ def _cpu_flags() -> set[str]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 is faster than fp32."""
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has int8 dot products that oneDNN's int8 linear uses (AVX512-VNNI or AMX)."""
-    return bool(_cpu_flags() & {"avx512_vnni", "amx_int8"})
+    return bool(cpu_flags() & {"avx512_vnni", "amx_int8"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Precision:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `name` ("auto" or one of config.DTYPE_NAMES) on `device`.
+    """The compute dtype for `name` ("auto" or one of DTYPE_NAMES) on `device`.
 
     auto: bf16 on CUDA devices that support it and on CPUs with native bf16, else fp32. "int8" is
     no compute dtype: `resolve_precision` resolves it.
@@ -68,7 +69,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError("dtype int8 is a precision, not a compute dtype: use resolve_precision")
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     dtype = getattr(torch, name)
     assert isinstance(dtype, torch.dtype), name
@@ -76,7 +77,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """The precision for the config's `dtype` key: "auto", one of config.DTYPE_NAMES, or "int8".
+    """The precision for the config's `dtype` key: "auto", one of DTYPE_NAMES, or "int8".
 
     int8: the dtype "auto" picks, with the image encoder's linear layers in int8. It runs on x86
     CPUs with AVX512-VNNI or AMX only; elsewhere it is refused with a ConfigError naming the key,

@@ -28,12 +28,15 @@ _SHARED_AMG_KEYS = (
 @dataclass(frozen=True)
 class Family:
     """A model family: the package under sam_fast_serve.models that builds its models and engines,
-    the AMG keys its generator takes, and the defaults it changes (its reference generator's)."""
+    the AMG keys its generator takes, the defaults it changes (its reference generator's), and
+    whether it has the int8 encoder (`dtype: int8`) and the compiled one (`compile: true`)."""
 
     name: str
     title: str
     amg_keys: tuple[str, ...]
     amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    int8: bool = False
+    compile: bool = False
 
     def module(self) -> ModuleType:
         """The family's package (its `build` and `engine` functions): imports torch and the
@@ -41,7 +44,7 @@ class Family:
         return importlib.import_module(f"sam_fast_serve.models.{self.name}")
 
 
-SAM1 = Family("sam1", "Segment Anything (SAM 1)", _SHARED_AMG_KEYS)
+SAM1 = Family("sam1", "Segment Anything (SAM 1)", _SHARED_AMG_KEYS, int8=True, compile=True)
 SAM2 = Family(
     "sam2",
     "SAM 2 and SAM 2.1",

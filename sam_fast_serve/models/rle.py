@@ -14,7 +14,7 @@ def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     if len(masks) == 0:
         return []
     # pycocotools wants (H, W, N) uint8 in Fortran order, which is (N, W, H) in C order: no copy
-    # when each mask is stored column-major already (as upsampling.postprocess_masks makes them).
+    # when each mask is stored column-major already (as models.upsampling.by_products makes them).
     columns = masks.cpu().view(torch.uint8).transpose(1, 2).contiguous().numpy()
     # Its encoder needs, for N masks of A pixels, at most 4A bytes of run buffer, 4A of runs per
     # mask (all kept until the end) and 6A of string for one mask at a time.

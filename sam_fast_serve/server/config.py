@@ -58,7 +58,7 @@ class ServiceConfig:
     # Longest response body in bytes: keep it at most config.properties' max_response_size, over
     # which TorchServe's frontend drops the worker's connection (the worker dies, its batch is lost).
     max_response_bytes: int = option(64 * 1024 * 1024, int_in(1024, 1 << 40))
-    # Image embeddings kept across requests, in bytes (vit_b: 2 MiB per image in bf16); 0 = off.
+    # Image embeddings kept across requests, in bytes (per image in bf16: vit_b 2 MiB, SAM 2 8 MiB); 0 = off.
     embedding_cache_bytes: int = option(256 * 1024 * 1024, int_in(0, 1 << 40))
     # Where embeddings are shared between workers and replicas: "memory" (this worker's cache only)
     # or a Redis URL; its password from the URL or $SAM_FAST_REDIS_PASSWORD.
@@ -93,6 +93,10 @@ def load_service_config(handler_section: Mapping[str, Any] | None) -> ServiceCon
     problem = foreign_keys(section, family.amg_keys, model)
     if problem:
         raise ConfigError(f"handler key(s) {problem}")
+    if section.get("dtype") == INT8 and not family.int8:
+        raise ConfigError(f"handler key 'dtype' int8 applies to SAM 1 models only, and {model} is {family.title}'s")
+    if section.get("compile") and not family.compile:
+        raise ConfigError(f"handler key 'compile' applies to SAM 1 models only, and {model} is {family.title}'s")
     amg = AmgSettings(**{**family.amg_defaults, **{k: section.pop(k) for k in list(section) if k in AMG_RULES}})
     image = ImageSettings(**{k: section.pop(k) for k in list(section) if k in IMAGE_RULES})
     if image.problem():

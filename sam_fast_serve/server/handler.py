@@ -1,9 +1,9 @@
-"""TorchServe handler for SAM mask generation: a thin adapter over sam_fast_serve.server.service.
+"""The TorchServe handler for SAM mask generation: a thin adapter over server.service, and the only
+module of the package that imports ts (the top-level custom_handler.py subclasses it); everything
+else is tested without TorchServe.
 
 TorchServe's own `handle` stays in charge (it records the HandlerTime metric); the service's three
 steps are its preprocess -> inference -> postprocess, and its metrics go to TorchServe's metrics API.
-Everything but the TorchServe plumbing lives in the sam_fast_serve package, which imports nothing
-from ts and is tested on its own.
 """
 
 from __future__ import annotations

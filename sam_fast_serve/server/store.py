@@ -86,8 +86,14 @@ def encode_entry(embedding: ImageEmbedding) -> bytes:
     return _MAGIC + struct.pack(">I", len(header)) + header + raw
 
 
+# A header is a few hundred bytes; an image side is at most this (config's max_image_pixels caps
+# pixels at 10^9): an entry claiming more is no entry of ours, whatever else it holds.
+_MAX_HEADER_BYTES = 64 * 1024
+_MAX_SIDE = 1_000_000_000
+
+
 def _pair(value: object) -> tuple[int, int] | None:
-    if isinstance(value, list) and len(value) == 2 and all(type(v) is int and v > 0 for v in value):
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int and 0 < v <= _MAX_SIDE for v in value):
         return value[0], value[1]
     return None
 
@@ -99,13 +105,17 @@ def decode_entry(value: bytes, dtype: torch.dtype, layout: Mapping[str, tuple[in
         return None
     (length,) = struct.unpack(">I", value[len(_MAGIC) : len(_MAGIC) + 4])
     start = len(_MAGIC) + 4
+    if length > _MAX_HEADER_BYTES or start + length > len(value):
+        return None
     try:
         header = json.loads(value[start : start + length])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a header nested deeper than json parses
         return None
     if not isinstance(header, dict):
         return None
     input_size, original_size = _pair(header.get("input_size")), _pair(header.get("original_size"))
+    if original_size is not None and original_size[0] * original_size[1] > _MAX_SIDE:
+        return None
     element = torch.empty(0, dtype=dtype).element_size()
     sizes = {name: math.prod(shape) * element for name, shape in layout.items()}
     expected = [

@@ -19,7 +19,8 @@ from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.checkpoints import where_to_get
 from sam_fast_serve.server.config import load_service_config
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The package root (this module is in its tools/ subpackage).
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = PACKAGE_DIR.name
 
 

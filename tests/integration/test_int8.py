@@ -52,7 +52,7 @@ def test_emulated_bfloat16_is_served_with_its_cost_in_the_log(monkeypatch, caplo
         precision.resolve_precision("bfloat16", CPU)
     assert ("without native bf16" in caplog.text) != precision.cpu_has_native_bf16()
     # As on an AVX2-only CPU (the flags are read from /proc/cpuinfo; no such CPU here to read).
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     caplog.clear()
     with caplog.at_level("WARNING", logger=precision.__name__):
         assert precision.resolve_precision("bfloat16", CPU) == Precision(torch.bfloat16)

@@ -17,7 +17,7 @@ from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from harness.agreement import match_masks
-from harness.archives import KEEP_ALL
+from harness.archives import KEEP_ALL, model_type_of
 from harness.files import encode
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.common.wire import decode_pickled
@@ -240,3 +240,15 @@ def test_a_sam2_checkpoint_is_no_sam1_checkpoint(random_sam2_checkpoint, random_
         build_sam1(model_type("test_vit"), str(random_sam2_checkpoint))
     with pytest.raises(ConfigError, match="does not fit vit_b"):
         build_sam1(model_type("vit_b"), str(random_checkpoint))
+
+
+@pytest.mark.parametrize("checkpoint", ["random_checkpoint", "random_sam2_checkpoint"])
+def test_crop_layers_with_no_mask_kept_give_no_records(request, checkpoint, photo, tmp_path):
+    # The references' crop NMS fails on a crop without masks; a request must get an empty answer.
+    path = request.getfixturevalue(checkpoint)
+    (tmp_path / path.name).symlink_to(path)
+    section = {"model_type": model_type_of(path), "sam_checkpoint": path.name, "crop_n_layers": 1,
+               "points_per_side": 2, "pred_iou_thresh": 1.0}  # fmt: skip
+    service = MaskService.load(section, tmp_path, None)
+    reply = service.handle([({"body": bytearray(encode(photo))}, {})])[0]
+    assert reply.status == 200 and decode_pickled(reply.body) == []

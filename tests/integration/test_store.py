@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -112,6 +113,7 @@ def test_corrupt_truncated_and_foreign_entries_are_misses(redis_server):
     )
     foreign_dtype = encode_entry(embedding(1, torch.float32))
     header_end = whole.index(b"}") + 1
+    nested = b"[" * 30_000 + b"]" * 30_000
     lying_header = whole[:header_end].replace(b'"original_size": [512, 342]', b'"original_size": [0, 342]')
     for bad in (
         b"",
@@ -123,6 +125,9 @@ def test_corrupt_truncated_and_foreign_entries_are_misses(redis_server):
         foreign_shape,
         foreign_dtype,
         os.urandom(len(whole)),
+        whole[:8] + struct.pack(">I", 1 << 30) + whole[12:],  # a header longer than the entry
+        whole[:8] + struct.pack(">I", len(nested)) + nested + whole[header_end:],  # nested past json's depth
+        encode_entry(ImageEmbedding(embedding(1).tensors, (1024, 1024), (100_000, 100_000))),  # 10^10 pixels
     ):
         store.client.set(IDENTITY.key_prefix() + "img", bad)
         assert store.get("img") is None, bad[:40]

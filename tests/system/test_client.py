@@ -32,6 +32,7 @@ from skimage import data
 import sam_fast_serve
 from harness.archives import client_command, run_client, running_server
 from harness.files import encode
+from harness.servers import REPO
 from sam_fast_serve.client.coco import CocoImage, header_size, write_coco
 from sam_fast_serve.common.wire import decode_pickled, is_annotation_list
 
@@ -340,11 +341,21 @@ def test_arguments_refused_before_anything_is_sent(tmp_path):
     assert shown.returncode == 0 and shown.stdout.split() == ["sam-fast-client", sam_fast_serve.__version__]
 
 
-def test_client_imports_no_server_package():
-    script = "import json, sys, sam_fast_serve.client.cli; print(json.dumps(sorted(sys.modules)))"
+def test_client_and_common_import_no_server_package():
+    # Every module of client/ and common/, and the package itself: none imports torch or the server's parts.
+    modules = [
+        ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for folder in ("client", "common")
+        for path in sorted((REPO / "sam_fast_serve" / folder).glob("*.py"))
+    ]
+    assert len(modules) > 10
+    script = f"import json, sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print(json.dumps(sorted(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    top_level = {name.split(".")[0] for name in json.loads(loaded.stdout)}
-    assert "sam_fast_serve" in top_level and not {"torch", "cv2", "segment_anything", "ts", "yaml"} & top_level
+    imported = set(json.loads(loaded.stdout))
+    top_level = {name.split(".")[0] for name in imported}
+    assert set(modules) <= imported
+    assert not {"torch", "cv2", "segment_anything", "sam2", "ts", "yaml", "redis"} & top_level
+    assert not {name for name in imported if name.startswith(("sam_fast_serve.server", "sam_fast_serve.models"))}
 
 
 def test_coco_size_of_an_image_without_masks_comes_from_its_turned_header(tmp_path):

@@ -101,3 +101,24 @@ def test_official_checkpoint_of_another_model_type_is_refused(tmp_path):
 def test_custom_checkpoint_is_found(tmp_path):
     (tmp_path / "mine.pth").write_bytes(b"x")
     assert resolve_checkpoint(tmp_path, "mine.pth", "vit_b") == tmp_path / "mine.pth"
+
+
+@pytest.mark.parametrize(
+    "keys, mentions",
+    [
+        ({"dtype": "int8"}, "'dtype' int8"),
+        ({"compile": True}, "'compile'"),
+        ({"use_m2m": "no"}, "'use_m2m'"),
+    ],
+)
+def test_sam2_refuses_sam1_only_keys_at_load(keys, mentions):
+    with pytest.raises(ConfigError, match=mentions):
+        load_service_config({"model_type": "sam2.1_hiera_tiny", **keys})
+
+
+def test_each_family_gets_its_generators_defaults():
+    assert load_service_config({"model_type": "sam2.1_hiera_tiny"}).amg.pred_iou_thresh == 0.8
+    assert load_service_config({"model_type": "vit_b"}).amg.pred_iou_thresh == 0.88
+    assert load_service_config({"model_type": "sam2.1_hiera_tiny", "pred_iou_thresh": 0.5}).amg.pred_iou_thresh == 0.5
+    with pytest.raises(ConfigError, match="'use_m2m'.*vit_b"):
+        load_service_config({"model_type": "vit_b", "use_m2m": True})

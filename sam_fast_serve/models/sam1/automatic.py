@@ -10,8 +10,6 @@ concatenation and encodes in a Python loop (for fragmented masks that took longe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -22,10 +20,9 @@ from segment_anything.utils.amg import MaskData
 
 from sam_fast_serve.models.amg import (
     MASKS_PER_DECODE,
+    BatchedGeneration,
     clean_small_regions,
-    empty_batch,
     masks_to_rles,
-    pinned_crops,
     records,
     upsample_chunk,
 )
@@ -33,13 +30,15 @@ from sam_fast_serve.models.fast_decoder import FastMaskDecoder
 from sam_fast_serve.models.sam1.predictor import FastSamPredictor
 
 
-class SamAutomaticMaskGenerator(ReferenceGenerator):
+class SamAutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
     """Drop-in for segment_anything.SamAutomaticMaskGenerator (same arguments and records), plus:
 
     process_batch_size: images (or crops) per image-encoder call in `generate_batch`.
     predictor: a FastSamPredictor for `model`, to share its decoder and embedding cache between
         generators; by default a new one with a FastMaskDecoder in `decoder_dtype` and no cache.
     """
+
+    predictor: FastSamPredictor
 
     def __init__(
         self,
@@ -64,18 +63,6 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
             nms = max(self.box_nms_thresh, self.crop_nms_thresh)
             mask_data = clean_small_regions(mask_data, self.min_mask_region_area, nms, self.postprocess_small_regions)
         return records(mask_data, self.output_mode)
-
-    def pinned(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
-        """Within: the embeddings of `images` (and of their crops) are computed, `process_batch_size`
-        per encoder call, and kept for `generate`."""
-        return pinned_crops(
-            self.predictor, images, self.crop_n_layers, self.crop_overlap_ratio, self.process_batch_size
-        )
-
-    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
-        with self.pinned(images):
-            return [self.generate(image) for image in images]
 
     def _process_batch(
         self,
@@ -123,4 +110,4 @@ class SamAutomaticMaskGenerator(ReferenceGenerator):
                         self.stability_score_thresh,
                     )
                 )
-        return data if data._stats else empty_batch(predictor.device)
+        return data

@@ -11,6 +11,7 @@ from segment_anything.build_sam import _build_sam, sam_model_registry
 from segment_anything.modeling import Sam
 
 from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.models.checkpoints import load_fitting
 from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.sam1.fast_encoder import accelerate_image_encoder
@@ -38,11 +39,7 @@ def build(model: ModelType, checkpoint: str | None = None) -> Sam:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "model" in state:
             raise ConfigError(f"{checkpoint}: not a SAM 1 checkpoint (a state dict; {{'model': ...}} is SAM 2's form)")
-        try:
-            sam.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[1].strip()[:300] if "\n" in str(exc) else str(exc)[:300]
-            raise ConfigError(f"{checkpoint} does not fit {model.name}: {first}") from None
+        load_fitting(sam, state, checkpoint, model.name)
     return sam.eval()
 
 

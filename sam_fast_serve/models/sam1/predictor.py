@@ -10,8 +10,8 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_fast_serve.common.prompts import Prompts
-from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
-from sam_fast_serve.models.fast_decoder import FastMaskDecoder, ImageState
+from sam_fast_serve.models.embedding import NO_IMAGE, EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
+from sam_fast_serve.models.fast_decoder import FastMaskDecoder, ImageState, no_mask_dense
 from sam_fast_serve.models.prompted import segment_prompts
 from sam_fast_serve.models.sam1.embeddings import encode_images
 from sam_fast_serve.models.sam1.upsampling import postprocess_masks
@@ -50,11 +50,10 @@ class FastSamPredictor(EmbeddingKeeper, SamPredictor):
         self.input_size = embedding.input_size
         self.original_size = embedding.original_size
         prompt_encoder = self.model.prompt_encoder
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, *prompt_encoder.image_embedding_size
-        )
         with self.clock.stage("mask_decoder"):
-            self.decoder_state = self.decoder.prepare_image(self.features, prompt_encoder.get_dense_pe(), dense)
+            self.decoder_state = self.decoder.prepare_image(
+                self.features, prompt_encoder.get_dense_pe(), no_mask_dense(prompt_encoder)
+            )
         self.is_image_set = True
 
     def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]:
@@ -84,7 +83,7 @@ class FastSamPredictor(EmbeddingKeeper, SamPredictor):
     def image_state(self) -> ImageState:
         """The decoder's per-image state of the current image (RuntimeError when none is set)."""
         if self.decoder_state is None:
-            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
+            raise RuntimeError(NO_IMAGE)
         return self.decoder_state
 
     @torch.no_grad()

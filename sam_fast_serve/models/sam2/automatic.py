@@ -10,34 +10,33 @@ run-length lists at every concatenation (MaskData.cat), which took half its time
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as ReferenceGenerator
 from sam2.modeling.sam2_base import SAM2Base
-from segment_anything.utils.amg import MaskData
+from sam2.utils.amg import MaskData
 
 from sam_fast_serve.models.amg import (
     MASKS_PER_DECODE,
-    empty_batch,
+    BatchedGeneration,
     masks_to_rles,
-    pinned_crops,
     records,
     upsample_chunk,
 )
-from sam_fast_serve.models.sam2.predictor import Sam2Predictor
+from sam_fast_serve.models.sam2.predictor import LOGIT_CLAMP, Sam2Predictor
 
 
-class Sam2AutomaticMaskGenerator(ReferenceGenerator):
+class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
     """Drop-in for sam2's SAM2AutomaticMaskGenerator (same arguments and records), plus:
 
     process_batch_size: images (or crops) per image-encoder call in `pinned` / `generate_batch`.
     predictor: a Sam2Predictor for `model`, to share its embedding store between generators; by
         default a new one in `dtype` with no store.
     """
+
+    predictor: Sam2Predictor
 
     def __init__(
         self,
@@ -58,18 +57,6 @@ class Sam2AutomaticMaskGenerator(ReferenceGenerator):
         (SAM 2's generator has no small-region pass after it: min_mask_region_area fills holes
         and removes sprinkles in the low-res logits, in `_process_batch`)."""
         return records(self._generate_masks(image), self.output_mode)
-
-    def pinned(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
-        """Within: the embeddings of `images` (and of their crops) are computed, `process_batch_size`
-        per encoder call, and kept for `generate`."""
-        return pinned_crops(
-            self.predictor, images, self.crop_n_layers, self.crop_overlap_ratio, self.process_batch_size
-        )
-
-    def generate_batch(self, images: Sequence[np.ndarray]) -> list[list[dict[str, Any]]]:
-        """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
-        with self.pinned(images):
-            return [self.generate(image) for image in images]
 
     def _process_batch(
         self,
@@ -124,7 +111,7 @@ class Sam2AutomaticMaskGenerator(ReferenceGenerator):
                         self.stability_score_thresh,
                     )
                 )
-        return data if data._stats else empty_batch(predictor.device)
+        return data
 
     def _kept(self, iou_preds: torch.Tensor) -> torch.Tensor:
         """Indices of the masks whose predicted IoU passes `pred_iou_thresh` (all when it is 0)."""
@@ -140,7 +127,10 @@ class Sam2AutomaticMaskGenerator(ReferenceGenerator):
         for start in range(0, len(coords), step):
             part = slice(start, start + step)
             masks, iou = self.predictor.decode(
-                coords[part, None], labels[part, None], False, mask_input=low_res[part, None].clamp(-32.0, 32.0)
+                coords[part, None],
+                labels[part, None],
+                False,
+                mask_input=low_res[part, None].clamp(-LOGIT_CLAMP, LOGIT_CLAMP),
             )
             refined.append(masks[:, 0])
             ious.append(iou[:, 0])

@@ -13,6 +13,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 
 from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.models.checkpoints import load_fitting
 from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
 
@@ -37,12 +38,7 @@ def build(model: ModelType, checkpoint: str | None = None) -> SAM2Base:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise ConfigError(f"{checkpoint}: not a SAM 2 checkpoint (a dict with the state dict under 'model')")
-        missing, unexpected = net.load_state_dict(state["model"], strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"{checkpoint} does not fit {model.name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        load_fitting(net, state["model"], checkpoint, model.name)
     return net.eval()
 
 
@@ -53,9 +49,6 @@ def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:
 
 def prepare_model(net: SAM2Base, device: torch.device, precision: Precision, compile_encoder: bool = False) -> SAM2Base:
     """Move `net` to `device`. The dtype is applied at encoding time (autocast, see above); int8
-    and compile are SAM 1 options here, refused with a ConfigError naming the key."""
-    if precision.int8:
-        raise ConfigError("handler key 'dtype' int8 applies to SAM 1 models only (its int8 encoder linears)")
-    if compile_encoder:
-        raise ConfigError("handler key 'compile' applies to SAM 1 models only")
+    and compile are SAM 1's (the config refuses them here: models.registry.Family)."""
+    assert not precision.int8 and not compile_encoder, "SAM 2 has no int8 encoder and no compiled one"
     return net.to(device).eval()

@@ -17,15 +17,15 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.utils.transforms import SAM2Transforms
 
 from sam_fast_serve.common.prompts import Prompts
-from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
-from sam_fast_serve.models.fast_decoder import DecodedTokens, FastMaskDecoder, ImageState
+from sam_fast_serve.models.embedding import NO_IMAGE, EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
+from sam_fast_serve.models.fast_decoder import DecodedTokens, FastMaskDecoder, ImageState, no_mask_dense
 from sam_fast_serve.models.prompted import segment_prompts
 from sam_fast_serve.models.sam2.components import fill_holes_and_sprinkles
 from sam_fast_serve.models.timing import StageClock
 from sam_fast_serve.models.upsampling import resize_products_pay, resized
 
 # The low-res logits a mask prompt carries are clamped like SAM2ImagePredictor's.
-_LOGIT_CLAMP = 32.0
+LOGIT_CLAMP = 32.0
 
 
 def embedding_layout(net: SAM2Base) -> dict[str, tuple[int, ...]]:
@@ -97,14 +97,11 @@ class Sam2Predictor(EmbeddingKeeper):
         """Make `embedding` the current image and run the decoder's once-per-image work."""
         features = {name: t.float() for name, t in embedding.tensors.items()}
         prompt_encoder = self.model.sam_prompt_encoder
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, *prompt_encoder.image_embedding_size
-        )
         with self.clock.stage("mask_decoder"):
             self.decoder_state = self.decoder.prepare_image(
                 features["image_embed"],
                 prompt_encoder.get_dense_pe(),
-                dense,
+                no_mask_dense(prompt_encoder),
                 (features["high_res_0"], features["high_res_1"]),
             )
         self.features = features
@@ -127,7 +124,7 @@ class Sam2Predictor(EmbeddingKeeper):
         """The decoder's transformer and IoU head for B prompts: `coords` (B, N, 2) in the
         model's frame with `labels` (B, N) (2 and 3 for a box's corners)."""
         if self.decoder_state is None:
-            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
+            raise RuntimeError(NO_IMAGE)
         sparse, _ = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         with self.clock.stage("mask_decoder"):
             return self.decoder.run_transformer(self.decoder_state, sparse)
@@ -181,7 +178,7 @@ class Sam2Predictor(EmbeddingKeeper):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM 2's own decoder call, for prompts the fast decoder does not fold (a mask prompt)."""
         if self.features is None:
-            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
+            raise RuntimeError(NO_IMAGE)
         net = self.model
         features = self.features
         points = None if coords is None or labels is None else (coords, labels)
@@ -238,4 +235,4 @@ class Sam2Predictor(EmbeddingKeeper):
         else:
             low_res, iou = self._reference_decode(None, None, prompts.multimask, mask)
         masks = self.upsample(low_res) > self.mask_threshold
-        return masks, iou, low_res.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
+        return masks, iou, low_res.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
