@@ -92,8 +92,10 @@ def build_archive(
         package = staging / "extra" / PACKAGE
         package.mkdir(parents=True)
         shutil.copy2(PACKAGE_DIR / "__init__.py", package / "__init__.py")
-        for name in runtime_subpackages(handler):
-            shutil.copytree(PACKAGE_DIR / name, package / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for subpackage in runtime_subpackages(handler):
+            shutil.copytree(
+                PACKAGE_DIR / subpackage, package / subpackage, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
         weights = staging / name
         weights.symlink_to(checkpoint.resolve())
         subprocess.run(
