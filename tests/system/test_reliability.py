@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -168,13 +169,23 @@ def test_worker_killed_during_a_request(server, expected, astronaut, tmp_path):
         paths.append(tmp_path / f"new{i}.png")
         paths[-1].write_bytes(encode(np.ascontiguousarray(image)))  # not cached: each runs the encoder
     old_pid = server.worker_pids()[0]
+    worker = psutil.Process(old_pid)
+    idle = sum(worker.cpu_times()[:2])
     run = subprocess.Popen(
         [*client_command(server), *map(str, paths), "--out", str(tmp_path / "out"), "--backoff", "2", "--retries", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    killer = threading.Timer(3.0, os.kill, (old_pid, signal.SIGKILL))
+
+    def kill_while_working() -> None:
+        # An idle worker uses no CPU: the first 50 ms it spends are a request in flight.
+        deadline = time.monotonic() + 120
+        while sum(worker.cpu_times()[:2]) < idle + 0.05 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(old_pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_while_working)
     killer.start()
     stdout, stderr = run.communicate(timeout=600)
     killer.join()

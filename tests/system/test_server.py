@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from harness.archives import run_client, running_server
 from harness.files import encode, tiff, tiff_claiming
+from harness.prompts import CASES, reference_answer
 from harness.servers import REPO, free_port
 from sam_fast_serve.common.intensity import rgb_for_sam
 from sam_fast_serve.common.wire import decode_pickled, is_annotation_list
@@ -159,15 +160,25 @@ def test_inference_client_when_server_is_down(tmp_path, chelsea):
     assert run.returncode == 1 and "cannot reach" in run.stderr and "after 2 attempts" in run.stderr
 
 
-def test_prompts_through_torchserve_match_sam_predictor(server, reference_predictor, astronaut):
-    from test_prompts import CASES, reference_answer
+@pytest.fixture(scope="module")
+def served_reference(random_checkpoint, astronaut):
+    """segment_anything's SamPredictor on the served model (test_vit, fp32), the astronaut set."""
+    from segment_anything import SamPredictor
 
+    from sam_fast_serve.models.registry import sam_model_fast_registry
+
+    predictor = SamPredictor(sam_model_fast_registry["test_vit"](str(random_checkpoint)))
+    predictor.set_image(astronaut)
+    return predictor
+
+
+def test_prompts_through_torchserve_match_sam_predictor(server, served_reference, astronaut):
     b64 = base64.b64encode(encode(astronaut)).decode()
     for case in ("mixed points", "several boxes", "box and points"):
         reply = post(server, json.dumps({"image": b64, **CASES[case]}), headers={"Content-Type": "application/json"})
         assert reply.status_code == 200, reply.text[:300]
         answer = decode_pickled(reply.text)
-        ref_masks, ref_scores = reference_answer(reference_predictor, CASES[case], multimask=False)
+        ref_masks, ref_scores = reference_answer(served_reference, CASES[case], multimask=False)
         for prompt, ref_prompt_masks, ref_prompt_scores in zip(answer["prompts"], ref_masks, ref_scores, strict=True):
             (mask,) = prompt["masks"]
             ours = mask_utils.decode(mask["segmentation"]).astype(bool)

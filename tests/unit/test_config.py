@@ -55,9 +55,15 @@ def test_bad_value_names_the_key(key, value):
         load_service_config({key: value})
 
 
-@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["auto", "float32", "bfloat16", "int8"])
 def test_dtypes_and_int8_are_accepted(dtype):
     assert load_service_config({"dtype": dtype}).dtype == dtype
+
+
+def test_float16_is_refused_with_the_dtypes_there_are():
+    # The fast decoder computes in float32 or bfloat16; auto never picks float16 (on CUDA without bf16: fp32).
+    with pytest.raises(ConfigError, match="'dtype' must be one of auto, float32, bfloat16, int8"):
+        load_service_config({"dtype": "float16"})
 
 
 def test_unknown_key_is_named():
