@@ -179,7 +179,11 @@ def test_prometheus_gets_the_values_known_requests_give(watched, chelsea, astron
     assert value(prometheus, f"sam_image_megapixels_sum{selector}") == pytest.approx(megapixels)
     assert value(prometheus, f"HandlerTime{selector}") > 0
 
-    # Every dashboard query runs and finds data.
+    # Every dashboard query runs and finds data. A rate() needs two scrapes of a series, and the
+    # last requests' series may be a single scrape old: give each a few scrapes.
     for expression in dashboard_queries():
         query = expression.replace("$model", MODEL).replace("$__rate_interval", "5m")
+        deadline = time.monotonic() + 10
+        while not prometheus.query(query) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert prometheus.query(query), query
