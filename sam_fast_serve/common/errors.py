@@ -38,6 +38,13 @@ class UnsupportedMediaType(ServiceError):
     kind = "unsupported_media_type"
 
 
+class NotAcceptable(ServiceError):
+    """The request's Accept header names no format the server writes."""
+
+    status = 406
+    kind = "not_acceptable"
+
+
 class PayloadTooLarge(ServiceError):
     """The image is over the configured pixel limit, or is a decompression bomb."""
 

@@ -1,9 +1,11 @@
 """The wire format of a response, and a safe decoder for clients.
 
 Default: the annotations, built only from Python builtins, pickled, zlib-compressed and base64-
-encoded (ASCII text). `application/json` clients get the same annotations as JSON. A client must
-decode the pickle with `decode_pickled`, whose unpickler refuses every global: a pickle of builtins
-needs none, and a malicious one (e.g. referencing os.system) is refused instead of run.
+encoded (ASCII text). `application/json` clients get the same annotations as JSON, and `image/png`
+clients a finished picture instead (server/formats.py holds the table; `output` below says which
+picture a prompted answer is). A client must decode the pickle with `decode_pickled`, whose
+unpickler refuses every global: a pickle of builtins needs none, and a malicious one (e.g.
+referencing os.system) is refused instead of run.
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ import pickle
 import zlib
 from typing import Any
 
+from sam_fast_serve.common.options import Check, one_of
 from sam_fast_serve.common.records import ANNOTATION_KEYS
 
 JSON_MEDIA_TYPE = "application/json"
+PNG_MEDIA_TYPE = "image/png"
+# The request option that picks what a prompted image/png answer shows: "mask", an 8-bit mask (0 or
+# 255), or "cutout", the object cut out of the image (RGBA: the image's RGB, the mask as alpha).
+OUTPUT_OPTION = "output"
+OUTPUTS = ("mask", "cutout")
+DEFAULT_OUTPUT = "mask"
+check_output: Check = one_of(OUTPUTS)
 # Chosen by benchmarks/bench_wire.py: level 1 is within 6% of level 9's size (0.56 vs 0.53 of
 # pickle+base64 on ~100 natural masks) and 4x faster to encode (29 vs 125 ms on 48 fragmented masks).
 DEFAULT_ZLIB_LEVEL = 1

@@ -53,7 +53,7 @@ class SamAutomaticMaskHandler(BaseHandler):
     def inference(self, data: list[Job | Reply], *args: Any, **kwargs: Any) -> list[Answer | Reply]:
         return self.service.predict(data)
 
-    def postprocess(self, data: list[Answer | Reply]) -> list[str]:
+    def postprocess(self, data: list[Answer | Reply]) -> list[str | bytes]:
         replies = self.service.encode(data)
         for index, reply in enumerate(replies):
             self.context.set_response_content_type(index, reply.content_type)

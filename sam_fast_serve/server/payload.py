@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam_fast_serve.common.errors import BadRequest, UnsupportedMediaType
-from sam_fast_serve.common.options import AMG_RULES
+from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES
 from sam_fast_serve.common.prompts import PROMPT_FIELDS
+from sam_fast_serve.common.wire import OUTPUT_OPTION
 from sam_fast_serve.server.imaging import sniff_format
 
 # Field names under which an image is looked for, in order; TorchServe names a raw body "body".
 IMAGE_FIELDS = ("image", "data", "file", "body")
 # Form fields that are options, never the image.
-OPTION_FIELDS = frozenset(("image_id", *PROMPT_FIELDS, *AMG_RULES))
+OPTION_FIELDS = frozenset(("image_id", OUTPUT_OPTION, *PROMPT_FIELDS, *AMG_RULES, *IMAGE_RULES))
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/=\s_-]+$")
 

@@ -1,10 +1,11 @@
 """The mask service: requests (fields, headers) in, replies (status, body, content type, headers)
 out, in three steps a TorchServe handler maps onto preprocess -> inference -> postprocess:
 
-    decode  (jobs.py)       each request to a Job, or its 4xx Reply
+    decode  (jobs.py)       each request to a Job, or its 4xx Reply; its answer format is
+                            chosen here, once, from the Accept header (formats.py)
     predict (models.engine) each Job to an Answer; automatic jobs with the same settings share
                             image-encoder calls
-    encode  (responses.py)  each Answer to its Reply
+    encode  (responses.py)  each Answer to its Reply, the body written by the job's format
 
 A request that fails at any step gets its own error Reply and the others of the batch go on; an
 engine failure answers exactly the jobs that engine call was running. Every step reports what it
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Answer:
-    """A job's result, to be encoded as its job asks."""
+    """A job's result, to be written in its job's answer format."""
 
     job: Job
     result: Segmented
@@ -141,9 +142,9 @@ class MaskService:
     def _encode(self, answer: Answer) -> Reply:
         start = time.perf_counter()
         try:
-            reply = payload_reply(
-                answer.result.payload, answer.job.json, answer.job.image_id, self.config.max_response_bytes
-            )
+            job = answer.job
+            body = job.body(answer.result.payload)
+            reply = payload_reply(body, job.answer_format.content_type, job.image_id, self.config.max_response_bytes)
         except Exception as exc:
             return error_reply(as_service_error(exc, 1))
         mode = "automatic" if answer.job.settings is not None else "prompted"
