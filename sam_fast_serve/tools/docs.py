@@ -1,9 +1,76 @@
-"""Docs made from the code: the table of model types (docs/models.md holds it; a test keeps the two
-equal). `sam-fast-serve models` prints it."""
+"""Docs made from the code: the tables of docs/ that repeat a fact of the code are generated here and
+kept in their page between markers (<!-- NAME: start --> ... <!-- NAME: end -->); a test keeps each
+page equal to what this module generates, and `sam-fast-serve docs DIR` rewrites them.
+
+- models.md, `models-table`: every model type (models/registry.py);
+- configuration.md, `config-keys`: every `handler:` key and request option, its default and its valid
+  values (server/config.py, common/options.py, the families' defaults in models/registry.py);
+- metrics.md, `metrics-table`: every exported metric (server/metrics.py).
+
+The model table needs only the registry (torch free, as in a client install); the other two import
+the server's modules.
+"""
 
 from __future__ import annotations
 
-from sam_fast_serve.models.registry import MODEL_TYPES
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sam_fast_serve.models.registry import MODEL_TYPES, Family
+
+# What each key means. Its default and valid values come from the code; a key of the code without
+# a meaning here fails config_tables (and so its test).
+KEY_MEANINGS = {
+    "model_type": "the model, and with it the family whose code serves it ([models.md](models.md))",
+    "sam_checkpoint": "the checkpoint's file name inside the archive; none: the official file name of "
+    "`model_type`. An official file is sha256-checked at load; every checkpoint is read with "
+    "`torch.load(..., weights_only=True)`",
+    "process_batch_size": "images (or crops) per image-encoder call when TorchServe hands the worker a "
+    "batch of requests",
+    "dtype": "`auto`: bf16 on CUDA and on CPUs with native bf16, else fp32. `bfloat16` on a CPU without "
+    "native bf16 is emulated, about 9x slower than fp32 (the load logs it). `int8` (x86 CPUs with "
+    "AVX512-VNNI or AMX, not with `compile`, not on CUDA): the image encoder's linear layers in int8, "
+    "the rest in bf16 or fp32; pays on CPUs without AMX, loses some accuracy "
+    "([performance.md](performance.md)). Scores, NMS and stability are always fp32",
+    "compile": "`torch.compile` the image encoder, warmed up at load (slow first load; "
+    "[performance.md](performance.md))",
+    "max_image_pixels": "larger images are refused with a 413, from their header, before any pixel is decoded",
+    "max_masks": "masks returned per image at most: the best by predicted IoU, in their original order",
+    "max_response_bytes": "longest answer body; a longer one is a 422 `response_too_large` giving its size. "
+    "Keep it at most `max_response_size` of config.properties: over that TorchServe's frontend drops "
+    "the worker's connection and the worker's whole batch is lost",
+    "embedding_cache_bytes": "image embeddings kept in the worker across requests (per image: vit_b 2 MiB "
+    "in bf16, 4 MiB in fp32; SAM 2 8 MiB in bf16); 0 turns the cache off",
+    "embedding_store": "`memory` (each worker its own cache) or a Redis URL shared by every worker and "
+    "replica; its password in the URL or in `$SAM_FAST_REDIS_PASSWORD` ([serving.md](serving.md#the-embedding-store))",
+    "embedding_ttl_s": "seconds a Redis entry lives",
+    "points_per_side": "the grid of point prompts is points_per_side x points_per_side",
+    "points_per_batch": "point prompts decoded together",
+    "pred_iou_thresh": "keep masks whose predicted IoU is above this",
+    "stability_score_thresh": "keep masks at least this stable",
+    "box_nms_thresh": "IoU above which box NMS drops the lower-scored mask; 1.0 turns NMS off",
+    "crop_n_layers": "extra layers of image crops, each segmented on its own",
+    "min_mask_region_area": "remove islands and fill holes of at most this many pixels (SAM 2: in the "
+    "low-resolution logits, as SAM 2 does)",
+    "use_m2m": "refine each mask once more with its own low-resolution logits as a mask prompt",
+    "multimask_output": "three masks per point; false: one, chosen by stability",
+    "intensity": "how samples become 8-bit: `linear` maps the dtype's full range (uint16 65535 -> 255, float "
+    "[0, 1], signed from its minimum); `minmax` each channel's lowest..highest sample; `percentile` each "
+    "channel's percentile_low..percentile_high; `auto`: 8-bit untouched, anything wider or float by "
+    "`percentile` (a 12-bit camera's 0..4095 would otherwise be a black picture)",
+    "percentile_low": "the low percentile of `percentile` (and `auto`); must be below percentile_high",
+    "percentile_high": "the high percentile of `percentile` (and `auto`)",
+    "page": "the TIFF page (IFD) to segment; a page past the end is a 422 giving the page count; other "
+    "formats have page 0 only",
+    "channels": "one channel number (shown as gray) or three (as R, G, B), e.g. `[4, 1, 2]`; none: gray "
+    "as gray, RGB(A) as RGB, any other count its channel 0 as gray; a channel past the last is a 422",
+}
+
+# A value outside every key's valid values: each check's message for it says what is valid.
+_OUT_OF_RANGE = 10**18
 
 
 def models_table() -> str:
@@ -20,3 +87,129 @@ def models_table() -> str:
             f"| {download}{checked} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _families() -> list[Family]:
+    return list({model.family.name: model.family for model in MODEL_TYPES.values()}.values())
+
+
+def _valid_values(key: str, check: Callable[[Any], str | None]) -> str:
+    """What `check` accepts, in the words of its own error message."""
+    message = check(_OUT_OF_RANGE)
+    if message is None or not message.startswith("must be "):
+        raise ValueError(f"the check of {key!r} accepts {_OUT_OF_RANGE} or does not say what it accepts")
+    return re.sub(r"[,;] got .*$", "", message.removeprefix("must be "))
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], families: bool) -> list[str]:
+    columns = ["key", "default", "valid values", *(["models"] if families else []), "meaning"]
+    rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for f in dataclasses.fields(settings):
+        if f.name not in rules:
+            continue
+        default = _value(f.default)
+        cells = [f"`{f.name}`", default, _valid_values(f.name, rules[f.name])]
+        if families:
+            changed = [
+                f"{family.title}: {_value(family.amg_defaults[f.name])}"
+                for family in _families()
+                if f.name in family.amg_defaults
+            ]
+            if changed:
+                cells[1] = f"{default} ({'; '.join(changed)})"
+            taking = [family.title for family in _families() if f.name in family.amg_keys]
+            cells.append("all" if len(taking) == len(_families()) else ", ".join(taking) + " only")
+        if f.name not in KEY_MEANINGS:
+            raise KeyError(f"sam_fast_serve/tools/docs.py: KEY_MEANINGS has no meaning for the key {f.name!r}")
+        cells.append(KEY_MEANINGS[f.name])
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def config_tables() -> str:
+    """Markdown: the server's keys, then the automatic mask generation and image keys (which a request
+    may also send), each with its default, valid values and meaning."""
+    from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
+    from sam_fast_serve.server.config import SERVICE_RULES, ServiceConfig
+
+    only = {"`compile: true`": "compile", "`dtype: int8`": "int8"}
+    notes = [
+        f"{setting} applies to {', '.join(f.title for f in _families() if getattr(f, flag))} only; other models refuse "
+        "it at load."
+        for setting, flag in only.items()
+    ]
+    sections = [
+        "### Server keys (model-config.yaml only)",
+        "",
+        *_rows(ServiceConfig, SERVICE_RULES, families=False),
+        "",
+        *notes,
+        "",
+        "### Automatic mask generation (a config default; a request may send each)",
+        "",
+        *_rows(AmgSettings, AMG_RULES, families=True),
+        "",
+        "### Image decoding (a config default; a request may send each)",
+        "",
+        *_rows(ImageSettings, IMAGE_RULES, families=False),
+    ]
+    unknown = set(KEY_MEANINGS) - {*SERVICE_RULES, *AMG_RULES, *IMAGE_RULES}
+    if unknown:
+        raise KeyError(f"KEY_MEANINGS names keys the code does not have: {sorted(unknown)}")
+    return "\n".join(sections) + "\n"
+
+
+def metrics_table() -> str:
+    """Markdown: every metric the server exports (ours, then TorchServe's that the dashboard reads)."""
+    from sam_fast_serve.server.metrics import METRICS, TORCHSERVE_METRICS
+
+    rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
+    for metric in (*METRICS, *TORCHSERVE_METRICS):
+        labels = ", ".join(f"`{label}`" for label in metric.labels) or "-"
+        rows.append(f"| `{metric.name}` | {metric.kind} | {labels} | {metric.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+# Page (in docs/) -> its generated blocks, by marker name.
+GENERATED: dict[str, dict[str, Callable[[], str]]] = {
+    "models.md": {"models-table": models_table},
+    "configuration.md": {"config-keys": config_tables},
+    "metrics.md": {"metrics-table": metrics_table},
+}
+
+
+def _marked(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- {re.escape(name)}: start -->\n)(.*?)(<!-- {re.escape(name)}: end -->)", re.S)
+
+
+def generated_block(page: str, name: str) -> str | None:
+    """The text between the markers called `name` in `page`, or None when the page has no such markers."""
+    found = _marked(name).search(page)
+    return found.group(2) if found else None
+
+
+def update_pages(directory: Path) -> list[Path]:
+    """Rewrite every generated block of the pages in `directory` (a docs folder); returns the pages
+    that changed. Raises ValueError for a page without the markers of one of its blocks."""
+    changed = []
+    for page_name, blocks in GENERATED.items():
+        path = directory / page_name
+        text = original = path.read_text()
+        for name, make in blocks.items():
+            if generated_block(text, name) is None:
+                raise ValueError(f"{path} has no <!-- {name}: start --> ... <!-- {name}: end --> markers")
+            found = _marked(name).search(text)
+            assert found is not None
+            text = text[: found.start(2)] + make() + text[found.end(2) :]
+        if text != original:
+            path.write_text(text)
+            changed.append(path)
+    return changed

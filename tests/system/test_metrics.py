@@ -1,6 +1,6 @@
 """Metrics, watched as users watch them: a real Prometheus scrapes a real TorchServe (shipped
 config.properties, Prometheus mode) while known requests go through, and its HTTP API must give
-the values those requests imply. The Grafana dashboard and README use only the metrics that exist."""
+the values those requests imply. The Grafana dashboard and docs/metrics.md use only the metrics that exist."""
 
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def test_dashboard_reads_only_documented_metrics_and_shows_each_of_ours():
         assert any(name.startswith(metric.name) for name in used), metric.name
 
 
-def test_readme_documents_every_metric_with_its_type_and_labels():
-    section = (REPO / "README.md").read_text().split("\n## Metrics\n")[1].split("\n## ")[0]
+def test_docs_document_every_metric_with_its_type_and_labels():
+    section = (REPO / "docs" / "metrics.md").read_text().split("\n## Metrics\n")[1].split("\n## ")[0]
     rows = dict(re.findall(r"^\| `([\w:]+)` \| (\w+ \| [^|]*) \|", section, re.M))
     for metric in (*METRICS, *TORCHSERVE_METRICS):
         labels = ", ".join(f"`{label}`" for label in metric.labels) or "-"

@@ -1,0 +1,157 @@
+"""Every curl command of README.md and docs/*.md, run against a real TorchServe.
+
+The rule the docs follow (a curl line that is neither run nor excluded fails
+test_every_curl_line_is_run_or_excluded):
+- A fenced block whose info string is `sh` and that has a line starting with `curl` is run whole,
+  top to bottom, as one bash script with `set -euo pipefail`, so every command in it must succeed;
+  curl runs as `curl --fail-with-body --silent --show-error`, so an HTTP error status fails it too.
+  A backslash at the end of a line continues it, as in any shell.
+- It runs as a user pastes it at the root of a checkout whose TorchServe `make serve` started: in a
+  fresh folder holding samples/astronaut.jpg and TorchServe's key_file.json, `$TOKEN` already set to
+  the inference token, `python` this test's interpreter, and the shipped config.properties'
+  addresses http://127.0.0.1:8080, :8081 and :8082 (inference, management, metrics) pointing at the
+  test's TorchServe, whose model is `sam-fast` (test_vit with random weights, the smoke config's
+  small grid and the default thresholds, which no random mask passes: automatic answers are empty,
+  prompted ones are not). samples/astronaut.jpg is the checkout's photo enlarged past 128 KiB, the most one
+  command-line argument may hold: a command that puts the image itself in its command line fails
+  here as it would for a user's large file (use `-d @body.json`, `--data-binary @file`, `-T file`).
+- A block fenced `sh not-run` is never run: it needs what this test does not start (a gateway,
+  another host, a cluster); the text around it says what.
+- A line starting with `curl` in any other fenced block (`bash`, `console`, no info string, ...)
+  fails the test.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness.archives import KEEP_ALL, running_server
+from harness.servers import REPO, TorchServe
+from sam_fast_serve.common.options import AmgSettings
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUN, NOT_RUN = "sh", "sh not-run"
+CURL_LINE = re.compile(r"^\s*(\$\s+)?curl\b")
+# The shipped config.properties' listeners, in the order of TorchServe.ports.
+SHIPPED_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+PRELUDE = """set -euo pipefail
+curl() { command curl --fail-with-body --silent --show-error "$@"; }
+"""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced code block of a page: its info string, the line its text starts on, its text."""
+
+    page: Path
+    info: str
+    line: int
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(REPO)}:{self.line}"
+
+    def has_curl(self) -> bool:
+        return any(CURL_LINE.match(line) for line in self.text.splitlines())
+
+
+def fenced_blocks(page: Path) -> list[Block]:
+    """The fenced (```) code blocks of a Markdown page, in order."""
+    blocks, info, start, lines = [], None, 0, []
+    for number, line in enumerate(page.read_text().splitlines(), start=1):
+        fence = re.match(r"^\s*```(.*)$", line)
+        if info is None and fence:
+            info, start, lines = fence.group(1).strip(), number + 1, []
+        elif info is not None and fence and not fence.group(1).strip():
+            blocks.append(Block(page, info, start, "\n".join(lines) + "\n"))
+            info = None
+        elif info is not None:
+            lines.append(line)
+    assert info is None, f"{page.relative_to(REPO)}: a fence opened on line {start - 1} is never closed"
+    return blocks
+
+
+ALL_BLOCKS = [block for page in PAGES for block in fenced_blocks(page)]
+RUN_BLOCKS = [block for block in ALL_BLOCKS if block.info == RUN and block.has_curl()]
+
+
+def test_every_curl_line_is_run_or_excluded():
+    stray = [block.where for block in ALL_BLOCKS if block.has_curl() and block.info not in (RUN, NOT_RUN)]
+    assert stray == [], f"curl lines in blocks that are neither ```{RUN} nor ```{NOT_RUN}: {stray}"
+    assert any(block.page.name == "README.md" for block in RUN_BLOCKS), "README's curl examples are not run"
+    assert len(RUN_BLOCKS) >= 5, [block.where for block in RUN_BLOCKS]
+
+
+def test_block_extraction(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n```sh\nTOKEN=x\ncurl -H a \\\n  http://127.0.0.1:8080/ping\n```\n"
+        "```sh not-run\ncurl http://team-host:8000/ping\n```\n```bash\necho\n    curl -V\n```\n"
+    )
+    blocks = fenced_blocks(page)
+    assert [(b.info, b.line, b.has_curl()) for b in blocks] == [
+        ("sh", 3, True),
+        ("sh not-run", 8, True),
+        ("bash", 11, True),
+    ]
+    assert blocks[0].text == "TOKEN=x\ncurl -H a \\\n  http://127.0.0.1:8080/ping\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, random_checkpoint):
+    # The default thresholds: the smoke config keeps every mask, which the docs' examples do not expect.
+    thresholds = {key: getattr(AmgSettings(), key) for key in KEEP_ALL}
+    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint, handler=thresholds) as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def large_sample() -> bytes:
+    """The checkout's sample photo, enlarged until its base64 is over one command-line argument's limit."""
+    photo = Image.open(REPO / "samples" / "astronaut.jpg").convert("RGB")
+    large = photo.resize((photo.width * 3, photo.height * 3), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    large.save(out, "JPEG", quality=95)
+    assert len(out.getvalue()) * 4 / 3 > 128 * 1024
+    return out.getvalue()
+
+
+def script_for(block: Block, server: TorchServe) -> str:
+    """The block's text with the shipped addresses swapped for the test server's."""
+    text = block.text
+    for api, shipped in SHIPPED_PORTS.items():
+        text = text.replace(f"127.0.0.1:{shipped}", f"127.0.0.1:{server.ports[api]}")
+    return PRELUDE + text
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda block: block.where)
+def test_curl_block_runs(block, server, large_sample, tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "astronaut.jpg").write_bytes(large_sample)
+    shutil.copy(server.key_file, tmp_path / "key_file.json")  # read afresh: a block may rotate the keys
+    script = tmp_path / "block.sh"
+    script.write_text(script_for(block, server))
+    env = dict(os.environ, TOKEN=server.token(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # -x: the failing command is the last one traced; an error body is in the file it wrote (-o).
+    ran = subprocess.run(
+        ["bash", "-x", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    if ran.returncode != 0:
+        trace = "\n".join(line[:400] for line in ran.stderr.splitlines()[-8:])
+        bodies = {
+            p.name: p.read_bytes()[:1000]
+            for p in tmp_path.iterdir()
+            if p.is_file() and p.stat().st_size < 4096 and p.name not in ("key_file.json", "block.sh")
+        }
+        pytest.fail(f"{block.where} failed (exit {ran.returncode}):\n{block.text}\n{trace}\nsmall files: {bodies}")
