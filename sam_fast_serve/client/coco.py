@@ -85,16 +85,18 @@ def mask_size(payload: Any) -> tuple[int, int] | None:
     return sizes.pop() if sizes else None
 
 
-def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) of the image file at `path` as the server sees it with its defaults, from
-    the header alone: page 0 of a TIFF; otherwise swapped when the EXIF orientation turns the
-    picture a quarter. Raises OSError when the header cannot be read."""
+def header_size(path: Path, page: int = 0) -> tuple[int, int]:
+    """(width, height) of the image file at `path` as the server sees it, from the header alone:
+    page `page` of a TIFF; otherwise swapped when the EXIF orientation turns the picture a
+    quarter. Raises OSError when the header cannot be read."""
     with open(path, "rb") as f:
         if is_tiff(f.read(4)):
             try:
                 with tifffile.TiffFile(path) as tif:
-                    page = tif.pages.first
-                    return page.imagewidth, page.imagelength
+                    header = tif.pages[page]
+                    if not isinstance(header, tifffile.TiffPage):
+                        raise ValueError(f"page {page} is a frame of another page")
+                    return header.imagewidth, header.imagelength
             except Exception as exc:  # tifffile raises many types for a broken file
                 raise OSError(f"cannot read the TIFF header: {exc}") from exc
     with Image.open(path) as image:

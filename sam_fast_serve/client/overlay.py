@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 from pycocotools import mask as mask_utils
 
 from sam_fast_serve.common.intensity import rgb_for_sam
+from sam_fast_serve.common.options import ImageSettings
 from sam_fast_serve.common.tiff import is_tiff, read_tiff
 
 FOREGROUND, BACKGROUND, BOX = (0, 255, 0), (255, 0, 0), (255, 255, 0)
@@ -21,17 +22,26 @@ _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ANY_SIZE = 1 << 62
 
 
-def _rgb(data: bytes) -> Image.Image:
-    """Image file bytes -> 8-bit RGB image as the server decodes them with its default settings:
-    page 0, default channels, `auto` intensity, EXIF orientation applied (not in TIFF files)."""
+def _samples(data: bytes, page: int) -> np.ndarray:
+    """The (H, W, C) samples of image file bytes as the server reads them: page `page` of a TIFF;
+    any other image with its EXIF orientation applied, as three channels (gray repeated)."""
     if is_tiff(data):
-        return Image.fromarray(rgb_for_sam(read_tiff(data, 0, _ANY_SIZE)))
+        return read_tiff(data, page, _ANY_SIZE)
     with Image.open(io.BytesIO(data)) as opened:
         image = ImageOps.exif_transpose(opened)
-    if image.mode in _WIDE_MODES:
-        # PIL's own conversion clips wide samples at 255, which would paint the photo white.
-        return Image.fromarray(rgb_for_sam(np.asarray(image)[:, :, None]))
-    return image.convert("RGB")
+    if image.mode not in _WIDE_MODES:
+        return np.asarray(image.convert("RGB"))
+    # PIL's own conversion clips wide samples at 255, which would paint the photo white.
+    samples = np.asarray(image)
+    if samples.dtype.kind == "i" and samples.min(initial=0) >= 0 and samples.max(initial=0) <= 0xFFFF:
+        samples = samples.astype(np.uint16)  # PIL holds a 16-bit PNG as int32; the server reads uint16
+    return np.repeat(samples[:, :, None], 3, axis=2)
+
+
+def _rgb(data: bytes, settings: ImageSettings) -> Image.Image:
+    """Image file bytes -> the 8-bit RGB image SAM saw with `settings` (page, channels, intensity)."""
+    samples = _samples(data, settings.page)
+    return Image.fromarray(rgb_for_sam(samples, settings.channels, settings.intensity, settings.percentiles))
 
 
 def overlay_png(
@@ -40,15 +50,19 @@ def overlay_png(
     points: Sequence[Sequence[float]] = (),
     labels: Sequence[int] = (),
     boxes: Sequence[Sequence[float]] = (),
+    settings: ImageSettings | None = None,
     alpha: float = 0.5,
 ) -> bytes:
     """PNG bytes of the image file `data` with each mask (COCO RLE records with "segmentation"
     and "area") blended in its own colour, largest first so small ones stay visible; foreground
-    points green, background points red, boxes yellow, in image pixels.
+    points green, background points red, boxes yellow, in image pixels. The image is shown as the
+    server showed it to SAM with `settings` (the request's image options; default the server's defaults).
 
-    Raises ValueError when a mask's size is not the image's, OSError when PIL cannot decode `data`.
+    Raises ValueError when a mask's size is not the image's; a decoder's error (OSError from PIL,
+    a common.errors.ServiceError from the TIFF reader or for a missing channel) when `data` cannot
+    be read as the request asked.
     """
-    painted = _rgb(data)
+    painted = _rgb(data, settings or ImageSettings())
     width, height = painted.size
     rng = np.random.default_rng(0)  # the same colours on every run
     opacity = round(alpha * 255)

@@ -59,8 +59,9 @@ def _channels(v: Any) -> str | None:
     return f"must be a list of one or three channel numbers (from 0), got {v!r}"
 
 
-def option(default: Any, check: Check) -> Any:
-    return field(default=default, metadata={"check": check})
+def option(default: Any, check: Check, help: str = "") -> Any:
+    """A dataclass field with its default, its check and (for the client's command line and docs) its help line."""
+    return field(default=default, metadata={"check": check, "help": help})
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,32 @@ class AmgSettings:
     with segment_anything's names and defaults. A model family takes the keys it knows
     (models.registry.Family.amg_keys) and may change a default (Family.amg_defaults)."""
 
-    points_per_side: int = option(32, int_in(1, 128))
-    points_per_batch: int = option(64, int_in(1, 4096))
-    pred_iou_thresh: float = option(0.88, float_in(0.0, 1.0))
-    stability_score_thresh: float = option(0.95, float_in(0.0, 1.0))
-    box_nms_thresh: float = option(0.7, float_in(0.0, 1.0, lo_open=True))
-    crop_n_layers: int = option(0, int_in(0, 3))
-    min_mask_region_area: int = option(0, int_in(0, 10_000_000))
-    # SAM 2 only (SAM2AutomaticMaskGenerator's): refine each mask with its own low-res logits as a
-    # mask prompt, and ask the decoder for three masks per point (else one).
-    use_m2m: bool = option(False, boolean)
-    multimask_output: bool = option(True, boolean)
+    points_per_side: int = option(
+        32, int_in(1, 128), "points per side of the grid of point prompts (more finds smaller objects, slower)"
+    )
+    points_per_batch: int = option(
+        64, int_in(1, 4096), "grid points the mask decoder takes at once (memory and speed, not the answer)"
+    )
+    pred_iou_thresh: float = option(0.88, float_in(0.0, 1.0), "keep the masks whose predicted IoU is at least this")
+    stability_score_thresh: float = option(
+        0.95, float_in(0.0, 1.0), "keep the masks whose stability score is at least this"
+    )
+    box_nms_thresh: float = option(
+        0.7,
+        float_in(0.0, 1.0, lo_open=True),
+        "of two masks whose boxes overlap by more IoU than this, drop the lower scored (1: keep all)",
+    )
+    crop_n_layers: int = option(0, int_in(0, 3), "layers of image crops segmented again (0: the whole image only)")
+    min_mask_region_area: int = option(
+        0,
+        int_in(0, 10_000_000),
+        "remove holes and islands smaller than this many pixels (0: none; SAM 2: in the low-res logits, as SAM 2 does)",
+    )
+    # SAM2AutomaticMaskGenerator's own keys.
+    use_m2m: bool = option(False, boolean, "SAM 2 only: refine each mask with its own logits as a mask prompt")
+    multimask_output: bool = option(
+        True, boolean, "SAM 2 only: three masks per grid point (else one, chosen by stability as SAM 2 does)"
+    )
 
     def generator_arguments(self, keys: Iterable[str]) -> dict[str, Any]:
         """The settings named by `keys` as keyword arguments of a generator."""
@@ -92,14 +108,28 @@ class ImageSettings:
     """How an image file becomes the 8-bit RGB that SAM sees (server/imaging.py): a config or a request may
     set each key."""
 
-    intensity: str = option("auto", one_of(INTENSITY_MODES))
-    percentile_low: float = option(DEFAULT_PERCENTILES[0], float_in(0.0, 100.0))
-    percentile_high: float = option(DEFAULT_PERCENTILES[1], float_in(0.0, 100.0))
-    # The page (TIFF IFD) to segment; an image file of one page has only page 0.
-    page: int = option(0, int_in(0, 1_000_000))
-    # One channel (shown as gray) or three (as R, G, B); None: gray as gray, RGB(A) as RGB, any
-    # other count its first channel as gray.
-    channels: tuple[int, ...] | None = option(None, _channels)
+    intensity: str = option(
+        "auto",
+        one_of(INTENSITY_MODES),
+        "how samples map to 8 bits: linear (the dtype's full range: uint16 65535 -> 255, float [0, 1]), minmax "
+        "(each channel's lowest..highest), percentile (each channel's percentile_low..percentile_high), auto "
+        "(uint8 as it is, wider or float by percentile: a 12-bit camera's 0..4095 would otherwise be black)",
+    )
+    percentile_low: float = option(
+        DEFAULT_PERCENTILES[0], float_in(0.0, 100.0), "the percentile that becomes 0 (intensity percentile and auto)"
+    )
+    percentile_high: float = option(
+        DEFAULT_PERCENTILES[1], float_in(0.0, 100.0), "the percentile that becomes 255 (intensity percentile and auto)"
+    )
+    page: int = option(
+        0, int_in(0, 1_000_000), "the page (TIFF IFD) to segment, from 0 (a file of one page has only page 0)"
+    )
+    channels: tuple[int, ...] | None = option(
+        None,
+        _channels,
+        "one channel (shown as gray) or three (as R, G, B), numbered from 0; none: gray as gray, RGB(A) as RGB, "
+        "any other count its first channel",
+    )
 
     def __post_init__(self) -> None:
         if self.channels is not None:

@@ -22,6 +22,8 @@ from sam_fast_serve.common.records import ANNOTATION_KEYS
 
 JSON_MEDIA_TYPE = "application/json"
 PNG_MEDIA_TYPE = "image/png"
+# Every 200 carries the image's embedding-cache key: sent back as "image_id" with prompts.
+IMAGE_ID_HEADER = "X-Image-Id"
 # The request option that picks what a prompted image/png answer shows: "mask", an 8-bit mask (0 or
 # 255), or "cutout", the object cut out of the image (RGBA: the image's RGB, the mask as alpha).
 OUTPUT_OPTION = "output"

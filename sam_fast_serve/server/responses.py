@@ -6,11 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sam_fast_serve.common.errors import ResponseTooLarge, ServiceError
-from sam_fast_serve.common.wire import JSON_MEDIA_TYPE, encode_json
+from sam_fast_serve.common.wire import IMAGE_ID_HEADER, JSON_MEDIA_TYPE, encode_json
 from sam_fast_serve.server.formats import Body
-
-# Every 200 carries the image's embedding-cache key: send it back as "image_id" with prompts.
-IMAGE_ID_HEADER = "X-Image-Id"
 
 
 @dataclass

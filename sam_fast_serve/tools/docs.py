@@ -21,8 +21,8 @@ from typing import Any
 
 from sam_fast_serve.models.registry import MODEL_TYPES, Family
 
-# What each key means. Its default and valid values come from the code; a key of the code without
-# a meaning here fails config_tables (and so its test).
+# What each server key means (the AMG and image keys carry theirs as help in common/options.py). Its
+# default and valid values come from the code; a key with no meaning fails config_tables (and its test).
 KEY_MEANINGS = {
     "model_type": "the model, and with it the family whose code serves it ([models.md](models.md))",
     "sam_checkpoint": "the checkpoint's file name inside the archive; none: the official file name of "
@@ -47,26 +47,6 @@ KEY_MEANINGS = {
     "embedding_store": "`memory` (each worker its own cache) or a Redis URL shared by every worker and "
     "replica; its password in the URL or in `$SAM_FAST_REDIS_PASSWORD` ([serving.md](serving.md#the-embedding-store))",
     "embedding_ttl_s": "seconds a Redis entry lives",
-    "points_per_side": "the grid of point prompts is points_per_side x points_per_side",
-    "points_per_batch": "point prompts decoded together",
-    "pred_iou_thresh": "keep masks whose predicted IoU is above this",
-    "stability_score_thresh": "keep masks at least this stable",
-    "box_nms_thresh": "IoU above which box NMS drops the lower-scored mask; 1.0 turns NMS off",
-    "crop_n_layers": "extra layers of image crops, each segmented on its own",
-    "min_mask_region_area": "remove islands and fill holes of at most this many pixels (SAM 2: in the "
-    "low-resolution logits, as SAM 2 does)",
-    "use_m2m": "refine each mask once more with its own low-resolution logits as a mask prompt",
-    "multimask_output": "three masks per point; false: one, chosen by stability",
-    "intensity": "how samples become 8-bit: `linear` maps the dtype's full range (uint16 65535 -> 255, float "
-    "[0, 1], signed from its minimum); `minmax` each channel's lowest..highest sample; `percentile` each "
-    "channel's percentile_low..percentile_high; `auto`: 8-bit untouched, anything wider or float by "
-    "`percentile` (a 12-bit camera's 0..4095 would otherwise be a black picture)",
-    "percentile_low": "the low percentile of `percentile` (and `auto`); must be below percentile_high",
-    "percentile_high": "the high percentile of `percentile` (and `auto`)",
-    "page": "the TIFF page (IFD) to segment; a page past the end is a 422 giving the page count; other "
-    "formats have page 0 only",
-    "channels": "one channel number (shown as gray) or three (as R, G, B), e.g. `[4, 1, 2]`; none: gray "
-    "as gray, RGB(A) as RGB, any other count its channel 0 as gray; a channel past the last is a 422",
 }
 
 # A value outside every key's valid values: each check's message for it says what is valid.
@@ -109,6 +89,15 @@ def _value(value: Any) -> str:
     return f"`{value}`"
 
 
+def _meaning(f: dataclasses.Field[Any]) -> str:
+    """A key's meaning: its help line where the option carries one (common/options.py, which the
+    client's --help shows too), else KEY_MEANINGS; exactly one of the two."""
+    help_line = f.metadata.get("help")
+    if bool(help_line) == (f.name in KEY_MEANINGS):
+        raise KeyError(f"the key {f.name!r} needs a meaning in exactly one place: its help or KEY_MEANINGS")
+    return help_line or KEY_MEANINGS[f.name]
+
+
 def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], families: bool) -> list[str]:
     columns = ["key", "default", "valid values", *(["models"] if families else []), "meaning"]
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -127,9 +116,7 @@ def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], fami
                 cells[1] = f"{default} ({'; '.join(changed)})"
             taking = [family.title for family in _families() if f.name in family.amg_keys]
             cells.append("all" if len(taking) == len(_families()) else ", ".join(taking) + " only")
-        if f.name not in KEY_MEANINGS:
-            raise KeyError(f"sam_fast_serve/tools/docs.py: KEY_MEANINGS has no meaning for the key {f.name!r}")
-        cells.append(KEY_MEANINGS[f.name])
+        cells.append(_meaning(f))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -178,11 +165,21 @@ def metrics_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _client(table: str) -> Callable[[], str]:
+    def make() -> str:
+        from sam_fast_serve.client import cli
+
+        return str(getattr(cli, table)())
+
+    return make
+
+
 # Page (in docs/) -> its generated blocks, by marker name.
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
     "models.md": {"models-table": models_table},
     "configuration.md": {"config-keys": config_tables},
     "metrics.md": {"metrics-table": metrics_table},
+    "client.md": {"client-options": _client("options_table"), "client-exit-codes": _client("exit_codes_table")},
 }
 
 

@@ -1,17 +1,21 @@
 """sam-fast-client (run as `python inference.py`) over folders and globs of images against a real
 TorchServe: results and overlays per image, the COCO file against the server's own masks, the
 failures report, resume after Ctrl-C (counted in TorchServe's access log), the progress bar on a
-terminal, and the arguments it refuses before sending anything."""
+terminal, and the arguments it refuses before sending anything; real bad files each one failure,
+a refused token the end of the run after one request, the server's options, prompt files, label
+images, and `python inference.py` without arguments."""
 
 from __future__ import annotations
 
 import base64
 import fcntl
+import io
 import json
 import os
 import pty
 import re
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -24,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 import requests
+import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -31,9 +36,10 @@ from skimage import data
 
 import sam_fast_serve
 from harness.archives import client_command, run_client, running_server
-from harness.files import encode
+from harness.files import encode, tiff
 from harness.servers import REPO
-from sam_fast_serve.client.coco import CocoImage, header_size, write_coco
+from sam_fast_serve.client.coco import CocoImage, header_size, masks_of, write_coco
+from sam_fast_serve.common.labels import label_image
 from sam_fast_serve.common.wire import decode_pickled, is_annotation_list
 
 MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
@@ -371,3 +377,198 @@ def test_coco_size_of_an_image_without_masks_comes_from_its_turned_header(tmp_pa
     coco = COCO(str(tmp_path / "coco.json"))
     assert count == 0 and coco.dataset["annotations"] == []
     assert coco.dataset["images"] == [{"id": 7, "file_name": "o6.jpg", "width": 200, "height": 300}]
+
+
+# --- One bad file is one failure; a refused token stops the run; options, prompt files, label images.
+
+
+def access_log_posts(server) -> int:
+    """POST /predictions lines in TorchServe's access log, read until the count holds still (the
+    requests counted are all answered: the client that sent them has exited)."""
+    log = server.workdir / "logs" / "access_log.log"
+    counts = [-1]
+    while True:
+        counts.append(log.read_text().count("POST /predictions/"))
+        if counts[-1] == counts[-2]:
+            return counts[-1]
+        time.sleep(0.5)
+
+
+def corrupt_strip(data: bytes) -> bytes:
+    """A TIFF with its strip's compressed bytes overwritten: the header reads, the pixels do not."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    return data[:offset] + b"\xff" * count + data[offset + count :]
+
+
+def test_bad_files_are_one_failure_each_and_the_run_goes_on(server, tmp_path):
+    folder, out = tmp_path / "mixed", tmp_path / "out"
+    folder.mkdir()
+    rgb = np.ascontiguousarray(data.astronaut()[::4, ::4])
+    good = {
+        f"{kind}.tif": tiff(rgb, photometric="rgb", compression=kind) for kind in ("lzw", "packbits", "jpeg", "zstd")
+    }
+    bad = {
+        "truncated.jpg": encode(rgb, "JPEG")[:3000],
+        "notes.png": b"not an image at all",
+        "corrupt.tif": corrupt_strip(tiff(rgb, photometric="rgb", compression="lzw", rowsperstrip=rgb.shape[0])),
+    }
+    for name, content in {**good, **bad}.items():
+        (folder / name).write_bytes(content)
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")  # listed in the folder, unreadable
+    command = [folder, "--out", out, "--coco", out / "coco.json", "--labels", "png"]
+    run = run_client(*command, server=server)
+    assert run.returncode == 1, run.stderr
+    assert "4 of 8 images segmented, 4 failed" in run.stdout
+    failures = {Path(f["file"]).name: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert failures["gone.png"] == {
+        "file": str(folder / "gone.png"),
+        "status": None,
+        "reason": "cannot read the image: No such file or directory",
+    }
+    for name, status in (("truncated.jpg", 400), ("notes.png", 415), ("corrupt.tif", 400)):
+        refused = post(server, bad[name])
+        assert refused.status_code == status
+        assert failures[name] == {"file": str(folder / name), "status": status, "reason": refused.json()["message"]}
+    for name in good:
+        with Image.open(out / PurePosixPath(name).with_suffix(".overlay.png")) as overlay:
+            assert overlay.size == (rgb.shape[1], rgb.shape[0])
+        with Image.open(out / PurePosixPath(name).with_suffix(".labels.png")) as labels:
+            assert labels.size == (rgb.shape[1], rgb.shape[0])
+    coco = json.loads((out / "coco.json").read_text())
+    assert sorted(image["file_name"] for image in coco["images"]) == sorted(good)
+
+    # The client reads what it draws itself: an image replaced since by one it cannot decode, whose
+    # overlay is missing, is one failure of the rerun (nothing is sent: its result is there).
+    (folder / "lzw.tif").write_bytes(corrupt_strip(good["lzw.tif"]))
+    (out / "lzw.overlay.png").unlink()
+    for name in bad:
+        (folder / name).unlink()
+    before = access_log_posts(server)
+    rerun = run_client(*command, server=server)
+    assert access_log_posts(server) == before  # nothing sent: the results are there, the symlink unreadable
+    assert rerun.returncode == 1, rerun.stderr
+    assert "3 of 5 images segmented, 3 skipped (already done), 2 failed" in rerun.stdout
+    failures = {Path(f["file"]).name: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+    assert sorted(failures) == ["gone.png", "lzw.tif"] and failures["lzw.tif"]["status"] is None
+    assert failures["lzw.tif"]["reason"].startswith(
+        "done earlier, but the image cannot be drawn or measured: the TIFF page"
+    )
+    coco = json.loads((out / "coco.json").read_text())
+    assert sorted(image["file_name"] for image in coco["images"]) == ["jpeg.tif", "packbits.tif", "zstd.tif"]
+
+
+def test_a_refused_token_stops_the_run_after_one_request(server, photos, tmp_path):
+    out = tmp_path / "out"
+    environment = {k: v for k, v in os.environ.items() if k != "TS_INFERENCE_TOKEN"}
+    for token in (["--token=not-the-token"], []):  # a wrong token, and none (no key_file.json in the cwd)
+        before = access_log_posts(server)
+        run = run_client(
+            *photos.arguments, "--url", server.inference_url, *token, "--out", out, "--coco", out / "coco.json",
+            cwd=tmp_path, env=environment,
+        )  # fmt: skip
+        assert access_log_posts(server) == before + 1
+        assert run.returncode == 3, run.stderr
+        assert "the server refused the token (HTTP 400: Token Authorization failed." in run.stderr
+        assert all(way in run.stderr for way in ("--token=VALUE", "$TS_INFERENCE_TOKEN", "key_file.json"))
+        assert f"0 of {len(photos.order)} images segmented" in run.stdout
+        assert (out / "failures.jsonl").read_text() == ""
+        assert json.loads((out / "coco.json").read_text())["images"] == []
+
+
+def json_post(server, fields: dict, content: bytes) -> list | dict:
+    """The server's decoded answer to a JSON request of `fields` and the image `content`."""
+    body = json.dumps({"image": base64.b64encode(content).decode(), **fields}).encode()
+    reply = post(server, body, **{"Content-Type": "application/json"})
+    assert reply.status_code == 200, reply.text
+    return decode_pickled(reply.text)
+
+
+def test_options_reach_the_server(server, photos, tmp_path):
+    image = photos.folder / "coffee" / "coffee.png"
+    out = tmp_path / "out"
+    run = run_client(image, "--out", out, "--points-per-side", "2", "--channels", "1", "--wire", "json", server=server)
+    assert run.returncode == 0, run.stderr
+    written = json.loads((out / "coffee.json").read_text())
+    assert len(written) == 2 * 2 * 3  # the smoke config's 4x4 grid gives 48
+    assert written == json_post(server, {"points_per_side": 2, "channels": [1]}, image.read_bytes())
+
+
+def test_a_prompt_file_gives_each_image_its_prompts(server, photos, tmp_path):
+    folder = photos.folder
+    lines = [
+        {"file": "astronaut/astronaut.png", "points": [[150, 120], [60, 200]], "labels": [1, 0]},
+        {"file": "chelsea/flipped.jpg", "boxes": [[20, 30, 200, 150], [100, 100, 300, 250]]},
+    ]
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    try:
+        run = run_client(
+            "--prompts", prompts, "--out", out, "--labels", "tiff", "--coco", out / "c.json", server=server
+        )
+    finally:
+        prompts.unlink()
+    assert run.returncode == 0, run.stderr
+    for line in lines:
+        fields = {key: value for key, value in line.items() if key != "file"}
+        expected = json_post(server, fields, (folder / line["file"]).read_bytes())
+        result = out / PurePosixPath(line["file"]).with_suffix(".json")
+        written = json.loads(result.read_text())
+        assert written == expected and len(written["prompts"]) == len(line.get("boxes", [[]]))
+        labels = tifffile.imread(result.with_suffix("").with_suffix(".labels.tif"))
+        height, width = masks_of(written)[0]["segmentation"]["size"]
+        assert labels.dtype == np.uint16 and np.array_equal(labels, label_image(masks_of(written), (height, width)))
+        assert result.with_suffix("").with_suffix(".overlay.png").exists()
+    assert len(COCO(str(out / "c.json")).dataset["images"]) == 2
+
+    prompts.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"file": "x.png", "points": [[1, 2]], "labels": [3]}))
+    refused = run_client("--prompts", prompts, "--out", tmp_path / "refused", server=server)
+    assert refused.returncode == 2 and f"{prompts}:2: 'labels' must be a list of 1 values" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_label_images_are_the_answers_masks_at_the_inputs_size(server, tmp_path, chelsea, astronaut):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(encode(chelsea, "JPEG"))
+    # Two pages of different sizes: --page 1 segments the second, so its label image is that size.
+    pages = [astronaut[:64, :64, 0], np.ascontiguousarray(chelsea[:120, :200, 1]).astype(np.uint16) * 200]
+    with tifffile.TiffWriter(folder / "pages.tif") as writer:
+        for page in pages:
+            writer.write(page)
+    run = run_client(folder, "--out", out, "--labels", "png", "--page", "1", server=server)
+    assert run.returncode == 1, run.stderr  # a JPEG has no page 1
+    failure = json.loads((out / "failures.jsonl").read_text())
+    assert failure["status"] == 422 and "page 1 does not exist" in failure["reason"]
+    run = run_client(folder / "cat.jpg", "--out", out, "--labels", "png", server=server)
+    assert run.returncode == 0, run.stderr
+    # A second run asks for TIFF label images: drawn from the results, nothing is sent.
+    again = run_client(folder, "--out", out, "--labels", "tiff", "--page", "1", server=server)
+    assert again.returncode == 0 and "2 skipped (already done)" in again.stdout, again.stderr
+    for name, (height, width) in (("cat", chelsea.shape[:2]), ("pages", pages[1].shape)):
+        masks = json.loads((out / f"{name}.json").read_text())
+        expected = label_image(masks, (height, width))
+        assert len(masks) == MASKS_PER_IMAGE and expected.max() > 0
+        with Image.open(out / f"{name}.labels.png") as png:
+            assert png.size == (width, height) and np.array_equal(np.asarray(png), expected)
+        tif = tifffile.imread(out / f"{name}.labels.tif")
+        assert tif.dtype == np.uint16 and np.array_equal(tif, expected)
+
+
+def test_inference_py_without_arguments_segments_the_sample(server, tmp_path):
+    shutil.copy(server.key_file, tmp_path / "key_file.json")
+    environment = {k: v for k, v in os.environ.items() if k != "TS_INFERENCE_TOKEN"}
+    environment["SAM_FAST_URL"] = server.inference_url
+    run = subprocess.run(
+        [sys.executable, str(REPO / "inference.py")], capture_output=True, text=True, cwd=tmp_path, env=environment
+    )
+    assert run.returncode == 0, run.stderr
+    sample = REPO / "samples" / "astronaut.jpg"
+    assert f"{sample}: {MASKS_PER_IMAGE} masks" in run.stdout
+    assert "-> out/astronaut.json, out/astronaut.overlay.png" in run.stdout
+    assert json.loads((tmp_path / "out" / "astronaut.json").read_text()) == decode_pickled(
+        post(server, sample.read_bytes()).text
+    )
+    with Image.open(tmp_path / "out" / "astronaut.overlay.png") as overlay, Image.open(sample) as photo:
+        assert overlay.size == photo.size

@@ -1,7 +1,7 @@
 """The client-only install (`pip install .`, no extra) in a fresh virtualenv: torch, OpenCV,
-segment_anything and TorchServe are not there, and its `sam-fast-client` segments a folder
-through a real TorchServe, sends nothing again on a rerun, and writes a COCO file that holds
-the server's own masks."""
+segment_anything and TorchServe are not there, imagecodecs is, and its `sam-fast-client` segments a
+folder (an LZW TIFF among the photos, drawn by the client too) through a real TorchServe, sends
+nothing again on a rerun, and writes a COCO file that holds the server's own masks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import data
 from test_client import check_coco, post, posts_logged
 
 from harness.archives import running_server
-from harness.files import encode
+from harness.files import encode, tiff
 from harness.servers import REPO
 from sam_fast_serve.common.wire import decode_pickled
 
@@ -70,6 +71,9 @@ def test_client_install_has_no_server_packages(client_bin, tmp_path):
     where, modules = loaded.stdout.splitlines()
     assert Path(where).is_relative_to(client_bin.parent)  # the installed copy, not the checkout
     assert not {*SERVER_PACKAGES, "yaml"} & set(modules.split())
+    # tifffile reads LZW, PackBits, JPEG and ZSTD TIFFs with imagecodecs: the client reads what the server reads.
+    codecs = subprocess.run([python, "-c", "import imagecodecs"], capture_output=True, text=True, cwd=tmp_path)
+    assert codecs.returncode == 0, codecs.stderr
 
 
 def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, tmp_path):
@@ -82,6 +86,9 @@ def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, t
     for name, rgb in images.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(encode(np.ascontiguousarray(rgb), "JPEG" if name.endswith(".jpg") else "PNG"))
+    lzw = np.ascontiguousarray(data.astronaut()[::2, ::2])
+    (folder / "nested" / "scan.tif").write_bytes(tiff(lzw, photometric="rgb", compression="lzw"))
+    images["nested/scan.tif"] = lzw
     out = tmp_path / "out"
     command = [
         str(client_bin / "sam-fast-client"), str(folder), "--url", server.inference_url, f"--token={server.token()}",
@@ -89,13 +96,15 @@ def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, t
     ]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "3 of 3 images segmented" in first.stdout
+    assert "4 of 4 images segmented" in first.stdout
+    with Image.open(out / "nested" / "scan.overlay.png") as overlay:
+        assert overlay.size == (lzw.shape[1], lzw.shape[0])
 
     probe = (folder / "coffee.png").read_bytes()
     before = posts_logged(server, probe)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "3 of 3 images segmented, 3 skipped (already done)" in again.stdout
+    assert "4 of 4 images segmented, 4 skipped (already done)" in again.stdout
     assert posts_logged(server, probe) == before + 1  # the probe alone: the rerun sent nothing
 
     answers = {name: decode_pickled(post(server, (folder / name).read_bytes()).text) for name in images}

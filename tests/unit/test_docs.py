@@ -36,7 +36,9 @@ def test_models_table_names_every_model_type():
 
 def test_config_tables_cover_every_key_once():
     keys = re.findall(r"^\| `(\w+)` \|", config_tables(), re.M)
-    assert sorted(keys) == sorted({*SERVICE_RULES, *AMG_RULES, *IMAGE_RULES}) == sorted(KEY_MEANINGS)
+    assert sorted(keys) == sorted({*SERVICE_RULES, *AMG_RULES, *IMAGE_RULES})
+    # A server key's meaning is in KEY_MEANINGS; an AMG or image key's is its help (the client's --help).
+    assert sorted(KEY_MEANINGS) == sorted(SERVICE_RULES)
 
 
 def test_config_tables_give_defaults_and_the_checks_words():

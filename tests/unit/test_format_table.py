@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from harness.servers import REPO
 from sam_fast_serve.common.errors import InvalidOption, NotAcceptable, ResponseTooLarge
 from sam_fast_serve.common.labels import MAX_LABELS, label_image
-from sam_fast_serve.common.wire import DEFAULT_OUTPUT, OUTPUTS
+from sam_fast_serve.common.wire import DEFAULT_OUTPUT, IMAGE_ID_HEADER, OUTPUTS
 from sam_fast_serve.server.formats import (
     FORMATS,
     choose_format,
@@ -24,7 +24,7 @@ from sam_fast_serve.server.formats import (
     prompted_png,
     resolve_output,
 )
-from sam_fast_serve.server.responses import IMAGE_ID_HEADER, payload_reply
+from sam_fast_serve.server.responses import payload_reply
 
 SIZE = (40, 60)  # (H, W)
 
