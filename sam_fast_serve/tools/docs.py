@@ -26,8 +26,8 @@ from sam_fast_serve.models.registry import MODEL_TYPES, Family
 KEY_MEANINGS = {
     "model_type": "the model, and with it the family whose code serves it ([models.md](models.md))",
     "sam_checkpoint": "the checkpoint's file name inside the archive; none: the official file name of "
-    "`model_type`. An official file is sha256-checked at load; every checkpoint is read with "
-    "`torch.load(..., weights_only=True)`",
+    "`model_type`. An official file is sha256-checked at load; every checkpoint is read by "
+    "`torch.load` with `weights_only=True` (tensors only, no code)",
     "process_batch_size": "images (or crops) per image-encoder call when TorchServe hands the worker a "
     "batch of requests",
     "dtype": "`auto`: bf16 on CUDA and on CPUs with native bf16, else fp32. `bfloat16` on a CPU without "
