@@ -29,16 +29,17 @@ def label_image(masks: Sequence[Mapping[str, Any]], size: tuple[int, int]) -> np
     if len(masks) > MAX_LABELS:
         raise ValueError(f"{len(masks):,} masks do not fit a uint16 label image (at most {MAX_LABELS:,})")
     labels = np.zeros(size, np.uint16)
-    areas = [int(mask_utils.area(_rle(mask))) for mask in masks]
+    areas = [int(mask_utils.area(coco_rle(mask))) for mask in masks]
     for index in sorted(range(len(masks)), key=lambda i: -areas[i]):
-        rle = _rle(masks[index])
+        rle = coco_rle(masks[index])
         if tuple(rle["size"]) != tuple(size):
             raise ValueError(f"mask {index} covers {tuple(rle['size'])}, not the image's {tuple(size)}")
         labels[mask_utils.decode(rle).astype(bool)] = index + 1
     return labels
 
 
-def _rle(mask: Mapping[str, Any]) -> dict[str, Any]:
+def coco_rle(mask: Mapping[str, Any]) -> dict[str, Any]:
+    """A mask record's segmentation as pycocotools takes it (counts as bytes)."""
     segmentation = mask["segmentation"]
     counts = segmentation["counts"]
     return {"size": list(segmentation["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}

@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam_fast_serve.common.errors import InvalidOption, NotAcceptable, ResponseTooLarge
-from sam_fast_serve.common.labels import MAX_LABELS, encode_labels, label_image
+from sam_fast_serve.common.labels import MAX_LABELS, coco_rle, encode_labels, label_image
 from sam_fast_serve.common.wire import (
     DEFAULT_OUTPUT,
     JSON_MEDIA_TYPE,
@@ -86,10 +86,7 @@ def best_masks(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def prompted_mask(payload: Mapping[str, Any]) -> np.ndarray:
     """(H, W) bool: the union of each prompt's best mask."""
-    rles = [
-        {"size": mask["segmentation"]["size"], "counts": mask["segmentation"]["counts"].encode("ascii")}
-        for mask in best_masks(payload)
-    ]
+    rles = [coco_rle(mask) for mask in best_masks(payload)]
     return mask_utils.decode(mask_utils.merge(rles, intersect=False)).astype(bool)
 
 
