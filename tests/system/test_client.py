@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 from skimage import data
 
 import sam_fast_serve
-from harness.archives import client_command, run_client, running_server
+from harness.archives import client_command, run_client
 from harness.files import encode, tiff
 from harness.servers import REPO
 from sam_fast_serve.client.coco import CocoImage, header_size, masks_of, write_coco
@@ -113,12 +113,6 @@ def photos(tmp_path_factory) -> Photos:
     order = [str(name) for name in in_folder] + ["one.png", "three.jpg"]
     good = {**files, "one.png": glob_files["extra/one.png"], "three.jpg": glob_files["extra/deep/three.jpg"]}
     return Photos(folder, [str(folder), *(str(root / pattern) for pattern in GLOBS)], good, order)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, random_checkpoint):
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
-        yield ts
 
 
 def post(server, body: bytes, **headers: str) -> requests.Response:

@@ -13,7 +13,6 @@ import sys
 import pytest
 import requests
 
-from harness.archives import running_server
 from harness.files import encode
 from harness.servers import REPO
 from sam_fast_serve.client import (
@@ -27,12 +26,6 @@ from sam_fast_serve.client import (
 from sam_fast_serve.common.wire import IMAGE_ID_HEADER, decode_pickled
 
 MASKS_PER_IMAGE = 16 * 3  # smoke config: 4x4 points, 3 masks each, nothing filtered
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, random_checkpoint):
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
-        yield ts
 
 
 @pytest.fixture(scope="module")

@@ -5,55 +5,18 @@ nothing again on a rerun, and writes a COCO file that holds the server's own mas
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from skimage import data
 from test_client import check_coco, post, posts_logged
 
-from harness.archives import running_server
 from harness.files import encode, tiff
-from harness.servers import REPO
 from sam_fast_serve.common.wire import decode_pickled
 
-# What a source distribution of the package holds: the build needs no other file of the checkout.
-PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "sam_fast_serve")
 SERVER_PACKAGES = ("torch", "cv2", "segment_anything", "ts")
-
-
-@pytest.fixture(scope="module")
-def client_bin(tmp_path_factory) -> Path:
-    """The bin folder of a fresh virtualenv with the package installed, no extra. Built from a
-    copy of the package's files, so that the build leaves nothing behind in the checkout."""
-    work = tmp_path_factory.mktemp("client-install")
-    source = work / "source"
-    source.mkdir()
-    for name in PACKAGE_FILES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "venv", str(work / "venv")], check=True, timeout=300)
-    bin_dir = work / "venv" / "bin"
-    installed = subprocess.run(
-        [str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert installed.returncode == 0, installed.stderr
-    return bin_dir
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, random_checkpoint):
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as ts:
-        yield ts
 
 
 def test_client_install_has_no_server_packages(client_bin, tmp_path):

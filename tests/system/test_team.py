@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from harness.archives import run_client, running_server
+from harness.archives import run_client
 from harness.files import encode
 from harness.servers import REPO, free_port
 from sam_fast_serve.common.wire import decode_pickled
@@ -39,24 +39,23 @@ def make(*targets_and_variables: str, env: dict[str, str] | None = None) -> subp
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, random_checkpoint):
-    """TorchServe, then `make team-serve` in front of it: (server, gateway URL, make's output, team dir)."""
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint) as server:
-        directory = tmp_path_factory.mktemp("team") / "gateway"
-        listen = f"127.0.0.1:{free_port()}"
-        variables = [
-            f"TEAM_LISTEN={listen}",
-            f"INFERENCE_URL={server.inference_url}",
-            f"MANAGEMENT_URL={server.management_url}",
-            f"KEY_FILE={server.key_file}",
-            f"TEAM_DIR={directory}",
-        ]
-        started = make("team-serve", *variables, env=dict(os.environ, **{team.TOKEN_ENV: TOKEN}))
-        try:
-            assert started.returncode == 0, started.stdout + started.stderr
-            yield server, f"http://{listen}", started, directory
-        finally:
-            make("team-stop", f"TEAM_DIR={directory}")
+def gateway(tmp_path_factory, server):
+    """`make team-serve` in front of the shared TorchServe: (server, gateway URL, make's output, team dir)."""
+    directory = tmp_path_factory.mktemp("team") / "gateway"
+    listen = f"127.0.0.1:{free_port()}"
+    variables = [
+        f"TEAM_LISTEN={listen}",
+        f"INFERENCE_URL={server.inference_url}",
+        f"MANAGEMENT_URL={server.management_url}",
+        f"KEY_FILE={server.key_file}",
+        f"TEAM_DIR={directory}",
+    ]
+    started = make("team-serve", *variables, env=dict(os.environ, **{team.TOKEN_ENV: TOKEN}))
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield server, f"http://{listen}", started, directory
+    finally:
+        make("team-stop", f"TEAM_DIR={directory}")
 
 
 def post(url: str, body: bytes, token: str | None) -> requests.Response:

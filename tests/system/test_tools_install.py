@@ -7,12 +7,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import test_client_install
 
 from harness.servers import REPO, free_port
-
-# The client install's fixture: the bin folder of a fresh virtualenv with `pip install .` alone.
-client_bin = test_client_install.client_bin
 
 NEEDS_EXTRA = {
     "archive": (["--checkpoint", "x.pth", "--config", str(REPO / "model-config.yaml")], "serve"),
