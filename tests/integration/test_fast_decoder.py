@@ -197,11 +197,17 @@ def test_float32_matches_reference(
     assert agreement > 0.999
 
 
+BF16_PROMPTS = 16
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_close_to_float32_reference(
     sam: Sam, image: tuple[Tensor, Tensor], cases: dict[str, tuple[Prompts, Reference]], kind: str
 ) -> None:
+    # The first 16 prompts of each kind: bf16 is emulated, hence slow, on CPUs without it.
     prompts, ref = cases[kind]
+    prompts = Prompts(sparse=prompts.sparse[:BF16_PROMPTS], dense=prompts.dense)
+    ref = Reference(masks=ref.masks[:BF16_PROMPTS], iou=ref.iou[:BF16_PROMPTS])
     iou, masks = _decode_all(FastMaskDecoder(sam.mask_decoder, torch.bfloat16), image, prompts)
 
     assert iou.dtype == torch.float32 and masks.dtype == torch.float32
