@@ -204,7 +204,7 @@ BF16_PROMPTS = 16
 def test_bfloat16_close_to_float32_reference(
     sam: Sam, image: tuple[Tensor, Tensor], cases: dict[str, tuple[Prompts, Reference]], kind: str
 ) -> None:
-    # The first 16 prompts of each kind: bf16 is emulated, hence slow, on CPUs without it.
+    # The first prompts of each kind only: bf16 is emulated, hence slow, on CPUs without it.
     prompts, ref = cases[kind]
     prompts = Prompts(sparse=prompts.sparse[:BF16_PROMPTS], dense=prompts.dense)
     ref = Reference(masks=ref.masks[:BF16_PROMPTS], iou=ref.iou[:BF16_PROMPTS])
