@@ -242,15 +242,16 @@ def test_inference_client_with_prompts(server, tmp_path, astronaut):
 
 
 def test_out_of_memory_is_a_507_and_the_worker_goes_on(server, chelsea):
-    """Cap the worker's address space just above its current size, send a 25-megapixel image
-    (its masks need more than that), then lift the cap: 507 with a reason, same worker, next OK."""
+    """Cap the worker's address space 300 MiB above its current size, send a 48-megapixel image
+    (just under the 50-megapixel default: its masks need about 800 MiB more; a 25-megapixel one
+    needed 260-300, too close to the cap), then lift the cap: 507 with a reason, same worker, next OK."""
     import resource
 
     import psutil
 
     pid = int(server.worker_pids()[0])
     worker = psutil.Process(pid)
-    huge = encode(np.kron(chelsea, np.ones((14, 14, 1), np.uint8))[:4200, :6000])
+    huge = encode(np.kron(chelsea, np.ones((20, 20, 1), np.uint8))[:6000, :8000])
     cap = worker.memory_info().vms + 300 * 2**20
     # Only the soft limit moves: raising a hard limit back needs privileges CI may not have.
     soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
