@@ -8,9 +8,12 @@ would mix dtypes, and autocast keeps the norms and softmax in float32 where torc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from sam2.build_sam import build_sam2
+from sam2.build_sam import build_sam2, build_sam2_video_predictor
 from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.checkpoints import load_fitting
@@ -26,6 +29,10 @@ TEST_OVERRIDES = (
     "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
     "++model.memory_attention.num_layers=1",
 )
+# Video tracking in the test architecture also runs at 256 x 256 (35x faster a frame than 1024):
+# the video predictor reads the model's size, where SAM2ImagePredictor, the image path's
+# reference, assumes 1024. The weights are the same.
+VIDEO_TEST_OVERRIDES = (*TEST_OVERRIDES, "++model.image_size=256")
 
 
 def build(model: ModelType, checkpoint: str | None = None) -> SAM2Base:
@@ -35,11 +42,40 @@ def build(model: ModelType, checkpoint: str | None = None) -> SAM2Base:
     overrides = list(TEST_OVERRIDES) if model.test_only else []
     net = build_sam2(model.build, None, device="cpu", hydra_overrides_extra=overrides)
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise ConfigError(f"{checkpoint}: not a SAM 2 checkpoint (a dict with the state dict under 'model')")
-        load_fitting(net, state["model"], checkpoint, model.name)
+        _load(net, checkpoint, model)
     return net.eval()
+
+
+def _load(net: SAM2Base, checkpoint: str, model: ModelType) -> None:
+    """Load an official checkpoint ({"model": state_dict}) into `net` (ConfigError if it is not one of `model`)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ConfigError(f"{checkpoint}: not a SAM 2 checkpoint (a dict with the state dict under 'model')")
+    load_fitting(net, state["model"], checkpoint, model.name)
+
+
+def build_video(model: ModelType, checkpoint: str | None = None) -> SAM2VideoPredictor:
+    """`model` as SAM 2's video predictor (sam2.build_sam.build_sam2_video_predictor's settings),
+    on the CPU in eval mode, `checkpoint` loaded as by `build`."""
+    overrides = list(VIDEO_TEST_OVERRIDES) if model.test_only else []
+    predictor = build_sam2_video_predictor(model.build, None, device="cpu", hydra_overrides_extra=overrides)
+    if checkpoint is not None:
+        _load(predictor, checkpoint, model)
+    predictor.memory_attention.register_forward_pre_hook(_memory_in_frame_dtype, with_kwargs=True)
+    return predictor.eval()
+
+
+def _memory_in_frame_dtype(
+    _: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """SAM 2 stores its memory bank in bf16 and computes with it under autocast (its CUDA path);
+    without autocast, as on a CPU in fp32, the memory enters attention in the current frame's dtype."""
+    current = kwargs["curr"]
+    dtype = (current[0] if isinstance(current, list) else current).dtype
+    for key in ("memory", "memory_pos"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key].to(dtype)
+    return args, kwargs
 
 
 def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,106 @@
+"""Objects followed through frames (models.sam2.video) equal SAM 2's own SAM2VideoPredictor on the
+same frames and prompts, while holding only the frames and outputs the predictor can still read.
+
+SAM 2's path reads a folder of JPEG files; ours reads the same files' pixels one frame at a time.
+The test architecture of SAM 2.1 with random weights: logits are compared, not only masks, since
+random weights make masks of little shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_fast_serve.models.registry import model_type
+from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.video import CACHED_FRAMES, LazyFrames, init_state, propagate, reach
+
+FRAMES = 40
+PROMPTED = (0, 24)  # the frames with prompts; tracking runs forward from 0, then back from 24
+
+
+@pytest.fixture(scope="module")
+def predictor(random_sam2_checkpoint):
+    """The video predictor, its object pointers cut from 16 frames to 4 so that its reach (8 frames,
+    its memory's) leaves frames out of reach within FRAMES, both sides of a prompted frame."""
+    video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
+    video.max_obj_ptrs_in_encoder = 4
+    assert reach(video) == 8
+    return video
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, astronaut) -> Path:
+    """A camera panning over astronaut: FRAMES JPEG files 0.jpg, 1.jpg, ... of 160 x 120."""
+    folder = tmp_path_factory.mktemp("clip")
+    for i in range(FRAMES):
+        frame = astronaut[100 + i : 220 + i, 150 + 2 * i : 310 + 2 * i]
+        Image.fromarray(np.ascontiguousarray(frame)).save(folder / f"{i}.jpg", quality=95)
+    return folder
+
+
+def prompt(predictor, state) -> None:
+    predictor.add_new_points_or_box(state, frame_idx=PROMPTED[0], obj_id=1, points=[[80, 60]], labels=[1])
+    predictor.add_new_points_or_box(state, frame_idx=PROMPTED[1], obj_id=7, box=[20, 20, 100, 90])
+
+
+def passes(run, state):
+    """Forward from the first prompted frame, then backward from the second (which reads the
+    forward pass's outputs after it)."""
+    yield from run(state, None, None, False)
+    yield from run(state, PROMPTED[1], None, True)
+
+
+def reference_run(predictor, clip: Path) -> dict[tuple[int, int], torch.Tensor]:
+    state = predictor.init_state(str(clip))
+    prompt(predictor, state)
+    logits = {}
+    for frame, ids, masks in passes(predictor.propagate_in_video, state):
+        for obj, mask in zip(ids, masks[:, 0], strict=True):
+            logits[frame, obj] = mask.clone()
+    return logits
+
+
+def test_tracking_equals_sam2_video_predictor_with_bounded_state(predictor, clip):
+    expected = reference_run(predictor, clip)
+
+    def read(i: int) -> np.ndarray:
+        return np.array(Image.open(clip / f"{i}.jpg").convert("RGB"))
+
+    frames = LazyFrames(read, FRAMES, predictor.image_size)
+    state = init_state(predictor, frames)
+    prompt(predictor, state)
+    ours, forgotten = {}, set()
+
+    def run(state, start, count, reverse):
+        return propagate(predictor, state, start, count, reverse)
+
+    for tracked in passes(run, state):
+        assert tracked.mask_logits.shape == (2, 120, 160) and tracked.object_scores.shape == (2,)
+        for obj, logits in zip(tracked.object_ids, tracked.mask_logits, strict=True):
+            ours[tracked.frame, obj] = logits.clone()
+        kept = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]
+        forgotten |= {frame for frame, _ in ours if frame not in kept and frame not in PROMPTED}
+        assert len(frames._cache) <= CACHED_FRAMES
+    assert ours.keys() == expected.keys()
+    assert {frame for frame, _ in ours} == set(range(FRAMES))
+    # Forgotten on the way: the frames out of reach (8) of the one tracked and of both prompted ones.
+    assert set(range(9, 16)) <= forgotten and not forgotten & set(range(16, 33))
+    for key, logits in expected.items():
+        assert torch.allclose(ours[key], logits, atol=1e-4), key
+        mask, theirs = ours[key] > 0, logits > 0
+        union = (mask | theirs).sum().item()
+        assert union == 0 or (mask & theirs).sum().item() / union >= 0.99, key
+
+
+def test_frames_of_another_size_are_refused(predictor):
+    sizes = {0: (120, 160), 1: (120, 160), 2: (60, 80)}
+    frames = LazyFrames(lambda i: np.zeros((*sizes[i], 3), np.uint8), 3, predictor.image_size)
+    frames[1]
+    with pytest.raises(ValueError, match="frame 2 is 80x60, frame 0 160x120"):
+        frames[2]
+    with pytest.raises(IndexError):
+        frames[3]
