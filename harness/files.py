@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import tifffile
 from PIL import Image
@@ -56,3 +59,48 @@ def encode(rgb_or_pil, fmt: str = "PNG", **params) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **params)
     return buffer.getvalue()
+
+
+CLIP_FRAMES = 40
+
+
+def pan_clip(photo: np.ndarray, folder: Path, count: int = CLIP_FRAMES) -> Path:
+    """A camera panning over `photo`: `count` JPEG files 0.jpg, 1.jpg, ... of 160 x 120 in `folder`
+    (what SAM2VideoPredictor.init_state reads)."""
+    for i in range(count):
+        frame = photo[100 + i : 220 + i, 150 + 2 * i : 310 + 2 * i]
+        Image.fromarray(np.ascontiguousarray(frame)).save(folder / f"{i}.jpg", quality=95)
+    return folder
+
+
+def clip_pixels(folder: Path, count: int = CLIP_FRAMES) -> np.ndarray:
+    """The first `count` frames of a `pan_clip` as decoded: (count, H, W, 3) RGB uint8."""
+    return np.stack([np.array(Image.open(folder / f"{i}.jpg").convert("RGB")) for i in range(count)])
+
+
+def video_file(frames: np.ndarray, suffix: str, fourcc: str, fps: int = 10) -> bytes:
+    """The file bytes of RGB `frames` (N, H, W, 3) written by OpenCV as a `suffix` video of codec `fourcc`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / f"clip{suffix}")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (frames.shape[2], frames.shape[1]))
+        assert writer.isOpened(), f"OpenCV cannot write {fourcc} {suffix}"
+        for frame in frames:
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+        writer.release()
+        return Path(path).read_bytes()
+
+
+def video_frames(data: bytes, suffix: str) -> np.ndarray:
+    """Every frame of a video file as OpenCV's FFmpeg decodes it: (N, H, W, 3) RGB uint8."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"clip{suffix}"
+        path.write_bytes(data)
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        frames = []
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            frames.append(bgr[:, :, ::-1])
+        capture.release()
+    return np.stack(frames)

@@ -98,12 +98,13 @@ class ServiceUnavailable(ServiceError):
     kind = "store_unavailable"
 
 
-def check_image_size(width: int, height: int, max_pixels: int) -> None:
-    """Refuse an empty image (BadRequest) or one over `max_pixels` (PayloadTooLarge), from its header."""
+def check_image_size(width: int, height: int, max_pixels: int, limit_key: str = "max_image_pixels") -> None:
+    """Refuse an empty image (BadRequest) or one over `max_pixels`, the handler key `limit_key`
+    (PayloadTooLarge), from its header."""
     if width <= 0 or height <= 0:
         raise BadRequest(f"the image is {width}x{height} pixels; it must not be empty")
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height} = {width * height} pixels; "
-            f"the limit is {max_pixels} pixels (handler key max_image_pixels)"
+            f"the limit is {max_pixels} pixels (handler key {limit_key})"
         )

@@ -1,7 +1,8 @@
 """The mask records a response carries, built from Python builtins only (no torch, no numpy).
 
 An automatic answer is a list of `amg_record`s, the records of segment_anything's
-SamAutomaticMaskGenerator in its coco_rle mode; a prompted answer holds `mask_record`s.
+SamAutomaticMaskGenerator in its coco_rle mode; a prompted answer holds `mask_record`s, and a
+video answer an `object_record` per object on each frame.
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ def amg_record(
         crop_box=_floats(crop_box),
     )
     return record
+
+
+def object_record(obj: int, segmentation: Any, area: Any, bbox: Iterable[Any], score: Any) -> dict[str, Any]:
+    """One tracked object on one frame (common.tracks): its id, its mask as given, area in pixels,
+    XYWH bbox, and the probability that it is in the frame."""
+    return {
+        "object": int(obj),
+        "segmentation": segmentation,
+        "area": int(area),
+        "bbox": _floats(bbox),
+        "score": float(score),
+    }

@@ -5,7 +5,10 @@ imagecodecs decode. The page's header is checked (pixel count, bytes, layout) be
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -39,12 +42,12 @@ def _page_count(tif: tifffile.TiffFile) -> int:
     return count
 
 
-def _checked_page(page: tifffile.TiffPage, max_pixels: int) -> None:
+def _checked_page(page: tifffile.TiffPage, max_pixels: int, limit_key: str) -> None:
     """Refuse a page whose header says it is too large or laid out in a way we do not read."""
     height, width, samples = page.imagelength, page.imagewidth, page.samplesperpixel
     if not all(type(value) is int for value in (height, width, samples, page.imagedepth)):
         raise BadRequest("the TIFF page's size tags are malformed; the file is corrupt")
-    check_image_size(width, height, max_pixels)
+    check_image_size(width, height, max_pixels, limit_key)
     dtype = page.dtype
     if dtype is None or dtype.kind not in "uif":
         raise UnsupportedMediaType(
@@ -63,11 +66,11 @@ def _checked_page(page: tifffile.TiffPage, max_pixels: int) -> None:
         )
 
 
-def read_tiff(data: bytes, page_index: int, max_pixels: int) -> np.ndarray:
-    """The samples of page `page_index` of a TIFF file as an (H, W, C) array of its own dtype.
+@contextlib.contextmanager
+def tiff_pages(data: bytes) -> Iterator[Sequence[Any]]:
+    """The pages of a TIFF file (at least one, at most MAX_PAGES), readable while the context lasts.
 
-    Raises BadRequest (corrupt), InvalidOption (no such page), PayloadTooLarge (too many pages,
-    pixels or bytes) or UnsupportedMediaType (a sample type or layout we do not read).
+    Raises BadRequest (corrupt, no page) or PayloadTooLarge (too many pages).
     """
     try:
         tif = tifffile.TiffFile(io.BytesIO(data))
@@ -76,27 +79,53 @@ def read_tiff(data: bytes, page_index: int, max_pixels: int) -> np.ndarray:
     with tif:
         try:
             pages = _page_count(tif)
-            page = tif.pages[page_index] if page_index < pages else None
         except PayloadTooLarge:
             raise
         except Exception as exc:
             raise BadRequest(f"the TIFF's page directory cannot be read ({exc}); the file is corrupt") from exc
         if pages == 0:
             raise BadRequest("the TIFF has no image page; the file is corrupt")
-        if page is None:
-            raise InvalidOption(f"page {page_index} does not exist: the TIFF has {pages} page(s), 0 to {pages - 1}")
-        if not isinstance(page, tifffile.TiffPage):
-            raise UnsupportedMediaType("the TIFF page is a frame of another page; send it as a file of its own")
-        _checked_page(page, max_pixels)
-        try:
-            samples = page.asarray()
-        except Exception as exc:
-            raise BadRequest(f"the TIFF page cannot be decoded ({exc}); the file is corrupt") from exc
-        if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
-            # Palette entries are 16-bit over the full range: as 8-bit they are the colours meant.
-            return linear_16_to_8(np.moveaxis(page.colormap, 0, -1)[samples])
+        yield tif.pages
+
+
+def tiff_page(
+    pages: Sequence[Any], index: int, max_pixels: int, limit_key: str = "max_image_pixels"
+) -> tifffile.TiffPage:
+    """Page `index` of `pages`, its header checked (see `read_tiff`; `max_pixels` is the handler
+    key `limit_key`) before any pixel is read."""
+    if index >= len(pages):
+        raise InvalidOption(f"page {index} does not exist: the TIFF has {len(pages)} page(s), 0 to {len(pages) - 1}")
+    try:
+        page = pages[index]
+    except Exception as exc:
+        raise BadRequest(f"the TIFF's page directory cannot be read ({exc}); the file is corrupt") from exc
+    if not isinstance(page, tifffile.TiffPage):
+        raise UnsupportedMediaType("the TIFF page is a frame of another page; send it as a file of its own")
+    _checked_page(page, max_pixels, limit_key)
+    return page
+
+
+def page_samples(page: tifffile.TiffPage) -> np.ndarray:
+    """The samples of a checked page (`tiff_page`) as an (H, W, C) array of its own dtype."""
+    try:
+        samples = page.asarray()
+    except Exception as exc:
+        raise BadRequest(f"the TIFF page cannot be decoded ({exc}); the file is corrupt") from exc
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+        # Palette entries are 16-bit over the full range: as 8-bit they are the colours meant.
+        return linear_16_to_8(np.moveaxis(page.colormap, 0, -1)[samples])
     if page.axes == "YX":
         return samples[:, :, None]
     if page.axes == "SYX":
         return np.moveaxis(samples, 0, -1)
     return samples
+
+
+def read_tiff(data: bytes, page_index: int, max_pixels: int) -> np.ndarray:
+    """The samples of page `page_index` of a TIFF file as an (H, W, C) array of its own dtype.
+
+    Raises BadRequest (corrupt), InvalidOption (no such page), PayloadTooLarge (too many pages,
+    pixels or bytes) or UnsupportedMediaType (a sample type or layout we do not read).
+    """
+    with tiff_pages(data) as pages:
+        return page_samples(tiff_page(pages, page_index, max_pixels))

@@ -12,6 +12,7 @@ payloads of builtins, ready for the wire. Failures are exceptions: the service m
 
 from __future__ import annotations
 
+import collections.abc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -24,6 +25,7 @@ import torch
 from sam_fast_serve.common.errors import NotFound
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.common.prompts import Prompts, parse_prompts
+from sam_fast_serve.common.tracks import TrackRequest
 from sam_fast_serve.models.embedding import EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.timing import ENGINE_STAGES, StageClock
@@ -63,6 +65,14 @@ class Generator(Protocol):
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]: ...
 
 
+class Tracker(Protocol):
+    """A family's video tracker: the objects of a request followed through its frames."""
+
+    def track(
+        self, frames: Callable[[int], np.ndarray], count: int, request: TrackRequest
+    ) -> collections.abc.Generator[tuple[int, list[dict[str, Any]]], None, None]: ...
+
+
 # What the warm-up runs: one whole decoder batch of the default size (64 prompts, every mask kept)
 # on a photo-sized image, so that kernel selection for the real shapes, first-touch of the
 # decoder's largest activations and the upsampling weights of that size are paid before READY,
@@ -90,7 +100,8 @@ class Engine:
 
     model: its model type. dtype: what its encoder and decoder compute in. predictor: the family's
     predictor (with the embedding store). make_generator: settings -> the family's generator,
-    sharing that predictor. warm_up_run: what the family runs once before serving.
+    sharing that predictor. warm_up_run: what the family runs once before serving. make_tracker:
+    the family's video tracker, made at the first video request; None for a still-image family.
     """
 
     def __init__(
@@ -100,12 +111,15 @@ class Engine:
         predictor: Predictor,
         make_generator: Callable[[AmgSettings], Generator],
         warm_up_run: Callable[[], None],
+        make_tracker: Callable[[], Tracker] | None = None,
     ) -> None:
         self.model = model
         self.dtype = dtype
         self.predictor = predictor
         self.generator = make_generator
         self._warm_up = warm_up_run
+        self._make_tracker = make_tracker
+        self._tracker: Tracker | None = None
 
     @property
     def store(self) -> EmbeddingStore:
@@ -159,3 +173,13 @@ class Engine:
         seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
         masks = sum(len(answer["masks"]) for answer in answers)
         return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)
+
+    def track(
+        self, frames: Callable[[int], np.ndarray], count: int, request: TrackRequest
+    ) -> collections.abc.Generator[tuple[int, list[dict[str, Any]]], None, None]:
+        """(i, the objects' records on frame i) for each of the `count` frames `frames` reads that the
+        request tracks, in the order tracked (common.tracks). The tracker is made the first time."""
+        assert self._make_tracker is not None, "the service refuses video requests for a still-image family"
+        if self._tracker is None:
+            self._tracker = self._make_tracker()
+        return self._tracker.track(frames, count, request)

@@ -28,8 +28,9 @@ _SHARED_AMG_KEYS = (
 @dataclass(frozen=True)
 class Family:
     """A model family: the package under sam_fast_serve.models that builds its models and engines,
-    the AMG keys its generator takes, the defaults it changes (its reference generator's), and
-    whether it has the int8 encoder (`dtype: int8`) and the compiled one (`compile: true`)."""
+    the AMG keys its generator takes, the defaults it changes (its reference generator's),
+    whether it has the int8 encoder (`dtype: int8`) and the compiled one (`compile: true`), and
+    whether it follows objects through video (common.tracks)."""
 
     name: str
     title: str
@@ -37,6 +38,7 @@ class Family:
     amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     int8: bool = False
     compile: bool = False
+    video: bool = False
 
     def module(self) -> ModuleType:
         """The family's package (its `build` and `engine` functions): imports torch and the
@@ -51,6 +53,7 @@ SAM2 = Family(
     (*_SHARED_AMG_KEYS, "use_m2m", "multimask_output"),
     # SAM2AutomaticMaskGenerator's default; SAM 1's is 0.88.
     MappingProxyType({"pred_iou_thresh": 0.8}),
+    video=True,
 )
 
 

@@ -28,6 +28,7 @@ from sam_fast_serve.common.options import (
 )
 from sam_fast_serve.models.precision import DTYPE_NAMES, INT8
 from sam_fast_serve.models.registry import MODEL_TYPES, Family, model_type
+from sam_fast_serve.server.frames import VideoLimits
 
 
 def _file_name(v: Any) -> str | None:
@@ -53,6 +54,10 @@ class ServiceConfig:
     dtype: str = option("auto", one_of(("auto", *DTYPE_NAMES, INT8)))
     compile: bool = option(False, boolean)
     max_image_pixels: int = option(50_000_000, int_in(1, 1_000_000_000))
+    # A video request's limits (server/frames.py); pixels a frame: 3840 x 2160.
+    max_video_frames: int = option(2000, int_in(1, 1_000_000))
+    max_frame_pixels: int = option(3840 * 2160, int_in(1, 1_000_000_000))
+    max_video_pixels: int = option(1_000_000_000, int_in(1, 1 << 40))
     # Masks returned per image at most (the best by predicted IoU): bounds response size.
     max_masks: int = option(1000, int_in(1, 100_000))
     # Longest response body in bytes: keep it at most config.properties' max_response_size, over
@@ -76,6 +81,10 @@ class ServiceConfig:
     @property
     def family(self) -> Family:
         return model_type(self.model_type).family
+
+    @property
+    def video_limits(self) -> VideoLimits:
+        return VideoLimits(self.max_video_frames, self.max_frame_pixels, self.max_video_pixels)
 
 
 SERVICE_RULES: dict[str, Check] = rules_of(ServiceConfig)

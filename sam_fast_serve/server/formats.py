@@ -1,6 +1,6 @@
 """The answer formats: one table from the media type a request's Accept header names to how its
 answer is written, for an automatic answer (a list of mask records) and a prompted one
-({"image_id", "prompts": [{"masks": [...]}, ...]}).
+({"image_id", "prompts": [{"masks": [...]}, ...]}), and a video answer (a record a frame, a line each).
 
     pickle  text/plain (the default)  the records, pickled, zlib-compressed, base64 (common.wire)
     json    application/json          the same records as JSON
@@ -8,8 +8,10 @@ answer is written, for an automatic answer (a list of mask records) and a prompt
                                       prompted: the mask (8-bit, 0 or 255) or, with the request
                                       option output "cutout", the object cut out as RGBA
 
-A PNG shows one mask per prompt, the best one (highest predicted IoU, the first of equal ones: with
-multimask the pick of its three), and the union of those when there are several prompts (boxes).
+The text formats write a video answer as lines, one a frame record (pickled or JSON); PNG writes
+none (the client makes the label stack). A PNG shows one mask per prompt, the best one (highest
+predicted IoU, the first of equal ones: with multimask the pick of its three), and the union of
+those when there are several prompts (boxes).
 docs/formats.md describes the table; a test holds it to this one.
 """
 
@@ -46,7 +48,8 @@ class AnswerFormat:
     image); `prompted` a prompted answer (its payload, the decoded input image or None for a request
     by image_id, the request's `output`). `outputs`: the `output` values a prompted answer takes, ()
     when the option does not apply. `records`: whether the answer carries the mask records (scores,
-    boxes, low-res logits) rather than a picture of the masks."""
+    boxes, low-res logits) rather than a picture of the masks. `line`: one record of a video answer
+    (common.tracks) as a line of text, None when the format writes no video answers."""
 
     name: str
     media_type: str
@@ -55,6 +58,7 @@ class AnswerFormat:
     prompted: Callable[[dict[str, Any], np.ndarray | None, str], Body]
     outputs: tuple[str, ...] = ()
     records: bool = True
+    line: Callable[[Any], str] | None = None
 
 
 def _text_format(name: str, media_type: str, content_type: str, encode: Callable[[Any], str]) -> AnswerFormat:
@@ -65,6 +69,7 @@ def _text_format(name: str, media_type: str, content_type: str, encode: Callable
         content_type,
         automatic=lambda records, image: encode(records),
         prompted=lambda payload, image, output: encode(payload),
+        line=lambda record: encode(record) + "\n",
     )
 
 

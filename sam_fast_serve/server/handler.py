@@ -14,13 +14,15 @@ from typing import Any
 
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+from ts.protocol.otf_message_handler import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from sam_fast_serve.server.jobs import Job
+from sam_fast_serve.server.formats import Body
+from sam_fast_serve.server.jobs import Job, TrackJob
 from sam_fast_serve.server.metrics import Metric
 from sam_fast_serve.server.responses import Reply
 from sam_fast_serve.server.runtime import configure_threads
-from sam_fast_serve.server.service import Answer, MaskService
+from sam_fast_serve.server.service import Answer, MaskService, Tracked
 
 
 class SamAutomaticMaskHandler(BaseHandler):
@@ -47,13 +49,24 @@ class SamAutomaticMaskHandler(BaseHandler):
         dimensions += [Dimension(name, value) for name, value in labels.items()]
         self.context.metrics.add_metric(metric.name, value, metric.unit, None, dimensions, MetricTypes(metric.kind))
 
-    def preprocess(self, data: list[dict[str, Any]]) -> list[Job | Reply]:
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Job | TrackJob | Reply]:
         return self.service.decode([(fields, self.context.get_all_request_header(i)) for i, fields in enumerate(data)])
 
-    def inference(self, data: list[Job | Reply], *args: Any, **kwargs: Any) -> list[Answer | Reply]:
-        return self.service.predict(data)
+    def inference(
+        self, data: list[Job | TrackJob | Reply], *args: Any, **kwargs: Any
+    ) -> list[Answer | Tracked | Reply]:
+        return self.service.predict(data, self.stream)
 
-    def postprocess(self, data: list[Answer | Reply]) -> list[str | bytes]:
+    def stream(self, index: int, body: Body, content_type: str) -> None:
+        """One line of request `index`'s answer sent now, as a TorchServe intermediate response (a
+        chunk of the HTTP response); the final response, from postprocess, ends it."""
+        self.context.set_response_content_type(index, content_type)
+        request_id = self.context.request_ids[index]
+        send_intermediate_predict_response(
+            {index: body}, {index: request_id}, "Intermediate response", 200, self.context
+        )
+
+    def postprocess(self, data: list[Answer | Tracked | Reply]) -> list[str | bytes]:
         replies = self.service.encode(data)
         for index, reply in enumerate(replies):
             self.context.set_response_content_type(index, reply.content_type)

@@ -2,26 +2,31 @@
 
 Everything that can be refused without the model is refused here, before any engine runs: the
 answer format (Accept) and its `output`, the image (format, size, corruption), the options and the
-prompts.
+prompts. A video request (common.tracks) becomes a TrackJob: its file's header checked against the
+limits, its options against the video, then its frames read (a video file's decoded into a
+temporary file, removed when the job is closed).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from sam_fast_serve.common.errors import BadRequest, InvalidOption
+from sam_fast_serve.common.errors import BadRequest, InvalidOption, NotAcceptable
 from sam_fast_serve.common.options import IMAGE_RULES, AmgSettings, apply_image_options, apply_request_options
 from sam_fast_serve.common.prompts import has_prompts, parse_prompts, split_prompt_fields
+from sam_fast_serve.common.tracks import TrackRequest, parse_track_request
 from sam_fast_serve.common.wire import OUTPUT_OPTION
 from sam_fast_serve.models.embedding import is_pixel_key, pixel_key
 from sam_fast_serve.server.config import ServiceConfig
-from sam_fast_serve.server.formats import AnswerFormat, Body, choose_format, resolve_output
+from sam_fast_serve.server.formats import FORMATS, AnswerFormat, Body, choose_format, resolve_output
+from sam_fast_serve.server.frames import Frames, open_video
 from sam_fast_serve.server.imaging import decode_image
-from sam_fast_serve.server.payload import parse_request
+from sam_fast_serve.server.payload import ParsedVideo, parse_request, parse_video_request
 
 
 @dataclass
@@ -44,9 +49,28 @@ class Job:
         return self.answer_format.automatic(payload, self.image)
 
 
-def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: ServiceConfig) -> Job:
+@dataclass
+class TrackJob:
+    """One decoded video request: its frames (read on demand), what to track, the answer format,
+    and what holds the frames (`resources`: close it when the job ends)."""
+
+    answer_format: AnswerFormat
+    frames: Frames
+    request: TrackRequest
+    resources: contextlib.ExitStack
+
+    def line(self, record: Any) -> Body:
+        """One record of the answer as a line in the job's format."""
+        assert self.answer_format.line is not None
+        return self.answer_format.line(record)
+
+
+def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: ServiceConfig) -> Job | TrackJob:
     """Decode one request. Raises the ServiceError (4xx) that says what is wrong with it."""
     answer_format = choose_format(headers)
+    video = parse_video_request(fields)
+    if video is not None:
+        return decode_track_job(video, answer_format, config)
     request = parse_request(fields)
     options = dict(request.options)
     image_id = options.pop("image_id", None)
@@ -94,3 +118,31 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
         image_id,
         settings=apply_request_options(config.amg, options, config.family.amg_keys, config.model_type),
     )
+
+
+def decode_track_job(video: ParsedVideo, answer_format: AnswerFormat, config: ServiceConfig) -> TrackJob:
+    """A video request's TrackJob: the model, the answer format, the limits (from the header), the
+    options and prompts (against the video), then the frames, in that order, each refused with the
+    ServiceError that names it."""
+    if not config.family.video:
+        raise BadRequest(
+            f"{config.model_type} is a still-image model ({config.family.title}): a video request needs a "
+            "SAM 2 / 2.1 model (model_type sam2.1_hiera_tiny, for one)"
+        )
+    if answer_format.line is None:
+        lines = ", ".join(media_type for media_type, known in FORMATS.items() if known.line is not None)
+        raise NotAcceptable(f"a video answer is a record a frame, written as {lines}; not {answer_format.media_type}")
+    options = dict(video.options)
+    image_options = {key: options.pop(key) for key in list(options) if key in IMAGE_RULES}
+    if "page" in image_options:
+        raise InvalidOption("'page' picks one page of a TIFF; a video request tracks through every page")
+    settings = apply_image_options(config.image, image_options)
+    resources = contextlib.ExitStack()
+    try:
+        opened = open_video(video.video, config.video_limits, settings, resources)
+        request = parse_track_request(options, opened.count, (opened.height, opened.width))
+        frames = opened.select(request.frames)
+    except BaseException:
+        resources.close()
+        raise
+    return TrackJob(answer_format, frames, request, resources)

@@ -2,7 +2,8 @@
 
 Accepted forms: a raw body (`curl -T img.jpg`), a multipart file, a base64 string (optionally a
 `data:` URL), and JSON `{"image": "<base64>", ...options}`. TorchServe hands JSON bodies over
-already parsed and text bodies as str; everything else arrives as bytes.
+already parsed and text bodies as str; everything else arrives as bytes. A video request
+(common.tracks) is JSON `{"video": "<base64>", ...options}` or a multipart part named "video".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from sam_fast_serve.common.errors import BadRequest, UnsupportedMediaType
 from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES
 from sam_fast_serve.common.prompts import PROMPT_FIELDS
+from sam_fast_serve.common.tracks import VIDEO_FIELD
 from sam_fast_serve.common.wire import OUTPUT_OPTION
 from sam_fast_serve.server.imaging import sniff_format
 
@@ -38,7 +40,7 @@ class ParsedRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _b64decode(text: str | bytes) -> bytes:
+def _b64decode(text: str | bytes, what: str = "image") -> bytes:
     if isinstance(text, str):
         text = _DATA_URL.sub("", text.strip()).encode("ascii", "ignore")
     compact = b"".join(text.split())
@@ -47,7 +49,7 @@ def _b64decode(text: str | bytes) -> bytes:
         standard = compact.replace(b"-", b"+").replace(b"_", b"/")
         return base64.b64decode(standard + b"=" * (-len(standard) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest(f"the image is not valid base64 ({exc})") from exc
+        raise BadRequest(f"the {what} is not valid base64 ({exc})") from exc
 
 
 def _from_json_object(obj: Any) -> ParsedRequest:
@@ -120,3 +122,43 @@ def parse_request(fields: Mapping[str, Any]) -> ParsedRequest:
     form_options = {k: _form_option(v) for k, v in fields.items() if k != name}
     parsed.options = {**form_options, **parsed.options}
     return parsed
+
+
+@dataclass
+class ParsedVideo:
+    """The video file bytes of a video request and its options (everything but the video)."""
+
+    video: bytes
+    options: dict[str, Any]
+
+
+def _json_text(value: Any) -> Any:
+    """A text body that is a JSON object naming a video, parsed; None for any other body (an image
+    request: base64 text has no quotes)."""
+    if not isinstance(value, (str, bytes)) or value.strip()[:1] not in ("{", b"{"):
+        return None
+    if (b'"' + VIDEO_FIELD.encode() + b'"') not in (value.encode() if isinstance(value, str) else value):
+        return None
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the body looks like JSON but does not parse: {exc}") from exc
+
+
+def parse_video_request(fields: Mapping[str, Any]) -> ParsedVideo | None:
+    """The video and options of a video request, None for an image request.
+
+    Raises BadRequest when the "video" is not base64 text of a file.
+    """
+    if fields.get(VIDEO_FIELD) not in (None, b"", ""):
+        value = fields[VIDEO_FIELD]
+        video = _b64decode(value, "video") if isinstance(value, str) else bytes(value)
+        return ParsedVideo(video, {k: _form_option(v) for k, v in fields.items() if k != VIDEO_FIELD})
+    body = next((fields[n] for n in ("body", "data") if fields.get(n) not in (None, b"", "")), None)
+    obj = body if isinstance(body, dict) else _json_text(body)
+    if not isinstance(obj, dict) or VIDEO_FIELD not in obj:
+        return None
+    video = obj[VIDEO_FIELD]
+    if not isinstance(video, str) or not video.strip():
+        raise BadRequest(f'"{VIDEO_FIELD}" must be the video file in base64')
+    return ParsedVideo(_b64decode(video, "video"), {k: v for k, v in obj.items() if k != VIDEO_FIELD})

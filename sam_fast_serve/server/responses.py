@@ -25,8 +25,8 @@ def error_reply(error: ServiceError) -> Reply:
     return Reply(error.status, encode_json(error.to_body()), JSON_MEDIA_TYPE)
 
 
-def payload_reply(body: Body, content_type: str, image_id: str, max_bytes: int) -> Reply:
-    """A 200 carrying `body` as `content_type`, and the image's cache key.
+def payload_reply(body: Body, content_type: str, image_id: str | None, max_bytes: int) -> Reply:
+    """A 200 carrying `body` as `content_type`, and the image's cache key (a video answer has none).
 
     Raises ResponseTooLarge when the body is over `max_bytes` (a text body is ASCII: a character a byte).
     """
@@ -36,4 +36,4 @@ def payload_reply(body: Body, content_type: str, image_id: str, max_bytes: int) 
             "fewer masks (a higher pred_iou_thresh or stability_score_thresh, fewer points_per_side) or send a "
             "smaller image; the operator can raise max_response_bytes with config.properties' max_response_size"
         )
-    return Reply(200, body, content_type, {IMAGE_ID_HEADER: image_id})
+    return Reply(200, body, content_type, {} if image_id is None else {IMAGE_ID_HEADER: image_id})

@@ -7,6 +7,10 @@ out, in three steps a TorchServe handler maps onto preprocess -> inference -> po
                             image-encoder calls
     encode  (responses.py)  each Answer to its Reply, the body written by the job's format
 
+A video request (a TrackJob) is answered a line a frame as each frame is tracked: handed to the
+`stream` predict is given (the handler sends each as a TorchServe intermediate response), else
+gathered into its reply, which ends with a summary line either way.
+
 A request that fails at any step gets its own error Reply and the others of the batch go on; an
 engine failure answers exactly the jobs that engine call was running. Every step reports what it
 measured to the service's Recorder (metrics.py). Imports nothing from ts.
@@ -14,10 +18,11 @@ measured to the service's Recorder (metrics.py). Imports nothing from ts.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ from sam_fast_serve.common.errors import InternalError, OutOfMemory, ServiceErro
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.models.engine import Engine, Segmented
 from sam_fast_serve.server.config import ServiceConfig, load_service_config
-from sam_fast_serve.server.jobs import Job, decode_job
+from sam_fast_serve.server.formats import Body
+from sam_fast_serve.server.jobs import Job, TrackJob, decode_job
 from sam_fast_serve.server.loading import load_engine
 from sam_fast_serve.server.metrics import ANSWERS, IMAGE_MEGAPIXELS, IMAGES, MASKS, Recorder, Sink, discard
 from sam_fast_serve.server.responses import Reply, error_reply, payload_reply
@@ -43,6 +49,20 @@ class Answer:
 
     job: Job
     result: Segmented
+
+
+@dataclass
+class Tracked:
+    """A video job's result: the lines not streamed (all of them without a stream) and the summary
+    record that ends the answer."""
+
+    job: TrackJob
+    lines: list[Body]
+    summary: dict[str, Any]
+
+
+# (request index, one line of its answer, the answer's content type): where predict streams.
+Stream = Callable[[int, Body, str], None]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -98,9 +118,9 @@ class MaskService:
     def dtype(self) -> torch.dtype:
         return self.engine.dtype
 
-    def decode(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Job | Reply]:
+    def decode(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Job | TrackJob | Reply]:
         """Each request, given as (fields, headers), as a Job or the Reply that refuses it."""
-        decoded: list[Job | Reply] = []
+        decoded: list[Job | TrackJob | Reply] = []
         for fields, headers in requests:
             start = time.perf_counter()
             try:
@@ -109,15 +129,23 @@ class MaskService:
                 decoded.append(error_reply(error))
             else:
                 decoded.append(job)
-                if job.image is not None:
+                if isinstance(job, Job) and job.image is not None:
                     self.recorder.emit(IMAGE_MEGAPIXELS, job.image.shape[0] * job.image.shape[1] / 1e6)
             self.recorder.stages({"decode": time.perf_counter() - start})
         return decoded
 
-    def predict(self, decoded: Sequence[Job | Reply]) -> list[Answer | Reply]:
-        """Each Job's Answer (Replies pass through). Prompted jobs run one at a time; automatic
-        jobs with the same settings run through the engine together."""
-        results: dict[int, Answer | Reply] = {i: item for i, item in enumerate(decoded) if isinstance(item, Reply)}
+    def predict(
+        self, decoded: Sequence[Job | TrackJob | Reply], stream: Stream | None = None
+    ) -> list[Answer | Tracked | Reply]:
+        """Each Job's Answer and each TrackJob's Tracked (Replies pass through). Prompted and video
+        jobs run one at a time; automatic jobs with the same settings run through the engine
+        together. A video job's lines go to `stream` as they are made, when given."""
+        results: dict[int, Answer | Tracked | Reply] = {
+            i: item for i, item in enumerate(decoded) if isinstance(item, Reply)
+        }
+        for index, item in enumerate(decoded):
+            if isinstance(item, TrackJob):
+                results[index] = self._track(index, item, stream)
         prompted: list[list[tuple[int, Job]]] = []
         automatic: dict[AmgSettings, list[tuple[int, Job]]] = {}
         for index, item in enumerate(decoded):
@@ -130,11 +158,16 @@ class MaskService:
         self.recorder.store_counts(self.engine.store.counts)
         return [results[i] for i in range(len(decoded))]
 
-    def encode(self, predicted: Sequence[Answer | Reply]) -> list[Reply]:
+    def encode(self, predicted: Sequence[Answer | Tracked | Reply]) -> list[Reply]:
         """Each Answer as the Reply its job asked for (Replies pass through)."""
         replies = []
         for item in predicted:
-            reply = self._encode(item) if isinstance(item, Answer) else item
+            if isinstance(item, Answer):
+                reply = self._encode(item)
+            elif isinstance(item, Tracked):
+                reply = self._encode_tracked(item)
+            else:
+                reply = item
             self.recorder.emit(ANSWERS, 1, status=str(reply.status))
             replies.append(reply)
         return replies
@@ -153,9 +186,41 @@ class MaskService:
         self.recorder.emit(MASKS, answer.result.masks, mode=mode)
         return reply
 
-    def handle(self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[Reply]:
+    def _encode_tracked(self, tracked: Tracked) -> Reply:
+        job = tracked.job
+        try:
+            body = "".join([*map(str, tracked.lines), str(job.line(tracked.summary))])
+            return payload_reply(body, job.answer_format.content_type, None, self.config.max_response_bytes)
+        except Exception as exc:
+            return error_reply(as_service_error(exc, 1))
+
+    def handle(
+        self, requests: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], stream: Stream | None = None
+    ) -> list[Reply]:
         """decode -> predict -> encode: one Reply per request."""
-        return self.encode(self.predict(self.decode(requests)))
+        return self.encode(self.predict(self.decode(requests), stream))
+
+    def _track(self, index: int, job: TrackJob, stream: Stream | None) -> Tracked | Reply:
+        """Track job's objects, a line a frame to `stream` (or kept); the job's frames are closed
+        at the end, and the tracker's state with them, whatever happens."""
+        lines: list[Body] = []
+        objects: set[int] = set()
+        frames = 0
+        start = time.perf_counter()
+        try:
+            with job.resources, contextlib.closing(self.engine.track(job.frames, len(job.frames), job.request)) as run:
+                for i, records in run:
+                    line = job.line({"frame": job.request.frames[i], "objects": records})
+                    objects.update(record["object"] for record in records)
+                    frames += 1
+                    if stream is not None:
+                        stream(index, line, job.answer_format.content_type)
+                    else:
+                        lines.append(line)
+        except Exception as exc:
+            return error_reply(as_service_error(exc, 1))
+        self.recorder.stages({"track": time.perf_counter() - start})
+        return Tracked(job, lines, {"done": True, "frames": frames, "objects": sorted(objects)})
 
     def _run(self, group: list[tuple[int, Job]]) -> dict[int, Answer | Reply]:
         """The Answers of one engine call for the jobs of `group` (index, job), or the same error

@@ -38,6 +38,11 @@ KEY_MEANINGS = {
     "compile": "`torch.compile` the image encoder, warmed up at load (slow first load; "
     "[performance.md](performance.md))",
     "max_image_pixels": "larger images are refused with a 413, from their header, before any pixel is decoded",
+    "max_video_frames": "a video request with more frames (a TIFF: pages) is refused with a 413, from the "
+    "file's header ([video.md](video.md))",
+    "max_frame_pixels": "a video request with larger frames is refused with a 413, from the file's header",
+    "max_video_pixels": "a video request with more pixels in all its frames is refused with a 413, from the "
+    "file's header: a video file's frames are decoded once to a temporary file, 3 bytes a pixel",
     "max_masks": "masks returned per image at most: the best by predicted IoU, in their original order",
     "max_response_bytes": "longest answer body; a longer one is a 422 `response_too_large` giving its size. "
     "Keep it at most `max_response_size` of config.properties: over that TorchServe's frontend drops "

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.files import CLIP_FRAMES as FRAMES
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.build import build_video
 from sam_fast_serve.models.sam2.video import CACHED_FRAMES, LazyFrames, init_state, propagate, reach
 
-FRAMES = 40
 PROMPTED = (0, 24)  # the frames with prompts; tracking runs forward from 0, then back from 24
 
 
@@ -30,16 +30,6 @@ def predictor(random_sam2_checkpoint):
     video.max_obj_ptrs_in_encoder = 4
     assert reach(video) == 8
     return video
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory, astronaut) -> Path:
-    """A camera panning over astronaut: FRAMES JPEG files 0.jpg, 1.jpg, ... of 160 x 120."""
-    folder = tmp_path_factory.mktemp("clip")
-    for i in range(FRAMES):
-        frame = astronaut[100 + i : 220 + i, 150 + 2 * i : 310 + 2 * i]
-        Image.fromarray(np.ascontiguousarray(frame)).save(folder / f"{i}.jpg", quality=95)
-    return folder
 
 
 def prompt(predictor, state) -> None:

@@ -15,6 +15,9 @@ test_every_curl_line_is_run_or_excluded):
   prompted ones are not). samples/astronaut.jpg is the checkout's photo enlarged past 128 KiB, the most one
   command-line argument may hold: a command that puts the image itself in its command line fails
   here as it would for a user's large file (use `-d @body.json`, `--data-binary @file`, `-T file`).
+- The folder holds samples/clip.mp4 and samples/stack.tif too (8 frames of 160 x 120, a camera
+  panning over the astronaut photo); a block that names either sends a video, and its `sam-fast`
+  is a SAM 2.1 model (test_sam2.1_hiera, random weights) of the same TorchServe.
 - A block fenced `sh not-run` is never run: it needs what this test does not start (a gateway,
   another host, a cluster); the text around it says what.
 - A line starting with `curl` in any other fenced block (`bash`, `console`, no info string, ...)
@@ -35,7 +38,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.archives import KEEP_ALL, running_server
+from harness.archives import KEEP_ALL, smoke_archive
+from harness.files import clip_pixels, tiff, video_file
 from harness.servers import REPO, TorchServe
 from sam_fast_serve.common.options import AmgSettings
 
@@ -108,12 +112,28 @@ def test_block_extraction(tmp_path):
     assert blocks[0].text == "TOKEN=x\ncurl -H a \\\n  http://127.0.0.1:8080/ping\n"
 
 
+VIDEO_SAMPLES, VIDEO_MODEL = ("samples/clip.mp4", "samples/stack.tif"), "sam2-fast"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, random_checkpoint):
+def server(tmp_path_factory, random_checkpoint, random_sam2_checkpoint):
     # The default thresholds: the smoke config keeps every mask, which the docs' examples do not expect.
     thresholds = {key: getattr(AmgSettings(), key) for key in KEEP_ALL}
-    with running_server(tmp_path_factory.mktemp("torchserve"), random_checkpoint, handler=thresholds) as ts:
+    workdir = tmp_path_factory.mktemp("torchserve")
+    image = smoke_archive(workdir, random_checkpoint, handler=thresholds)
+    video = smoke_archive(workdir, random_sam2_checkpoint, model_name=VIDEO_MODEL)
+    ts = TorchServe(workdir, image.parent, {"sam-fast": image.name, VIDEO_MODEL: video.name})
+    ts.start()
+    try:
         yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def video_samples(clip) -> dict[str, bytes]:
+    frames = clip_pixels(clip, 8)
+    return {"clip.mp4": video_file(frames, ".mp4", "mp4v"), "stack.tif": tiff(frames)}
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +148,22 @@ def large_sample() -> bytes:
 
 
 def script_for(block: Block, server: TorchServe) -> str:
-    """The block's text with the shipped addresses swapped for the test server's."""
+    """The block's text with the shipped addresses swapped for the test server's (and the model,
+    for a block that sends a video)."""
     text = block.text
+    if any(sample in text for sample in VIDEO_SAMPLES):
+        text = text.replace("/predictions/sam-fast", f"/predictions/{VIDEO_MODEL}")
     for api, shipped in SHIPPED_PORTS.items():
         text = text.replace(f"127.0.0.1:{shipped}", f"127.0.0.1:{server.ports[api]}")
     return PRELUDE + text
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda block: block.where)
-def test_curl_block_runs(block, server, large_sample, tmp_path):
+def test_curl_block_runs(block, server, large_sample, video_samples, tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "astronaut.jpg").write_bytes(large_sample)
+    for name, data in video_samples.items():
+        (tmp_path / "samples" / name).write_bytes(data)
     shutil.copy(server.key_file, tmp_path / "key_file.json")  # read afresh: a block may rotate the keys
     script = tmp_path / "block.sh"
     script.write_text(script_for(block, server))

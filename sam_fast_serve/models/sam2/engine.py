@@ -11,13 +11,15 @@ from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
 from sam_fast_serve.models.registry import SAM2, ModelType
 from sam_fast_serve.models.sam2.automatic import Sam2AutomaticMaskGenerator
 from sam_fast_serve.models.sam2.predictor import Sam2Predictor
+from sam_fast_serve.models.sam2.tracker import Sam2Tracker, video_predictor
 
 
 def engine(
     model: ModelType, net: SAM2Base, dtype: torch.dtype, store: EmbeddingStore, process_batch_size: int
 ) -> Engine:
     """An Engine over a prepared SAM 2 model: Sam2Predictor (encoder in `dtype`, `store`) and
-    Sam2AutomaticMaskGenerator, `process_batch_size` images per encoder call."""
+    Sam2AutomaticMaskGenerator, `process_batch_size` images per encoder call; Sam2Tracker for video,
+    holding the same weights."""
     predictor = Sam2Predictor(net, dtype, store)
 
     def generator(settings: AmgSettings, predictor: Sam2Predictor = predictor) -> Sam2AutomaticMaskGenerator:
@@ -33,4 +35,7 @@ def engine(
         # A predictor of its own sharing the decoder, which keeps nothing (see the SAM 1 engine).
         generator(WARM_UP_SETTINGS, Sam2Predictor(net, dtype, decoder=predictor.decoder)).generate(warm_up_image())
 
-    return Engine(model, dtype, predictor, generator, warm_up)
+    def tracker() -> Sam2Tracker:
+        return Sam2Tracker(video_predictor(model, net), dtype)
+
+    return Engine(model, dtype, predictor, generator, warm_up, tracker)
