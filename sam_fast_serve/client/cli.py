@@ -18,6 +18,12 @@ settings for the others). With --point (label 1 = foreground, the default; 0 = b
 --box, or a prompt file, it returns the masks of those prompts (one set per box; points join every
 box), and the overlay shows the prompts.
 
+A video file (.mp4 .mov .webm .mkv .avi), or any INPUT with --frame (a multi-page TIFF, a page a
+frame), is tracked instead (a SAM 2 / 2.1 server): the objects that --point/--box mark on --frame
+(one object, --object), or a --prompts FILE.json in the server's form, followed through the frames,
+with a progress bar over them; written as OUT/NAME.masklets.json (a record a frame) and
+OUT/NAME.labels.tif (a uint16 label stack, a page a frame, the object ids as labels).
+
 Connection errors, 503s and a worker that died are retried with exponential backoff; other
 answers are not. An image that cannot be read, sent, drawn or measured is one failure (a line in
 the failures report) and the run goes on. A refused token stops the run at the first refusal.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
 import typing
@@ -39,12 +46,14 @@ from tqdm import tqdm
 from sam_fast_serve import __version__
 from sam_fast_serve.client.batch import Pipeline, Tally, Workers
 from sam_fast_serve.client.fields import checked_options, checked_prompts
-from sam_fast_serve.client.http import BACKOFF, RETRIES, TIMEOUT, URL_ENV, WIRES, SamClient
+from sam_fast_serve.client.http import BACKOFF, RETRIES, TIMEOUT, URL_ENV, WIRES, NotAuthorized, SamClient, SamError
 from sam_fast_serve.client.inputs import InputImage, Prompts, clashes, find_images, read_prompt_file
 from sam_fast_serve.client.results import Results, write_coco_file
+from sam_fast_serve.client.video import LABELS, MASKLETS, is_video, label_problem, read_prompts, track_file
 from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MODEL_NAME, TOKEN_ENV
 from sam_fast_serve.common.labels import LABEL_FORMATS
-from sam_fast_serve.common.options import IMAGE_RULES, AmgSettings, ImageSettings
+from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
+from sam_fast_serve.common.tracks import DEFAULT_DIRECTION, DIRECTIONS
 
 PROG = "sam-fast-client"
 # The shipped model-config.yaml batches up to 4 requests (maxBatchDelay 50 ms): with 8 in flight a
@@ -272,9 +281,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help=with_default(
             'one JSON line per image instead of INPUTs: {"file": PATH, "points": [[x, y]], "labels": [1], '
-            '"boxes": [[x0, y0, x1, y1]]}, PATH relative to the file\'s folder',
+            '"boxes": [[x0, y0, x1, y1]]}, PATH relative to the file\'s folder; with videos, a JSON list of '
+            'their prompts: [{"frame": 0, "object": 1, "points": [[x, y]]}, ...]',
             "none",
         ),
+    )
+    video = parser.add_argument_group("videos and time-lapse stacks (a SAM 2 / 2.1 server)")
+    video.add_argument(
+        "--frame",
+        type=at_least(int, 0),
+        metavar="N",
+        help=with_default("the frame --point/--box mark (and: track every INPUT, TIFFs as stacks)", "0 for videos"),
+    )
+    video.add_argument(
+        "--object",
+        type=at_least(int, 1),
+        default=1,
+        metavar="ID",
+        help=with_default("the id of the object --point/--box mark (its label in the stack)", 1),
+    )
+    video.add_argument(
+        "--direction", choices=DIRECTIONS, help=with_default("which way to track", f"the server's, {DEFAULT_DIRECTION}")
+    )
+    video.add_argument(
+        "--frame-range",
+        type=_int_list,
+        metavar="FIRST,LAST",
+        help=with_default("the frames tracked", "every frame"),
+    )
+    video.add_argument(
+        "--frame-stride", type=at_least(int, 1), metavar="N", help=with_default("track every N-th frame", 1)
     )
     add_server_options(parser, AmgSettings, "automatic mask generation (the server's keys, sent when given)")
     add_server_options(parser, ImageSettings, "image decoding (the server's keys, sent when given)")
@@ -328,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The run `args` asks for (see the module's docstring); returns the exit status."""
+    if args.frame is not None or any(is_video(Path(name)) for name in args.inputs):
+        return run_videos(parser, args)
     images = images_of(parser, args)
     try:
         options = checked_options(server_options(args), prompted=any(image.prompts for image in images))
@@ -372,6 +410,86 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
 
     return finish(args, tally, len(images), handled, workers.stop.is_set(), failures)
+
+
+def video_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The prompts of a video run: the --prompts file, or one object marked by --point/--box."""
+    if args.prompts is not None:
+        if args.point or args.box:
+            parser.error("--prompts holds the videos' prompts: give no --point or --box with it")
+        try:
+            return read_prompts(args.prompts)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--prompts: {exc}")
+    if not args.point and not args.box:
+        parser.error("a video needs prompts: --point and/or --box (on --frame, default 0), or --prompts FILE.json")
+    if len(args.box) > 1:
+        parser.error("an object takes one --box a frame")
+    prompt: dict[str, Any] = {"frame": args.frame or 0, "object": args.object}
+    if args.point:
+        prompt.update(points=[p for p, _ in args.point], labels=[label for _, label in args.point])
+    if args.box:
+        prompt["boxes"] = list(args.box)
+    problem = label_problem([prompt])
+    if problem:
+        parser.error(f"--object: {problem}")
+    return [prompt]
+
+
+def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Track each INPUT file (see the module's docstring); returns the exit status."""
+    paths = [Path(name) for name in args.inputs]
+    if not paths:
+        parser.error("give the video files (or TIFF stacks) to track")
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        parser.error(f"not a file: {', '.join(missing)} (videos are tracked a file at a time)")
+    prompts = video_prompts(parser, args)
+    options = server_options(args)
+    amg = sorted(set(options) & set(AMG_RULES))
+    if amg:
+        parser.error(f"option(s) {', '.join(amg)} apply to automatic mask generation of images, not to videos")
+    track_options = {"direction": args.direction, "frame_range": args.frame_range, "frame_stride": args.frame_stride}
+    options.update({name: value for name, value in track_options.items() if value is not None})
+    client = SamClient(
+        args.url,
+        args.model,
+        args.token,
+        wire=args.wire,
+        retries=args.retries,
+        backoff=args.backoff,
+        timeout=args.timeout,
+    )
+    failures = args.failures or args.out / "failures.jsonl"
+    failures.parent.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = done = 0
+
+    def progress(total: int) -> tqdm:
+        return tqdm(
+            total=total, unit="frame", file=sys.stderr, disable=PROGRESS_DISABLE[args.progress], bar_format=BAR_FORMAT
+        )
+
+    with client, open(failures, "w") as report:
+        for path in paths:
+            try:
+                frames = track_file(client, path, args.out, prompts, options, progress)
+            except NotAuthorized as exc:
+                print(
+                    f"{PROG}: error: the server refused the token (HTTP {exc.status}: {exc.message})", file=sys.stderr
+                )
+                return EXIT_NOT_AUTHORIZED
+            except (SamError, OSError, ValueError) as exc:
+                failed += 1
+                status = exc.status if isinstance(exc, SamError) else None
+                reason = exc.message if isinstance(exc, SamError) else str(exc)
+                print(f"{path}: FAILED: {exc}", file=sys.stderr)
+                report.write(json.dumps({"file": str(path), "status": status, "reason": reason}) + "\n")
+                continue
+            done += 1
+            print(f"{path}: {frames} frames -> {args.out / (path.stem + MASKLETS)}, {args.out / (path.stem + LABELS)}")
+    print(f"{done} of {len(paths)} videos tracked" + (f", {failed} failed (see {failures})" if failed else ""))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def finish(args: argparse.Namespace, tally: Tally, images: int, handled: int, stopped: bool, failures: Path) -> int:

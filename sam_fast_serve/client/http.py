@@ -6,6 +6,8 @@ failure a typed error. The command line's batch code sends every image through i
     with SamClient("http://127.0.0.1:8080", token=TOKEN) as sam:  # or SamClient(): see there
         masks = sam.segment("photo.jpg", points_per_side=16)      # COCO RLE records
         answer = sam.prompt(masks.image_id, points=[[200, 150]])  # the image's embedding, reused
+        for record in sam.track("clip.mp4", [{"frame": 0, "object": 1, "points": [[80, 60]]}]):
+            ...                                                   # a record a frame, as they come
 
 Connection errors, 503s and TorchServe's 507 "Worker died." (it restarts the worker) are retried
 with exponential backoff; other answers are not. A SamClient holds one HTTP session: give each
@@ -18,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from sam_fast_serve.client.coco import mask_size
 from sam_fast_serve.client.fields import checked_options, checked_prompts
 from sam_fast_serve.common.endpoint import INFERENCE_URL, MODEL_NAME, default_inference_token
 from sam_fast_serve.common.prompts import has_prompts
+from sam_fast_serve.common.tracks import VIDEO_FIELD
 from sam_fast_serve.common.wire import (
     IMAGE_ID_HEADER,
     JSON_MEDIA_TYPE,
@@ -227,6 +230,61 @@ class SamClient:
         if isinstance(image, str) and _IMAGE_ID.match(image):
             return self.send(None, {"image_id": image, **fields}).payload
         return self.send(read_image(image), fields).payload
+
+    def track(
+        self,
+        video: ImageSource,
+        prompts: Sequence[Mapping[str, Any]],
+        *,
+        direction: str | None = None,
+        frame_range: Sequence[int] | None = None,
+        frame_stride: int | None = None,
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Follow objects through a video file or a multi-page TIFF (`video`: file bytes or a path;
+        a SAM 2 / 2.1 server): the answer's records as the server sends them (common.tracks): what
+        is tracked ({"frames", "objects"}), a record a frame, then the summary ({"done": true, ...}).
+        `prompts`: the server's form, [{"frame", "object", "points"/"labels"/"boxes"/"mask"}];
+        `options`: image keys (channels, intensity, percentiles).
+
+        Raises as `segment` does; an error that ends an answer part way (the server ran out of
+        memory, say) is raised when its line comes, a cut connection as a TransportError.
+        """
+        fields: dict[str, Any] = {"prompts": [dict(prompt) for prompt in prompts], **checked_options(options, True)}
+        given = {"direction": direction, "frame_range": frame_range and list(frame_range), "frame_stride": frame_stride}
+        fields.update({name: value for name, value in given.items() if value is not None})
+        form = {name: json.dumps(value) for name, value in fields.items()}
+        files = {VIDEO_FIELD: (VIDEO_FIELD, read_image(video), "application/octet-stream")}
+        reply = self._post(dict(self.headers), {"data": form, "files": files, "stream": True})
+        with reply:
+            if reply.status_code != 200:
+                raise error_of(reply)
+            try:
+                for line in reply.iter_lines():
+                    if line:
+                        record = self._record(line, reply)
+                        yield record
+                        if record.get("done") is True:
+                            return
+            except requests.RequestException as exc:
+                raise TransportError(f"the answer was cut short: {exc.__class__.__name__}: {exc}") from exc
+        raise TransportError("the answer ended before its summary line: the connection was cut")
+
+    @staticmethod
+    def _record(line: bytes, reply: requests.Response) -> dict[str, Any]:
+        """One line of a video answer, decoded; the error it carries raised."""
+        try:
+            record = json.loads(line) if reply.headers.get("Content-Type", "").startswith(JSON_MEDIA_TYPE) else None
+            record = decode_pickled(line) if record is None else record
+        except Exception as exc:  # an unpickler raises many types on malformed input
+            raise BadAnswer(f"refused a line of the server's answer: {exc}") from exc
+        if not isinstance(record, dict):
+            raise BadAnswer("a line of the server's answer is not a record")
+        if isinstance(record.get("code"), int) and isinstance(record.get("message"), str):
+            status = record["code"]
+            error = BadRequestError(record["message"], status, record.get("error")) if status < 500 else None
+            raise error or ServerError(record["message"], status)
+        return record
 
     def send(self, image: bytes | None, fields: Mapping[str, Any]) -> Answer:
         """One request as sent, with its retries: `image` (file bytes; None with an "image_id"

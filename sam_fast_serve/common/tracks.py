@@ -13,8 +13,14 @@ these options, shared by the server (which checks them) and the client (which wr
     frame_range   [first, last]: the frames tracked (inclusive; default every frame)
     frame_stride  every n-th frame of the range from its first (default 1)
 
-The answer: one record a frame, in the order tracked, {"frame": i, "objects": [{"object": id,
-"segmentation": <COCO RLE>, "area", "bbox": [x, y, w, h], "score": P(the object is in the frame)}]}.
+Without `prompts`, automatic mask generation runs on frame `automatic_frame` (default the first
+tracked; the AMG options of an image request apply) and each mask it keeps is an object, ids 1, 2,
+... in its answer's order: "segment everything, then follow it".
+
+The answer, a record a line: what is tracked, {"frames": n, "objects": [ids]}; then a record a
+frame, in the order tracked, {"frame": i, "objects": [{"object": id, "segmentation": <COCO RLE>,
+"area", "bbox": [x, y, w, h], "score": P(the object is in the frame)}]}; then the summary,
+{"done": true, "frames": n, "objects": [ids]}, or the error that ended the answer early.
 Imports no torch.
 """
 
@@ -30,7 +36,7 @@ from sam_fast_serve.common.prompts import Prompts, parse_prompts
 VIDEO_FIELD = "video"
 DIRECTIONS = ("forward", "backward", "both")
 DEFAULT_DIRECTION = "both"
-TRACK_OPTIONS = ("prompts", "direction", "frame_range", "frame_stride")
+TRACK_OPTIONS = ("prompts", "automatic_frame", "direction", "frame_range", "frame_stride")
 # What one prompt may hold: where, whose, and what marks the object there.
 PROMPT_KEYS = ("frame", "object", "points", "labels", "boxes", "mask")
 MAX_PROMPTS = 256
@@ -51,11 +57,19 @@ class ObjectPrompt:
 @dataclass(frozen=True)
 class TrackRequest:
     """A checked video request: the video frames tracked (`frames`, their numbers in the video),
-    the prompts on them, and the direction."""
+    the prompts on them and the direction; or, without prompts, the frame automatic mask
+    generation runs on (`automatic`, an index into the frames tracked)."""
 
     frames: range
     prompts: tuple[ObjectPrompt, ...]
     direction: str
+    automatic: int | None = None
+
+    def with_masks(self, masks: list[Mapping[str, Any]]) -> TrackRequest:
+        """This automatic request with each of `masks` (COCO RLE) an object on its frame, ids 1, 2, ..."""
+        assert self.automatic is not None
+        prompts = tuple(ObjectPrompt(self.automatic, obj, None, mask) for obj, mask in enumerate(masks, start=1))
+        return TrackRequest(self.frames, prompts, self.direction)
 
 
 def _integer(value: Any, name: str, lo: int, hi: int) -> int:
@@ -95,18 +109,13 @@ def _object_prompt(value: Any, frames: range, size: tuple[int, int], index: int)
         )
     if "frame" not in value or "object" not in value:
         raise InvalidOption(f"{where} needs 'frame' (a frame number) and 'object' (an integer id)")
-    frame = _integer(value["frame"], f"{where}'s 'frame'", 0, 2**31)
-    if frame not in frames:
-        raise InvalidOption(
-            f"{where} is on frame {frame}, which is not tracked: the frames tracked are {frames.start} to "
-            f"{frames[-1]} every {frames.step}"
-        )
+    index = _tracked(_integer(value["frame"], f"{where}'s 'frame'", 0, 2**31), frames, where)
     obj = _integer(value["object"], f"{where}'s 'object'", 0, MAX_OBJECT_ID)
     marks = {key: value[key] for key in ("points", "labels", "boxes") if key in value}
     if "mask" in value:
         if marks:
             raise InvalidOption(f"{where} has a 'mask' and {', '.join(marks)}: a mask prompt stands alone")
-        return ObjectPrompt(frames.index(frame), obj, None, _mask(value["mask"], size))
+        return ObjectPrompt(index, obj, None, _mask(value["mask"], size))
     if "points" not in marks and "boxes" not in marks:
         raise InvalidOption(f"{where} needs 'points', 'boxes' or 'mask'")
     try:
@@ -115,11 +124,24 @@ def _object_prompt(value: Any, frames: range, size: tuple[int, int], index: int)
         raise InvalidOption(f"{where}: {error.message}") from None
     if prompts.boxes is not None and len(prompts.boxes) > 1:
         raise InvalidOption(f"{where} has {len(prompts.boxes)} boxes: an object takes one box a frame")
-    return ObjectPrompt(frames.index(frame), obj, prompts)
+    return ObjectPrompt(index, obj, prompts)
 
 
-def parse_track_request(options: Mapping[str, Any], count: int, size: tuple[int, int]) -> TrackRequest:
-    """Check a video request's options against its video (`count` frames of `size` (H, W)).
+def _tracked(frame: int, frames: range, where: str) -> int:
+    """The index among `frames` of video frame `frame`; InvalidOption when it is not tracked."""
+    if frame not in frames:
+        raise InvalidOption(
+            f"{where} is on frame {frame}, which is not tracked: the frames tracked are {frames.start} to "
+            f"{frames[-1]} every {frames.step}"
+        )
+    return frames.index(frame)
+
+
+def parse_track_request(
+    options: Mapping[str, Any], count: int, size: tuple[int, int], automatic: bool = False
+) -> TrackRequest:
+    """Check a video request's options against its video (`count` frames of `size` (H, W));
+    `automatic`: whether the request gave AMG options (which need no prompts).
 
     Raises InvalidOption (422) naming the option or the prompt: unknown options, a frame out of the
     video or not tracked, two prompts for one object on one frame, prompts outside the frame.
@@ -127,17 +149,23 @@ def parse_track_request(options: Mapping[str, Any], count: int, size: tuple[int,
     unknown = sorted(set(options) - set(TRACK_OPTIONS))
     if unknown:
         raise InvalidOption(
-            f"option(s) {', '.join(map(repr, unknown))} do not apply to a video request; "
-            f"its options: {', '.join(TRACK_OPTIONS)} (and the image options channels, intensity)"
+            f"option(s) {', '.join(map(repr, unknown))} do not apply to a video request; its options: "
+            f"{', '.join(TRACK_OPTIONS)}, the image options channels and intensity, and without prompts AMG's"
         )
     direction = options.get("direction", DEFAULT_DIRECTION)
     if direction not in DIRECTIONS:
         raise InvalidOption(f"'direction' must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
     frames = _frames(options, count)
     raw = options.get("prompts")
+    if raw is None:
+        frame = _integer(options.get("automatic_frame", frames.start), "'automatic_frame'", 0, 2**31)
+        return TrackRequest(frames, (), direction, _tracked(frame, frames, "'automatic_frame'"))
+    if "automatic_frame" in options or automatic:
+        raise InvalidOption("'automatic_frame' and AMG options apply to a video request without 'prompts'")
     if not isinstance(raw, list) or not raw:
         raise InvalidOption(
-            "a video request needs 'prompts': a list like [{'frame': 0, 'object': 1, 'points': [[x, y]]}]"
+            "'prompts' must be a list like [{'frame': 0, 'object': 1, 'points': [[x, y]]}]; "
+            "without it, automatic mask generation finds the objects"
         )
     if len(raw) > MAX_PROMPTS:
         raise InvalidOption(f"'prompts' has {len(raw)} entries; at most {MAX_PROMPTS} are allowed")

@@ -58,6 +58,7 @@ class ServiceConfig:
     max_video_frames: int = option(2000, int_in(1, 1_000_000))
     max_frame_pixels: int = option(3840 * 2160, int_in(1, 1_000_000_000))
     max_video_pixels: int = option(1_000_000_000, int_in(1, 1 << 40))
+    max_video_objects: int = option(32, int_in(1, 1024))
     # Masks returned per image at most (the best by predicted IoU): bounds response size.
     max_masks: int = option(1000, int_in(1, 100_000))
     # Longest response body in bytes: keep it at most config.properties' max_response_size, over

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from sam_fast_serve.common.errors import BadRequest, InvalidOption, NotAcceptable
-from sam_fast_serve.common.options import IMAGE_RULES, AmgSettings, apply_image_options, apply_request_options
+from sam_fast_serve.common.options import (
+    AMG_RULES,
+    IMAGE_RULES,
+    AmgSettings,
+    apply_image_options,
+    apply_request_options,
+)
 from sam_fast_serve.common.prompts import has_prompts, parse_prompts, split_prompt_fields
 from sam_fast_serve.common.tracks import TrackRequest, parse_track_request
 from sam_fast_serve.common.wire import OUTPUT_OPTION
@@ -58,6 +64,7 @@ class TrackJob:
     frames: Frames
     request: TrackRequest
     resources: contextlib.ExitStack
+    settings: AmgSettings | None = None  # automatic mask generation's, for a request without prompts
 
     def line(self, record: Any) -> Body:
         """One record of the answer as a line in the job's format."""
@@ -136,13 +143,23 @@ def decode_track_job(video: ParsedVideo, answer_format: AnswerFormat, config: Se
     image_options = {key: options.pop(key) for key in list(options) if key in IMAGE_RULES}
     if "page" in image_options:
         raise InvalidOption("'page' picks one page of a TIFF; a video request tracks through every page")
-    settings = apply_image_options(config.image, image_options)
+    image = apply_image_options(config.image, image_options)
+    amg_options = {key: options.pop(key) for key in list(options) if key in AMG_RULES}
     resources = contextlib.ExitStack()
     try:
-        opened = open_video(video.video, config.video_limits, settings, resources)
-        request = parse_track_request(options, opened.count, (opened.height, opened.width))
+        opened = open_video(video.video, config.video_limits, image, resources)
+        request = parse_track_request(options, opened.count, (opened.height, opened.width), bool(amg_options))
+        objects = {prompt.object for prompt in request.prompts}
+        if len(objects) > config.max_video_objects:
+            raise InvalidOption(
+                f"the prompts mark {len(objects)} objects; at most {config.max_video_objects} are followed "
+                "(handler key max_video_objects)"
+            )
+        settings = None
+        if request.automatic is not None:
+            settings = apply_request_options(config.amg, amg_options, config.family.amg_keys, config.model_type)
         frames = opened.select(request.frames)
     except BaseException:
         resources.close()
         raise
-    return TrackJob(answer_format, frames, request, resources)
+    return TrackJob(answer_format, frames, request, resources, settings)

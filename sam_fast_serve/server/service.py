@@ -7,9 +7,10 @@ out, in three steps a TorchServe handler maps onto preprocess -> inference -> po
                             image-encoder calls
     encode  (responses.py)  each Answer to its Reply, the body written by the job's format
 
-A video request (a TrackJob) is answered a line a frame as each frame is tracked: handed to the
-`stream` predict is given (the handler sends each as a TorchServe intermediate response), else
-gathered into its reply, which ends with a summary line either way.
+A video request (a TrackJob) is answered a line at a time (common.tracks): what it tracks, then a
+line a frame as each is tracked, each handed to the `stream` predict is given (the handler sends
+each as a TorchServe intermediate response), else gathered into its reply; the reply's last line
+is the summary.
 
 A request that fails at any step gets its own error Reply and the others of the batch go on; an
 engine failure answers exactly the jobs that engine call was running. Every step reports what it
@@ -29,8 +30,9 @@ from typing import Any
 
 import torch
 
-from sam_fast_serve.common.errors import InternalError, OutOfMemory, ServiceError
+from sam_fast_serve.common.errors import InternalError, InvalidOption, OutOfMemory, ServiceError
 from sam_fast_serve.common.options import AmgSettings
+from sam_fast_serve.common.tracks import TrackRequest
 from sam_fast_serve.models.engine import Engine, Segmented
 from sam_fast_serve.server.config import ServiceConfig, load_service_config
 from sam_fast_serve.server.formats import Body
@@ -204,23 +206,46 @@ class MaskService:
         """Track job's objects, a line a frame to `stream` (or kept); the job's frames are closed
         at the end, and the tracker's state with them, whatever happens."""
         lines: list[Body] = []
-        objects: set[int] = set()
+
+        def send(record: dict[str, Any]) -> None:
+            line = job.line(record)
+            if stream is not None:
+                stream(index, line, job.answer_format.content_type)
+            else:
+                lines.append(line)
+
         frames = 0
         start = time.perf_counter()
         try:
-            with job.resources, contextlib.closing(self.engine.track(job.frames, len(job.frames), job.request)) as run:
+            with contextlib.ExitStack() as ending:
+                ending.enter_context(job.resources)
+                request = self._objects(job)
+                objects = sorted({prompt.object for prompt in request.prompts})
+                run = ending.enter_context(contextlib.closing(self.engine.track(job.frames, len(job.frames), request)))
+                send({"frames": len(job.frames), "objects": objects})
                 for i, records in run:
-                    line = job.line({"frame": job.request.frames[i], "objects": records})
-                    objects.update(record["object"] for record in records)
+                    send({"frame": job.request.frames[i], "objects": records})
                     frames += 1
-                    if stream is not None:
-                        stream(index, line, job.answer_format.content_type)
-                    else:
-                        lines.append(line)
         except Exception as exc:
             return error_reply(as_service_error(exc, 1))
         self.recorder.stages({"track": time.perf_counter() - start})
-        return Tracked(job, lines, {"done": True, "frames": frames, "objects": sorted(objects)})
+        return Tracked(job, lines, {"done": True, "frames": frames, "objects": objects})
+
+    def _objects(self, job: TrackJob) -> TrackRequest:
+        """The job's request with its objects: its prompts, or the masks automatic mask generation
+        keeps on its frame (the best max_video_objects); InvalidOption when it keeps none."""
+        request = job.request
+        if job.settings is None:
+            return request
+        assert request.automatic is not None
+        (found,) = self.engine.automatic([job.frames(request.automatic)], job.settings)
+        records = keep_best(found.payload, self.config.max_video_objects)
+        if not records:
+            raise InvalidOption(
+                f"automatic mask generation kept no mask on frame {request.frames[request.automatic]}: lower "
+                "pred_iou_thresh or stability_score_thresh, or give prompts"
+            )
+        return request.with_masks([record["segmentation"] for record in records])
 
     def _run(self, group: list[tuple[int, Job]]) -> dict[int, Answer | Reply]:
         """The Answers of one engine call for the jobs of `group` (index, job), or the same error

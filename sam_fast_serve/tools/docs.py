@@ -41,6 +41,8 @@ KEY_MEANINGS = {
     "max_video_frames": "a video request with more frames (a TIFF: pages) is refused with a 413, from the "
     "file's header ([video.md](video.md))",
     "max_frame_pixels": "a video request with larger frames is refused with a 413, from the file's header",
+    "max_video_objects": "objects a video request follows at most (each costs about one frame's tracking): "
+    "more prompted ones are a 422; automatic mask generation keeps the best by predicted IoU",
     "max_video_pixels": "a video request with more pixels in all its frames is refused with a 413, from the "
     "file's header: a video file's frames are decoded once to a temporary file, 3 bytes a pixel",
     "max_masks": "masks returned per image at most: the best by predicted IoU, in their original order",

@@ -1,8 +1,8 @@
 """Objects followed through frames (models.sam2.video) equal SAM 2's own SAM2VideoPredictor on the
 same frames and prompts, while holding only the frames and outputs the predictor can still read.
 
-SAM 2's path reads a folder of JPEG files; ours reads the same files' pixels one frame at a time.
-The test architecture of SAM 2.1 with random weights: logits are compared, not only masks, since
+SAM 2's path reads a folder of JPEG files; ours reads the same files' pixels one frame at a time,
+with the memory attention the tracker uses (models.sam2.memory). The test architecture of SAM 2.1 with random weights: logits are compared, not only masks, since
 random weights make masks of little shape."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from PIL import Image
 from harness.files import CLIP_FRAMES as FRAMES
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
 from sam_fast_serve.models.sam2.video import CACHED_FRAMES, LazyFrames, init_state, propagate, reach
 
 PROMPTED = (0, 24)  # the frames with prompts; tracking runs forward from 0, then back from 24
@@ -29,6 +30,15 @@ def predictor(random_sam2_checkpoint):
     video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
     video.max_obj_ptrs_in_encoder = 4
     assert reach(video) == 8
+    return video
+
+
+@pytest.fixture(scope="module")
+def ours(predictor, random_sam2_checkpoint):
+    """The same predictor with the tracker's memory attention (every layer's cross-attention)."""
+    video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
+    video.max_obj_ptrs_in_encoder = 4
+    assert cheaper_memory_attention(video) == len(video.memory_attention.layers) >= 1
     return video
 
 
@@ -54,34 +64,34 @@ def reference_run(predictor, clip: Path) -> dict[tuple[int, int], torch.Tensor]:
     return logits
 
 
-def test_tracking_equals_sam2_video_predictor_with_bounded_state(predictor, clip):
+def test_tracking_equals_sam2_video_predictor_with_bounded_state(predictor, ours, clip):
     expected = reference_run(predictor, clip)
 
     def read(i: int) -> np.ndarray:
         return np.array(Image.open(clip / f"{i}.jpg").convert("RGB"))
 
-    frames = LazyFrames(read, FRAMES, predictor.image_size)
-    state = init_state(predictor, frames)
-    prompt(predictor, state)
-    ours, forgotten = {}, set()
+    frames = LazyFrames(read, FRAMES, ours.image_size)
+    state = init_state(ours, frames)
+    prompt(ours, state)
+    tracked_logits, forgotten = {}, set()
 
     def run(state, start, count, reverse):
-        return propagate(predictor, state, start, count, reverse)
+        return propagate(ours, state, start, count, reverse)
 
     for tracked in passes(run, state):
         assert tracked.mask_logits.shape == (2, 120, 160) and tracked.object_scores.shape == (2,)
         for obj, logits in zip(tracked.object_ids, tracked.mask_logits, strict=True):
-            ours[tracked.frame, obj] = logits.clone()
+            tracked_logits[tracked.frame, obj] = logits.clone()
         kept = state["output_dict_per_obj"][0]["non_cond_frame_outputs"]
-        forgotten |= {frame for frame, _ in ours if frame not in kept and frame not in PROMPTED}
+        forgotten |= {frame for frame, _ in tracked_logits if frame not in kept and frame not in PROMPTED}
         assert len(frames._cache) <= CACHED_FRAMES
-    assert ours.keys() == expected.keys()
-    assert {frame for frame, _ in ours} == set(range(FRAMES))
+    assert tracked_logits.keys() == expected.keys()
+    assert {frame for frame, _ in tracked_logits} == set(range(FRAMES))
     # Forgotten on the way: the frames out of reach (8) of the one tracked and of both prompted ones.
     assert set(range(9, 16)) <= forgotten and not forgotten & set(range(16, 33))
     for key, logits in expected.items():
-        assert torch.allclose(ours[key], logits, atol=1e-4), key
-        mask, theirs = ours[key] > 0, logits > 0
+        assert torch.allclose(tracked_logits[key], logits, atol=1e-4), key
+        mask, theirs = tracked_logits[key] > 0, logits > 0
         union = (mask | theirs).sum().item()
         assert union == 0 or (mask & theirs).sum().item() / union >= 0.99, key
 

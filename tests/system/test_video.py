@@ -13,10 +13,11 @@ import numpy as np
 import psutil
 import pytest
 import requests
+import tifffile
 import torch
 from pycocotools import mask as mask_utils
 
-from harness.archives import running_server
+from harness.archives import run_client, running_server
 from harness.files import clip_pixels, encode, tiff, video_file, video_frames
 from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.registry import model_type
@@ -84,13 +85,14 @@ def test_a_tiff_stack_streams_a_chunk_a_frame_equal_to_sam2_video_predictor(
     reply = post(sam2_server, json_body=video_request(tiff(pixels)), stream=True)
     assert reply.status_code == 200 and reply.headers["Content-Type"] == "application/json"
     chunks = [chunk.decode() for chunk in reply.raw.read_chunked(decode_content=True) if chunk]
-    # Each frame's record is one chunk, sent when it is computed; the summary ends the answer.
-    assert len(chunks) == FRAMES + 1 and all(chunk.count("\n") == 1 for chunk in chunks)
-    records = [json.loads(chunk) for chunk in chunks]
-    assert records[-1] == {"done": True, "frames": FRAMES, "objects": [1, 7]}
-    assert [record["frame"] for record in records[:-1]] == list(range(FRAMES))
+    # What is tracked, then each frame's record a chunk, sent when it is computed; the summary ends it.
+    assert len(chunks) == FRAMES + 2 and all(chunk.count("\n") == 1 for chunk in chunks)
+    header, *records, summary = [json.loads(chunk) for chunk in chunks]
+    assert header == {"frames": FRAMES, "objects": [1, 7]}
+    assert summary == {"done": True, "frames": FRAMES, "objects": [1, 7]}
+    assert [record["frame"] for record in records] == list(range(FRAMES))
     expected = reference_masks(random_sam2_checkpoint, clip, tmp_path)
-    for record in records[:-1]:
+    for record in records:
         assert [obj["object"] for obj in record["objects"]] == [1, 7]
         for obj in record["objects"]:
             mask = mask_utils.decode(obj["segmentation"]).astype(bool)
@@ -112,7 +114,21 @@ def test_an_mp4_in_a_form_answers_as_the_tiff_of_its_decoded_frames(sam2_server,
     document = {"video": base64.b64encode(tiff(video_frames(mp4, ".mp4"))).decode(), "prompts": PROMPTS[:1], **options}
     same = post(sam2_server, accept=None, json_body=document)
     assert ours == [decode_pickled(line) for line in same.text.splitlines()]
-    assert [record.get("frame") for record in ours] == [0, 2, 4, 6, 8, 10, None]
+    assert [record.get("frame") for record in ours] == [None, 0, 2, 4, 6, 8, 10, None]
+
+
+def test_segment_everything_on_a_frame_then_follow_it(sam2_server, pixels):
+    """No prompts: automatic mask generation on `automatic_frame` (a 1-point grid: its 3 masks,
+    nothing filtered), each mask an object (ids 1, 2, 3), tracked both ways from there."""
+    document = {"video": base64.b64encode(tiff(pixels)).decode(), "automatic_frame": 4, "points_per_side": 1}
+    reply = post(sam2_server, json_body=document)
+    assert reply.status_code == 200, reply.text[:300]
+    header, *records, summary = [json.loads(line) for line in reply.text.splitlines()]
+    assert header == {"frames": FRAMES, "objects": [1, 2, 3]} and summary["objects"] == [1, 2, 3]
+    assert [record["frame"] for record in records] == [*range(4, FRAMES), 3, 2, 1, 0]
+    assert all([obj["object"] for obj in record["objects"]] == [1, 2, 3] for record in records)
+    kept_none = post(sam2_server, json_body={**document, "pred_iou_thresh": 1.0})
+    assert kept_none.status_code == 422 and "kept no mask on frame 4" in kept_none.json()["message"]
 
 
 def _corrupt_mp4(pixels):
@@ -133,6 +149,12 @@ FAULTS = {
         {"prompts": [{"frame": FRAMES, "object": 1, "points": [[5, 5]]}]},
         422,
         f"frame {FRAMES}, which is not tracked",
+    ),
+    "AMG options with prompts": (
+        lambda pixels: tiff(pixels),
+        {"points_per_side": 4},
+        422,
+        "AMG options apply to a video request without 'prompts'",
     ),
     "an object with no prompt": (
         lambda pixels: tiff(pixels),
@@ -179,8 +201,44 @@ def test_a_request_cut_short_leaves_nothing_open(sam2_server, pixels):
     before = {f.path for f in worker.open_files()}
     mp4 = video_file(pixels, ".mp4", "mp4v")
     with post(sam2_server, json_body=video_request(mp4), stream=True) as reply:
-        first = next(reply.raw.read_chunked(decode_content=True))
-        assert json.loads(first)["frame"] == 0
+        chunks = reply.raw.read_chunked(decode_content=True)
+        assert json.loads(next(chunks)) == {"frames": FRAMES, "objects": [1, 7]}
+        assert json.loads(next(chunks))["frame"] == 0
     again = post(sam2_server, json_body=video_request(tiff(pixels[:7])))
     assert again.status_code == 200 and again.text.splitlines()[-1] == '{"done":true,"frames":7,"objects":[1,7]}'
     assert {f.path for f in worker.open_files()} == before
+
+
+def test_the_client_tracks_videos_and_stacks_to_masklets_and_label_stacks(sam2_server, pixels, tmp_path):
+    """`sam-fast-client clip.mp4 --point X,Y --frame 0`, a TIFF stack and a corrupt video in one
+    run: the two good files each give their masklets and a label stack whose pages are the
+    masklets' masks, the bad one is one failure, the run goes on; then a --prompts file."""
+    (tmp_path / "clip.mp4").write_bytes(video_file(pixels, ".mp4", "mp4v"))
+    (tmp_path / "stack.tif").write_bytes(tiff(pixels))
+    (tmp_path / "broken.avi").write_bytes(_truncated_avi(pixels))
+    out = tmp_path / "out"
+    inputs = [tmp_path / name for name in ("clip.mp4", "broken.avi", "stack.tif")]
+    ran = run_client(*inputs, "--point", "80,60", "--frame", "0", "--object", "5", "--out", out, server=sam2_server)
+    assert ran.returncode == 1, ran.stderr[-2000:]
+    assert "broken.avi: FAILED: HTTP 400" in ran.stderr and "2 of 3 videos tracked, 1 failed" in ran.stdout
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["status"] == 400 and "frames its header gives" in failure["reason"]
+    assert not (out / "broken.masklets.json").exists() and not (out / "broken.labels.tif").exists()
+    for name in ("clip", "stack"):
+        masklets = json.loads((out / f"{name}.masklets.json").read_text())
+        assert masklets["objects"] == [5] and [r["frame"] for r in masklets["frames"]] == list(range(FRAMES))
+        stack = tifffile.imread(out / f"{name}.labels.tif")
+        assert stack.shape == (FRAMES, *pixels.shape[1:3]) and stack.dtype == np.uint16
+        for page, record in zip(stack, masklets["frames"], strict=True):
+            (obj,) = record["objects"]
+            assert np.array_equal(page == 5, mask_utils.decode(obj["segmentation"]).astype(bool))
+            assert set(np.unique(page)) <= {0, 5}
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    ran = run_client(
+        tmp_path / "stack.tif", "--frame", "0", "--prompts", prompts, "--out", out, "--wire", "json", server=sam2_server
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    masklets = json.loads((out / "stack.masklets.json").read_text())
+    assert masklets["objects"] == [1, 7] and len(masklets["frames"]) == FRAMES

@@ -28,6 +28,21 @@ def test_frames_tracked_and_prompts_indexed_among_them():
     assert first.prompts.labels.tolist() == [1] and second.prompts.boxes.tolist() == [[1, 2, 30, 40]]
 
 
+def test_without_prompts_automatic_mask_generation_finds_the_objects():
+    request = parse_track_request({"frame_range": [3, 9], "frame_stride": 3}, 10, SIZE)
+    assert request.prompts == () and request.automatic == 0
+    request = parse_track_request({"automatic_frame": 6, "frame_range": [3, 9], "frame_stride": 3}, 10, SIZE)
+    assert request.automatic == 1
+    masks = [{"size": list(SIZE), "counts": "a"}, {"size": list(SIZE), "counts": "b"}]
+    followed = request.with_masks(masks)
+    assert [(p.frame, p.object, p.mask) for p in followed.prompts] == [(1, 1, masks[0]), (1, 2, masks[1])]
+    assert followed.automatic is None and followed.frames == request.frames
+    with pytest.raises(InvalidOption, match="frame 5, which is not tracked"):
+        parse_track_request({"automatic_frame": 5, "frame_range": [3, 9], "frame_stride": 3}, 10, SIZE)
+    with pytest.raises(InvalidOption, match="apply to a video request without 'prompts'"):
+        parse_track_request({"prompts": [POINT]}, 10, SIZE, automatic=True)
+
+
 def test_a_mask_prompt_is_a_coco_rle_of_the_frame_size():
     mask = {"size": list(SIZE), "counts": "abc"}
     (prompt,) = parse_track_request({"prompts": [{"frame": 0, "object": 3, "mask": mask}]}, 1, SIZE).prompts
@@ -39,7 +54,7 @@ def test_a_mask_prompt_is_a_coco_rle_of_the_frame_size():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({}, "needs 'prompts'"),
+        ({"prompts": []}, "'prompts' must be a list like"),
         ({"prompts": [POINT], "points_per_side": 8}, "'points_per_side' do not apply to a video request"),
         ({"prompts": [POINT], "direction": "sideways"}, "'direction' must be one of forward, backward, both"),
         ({"prompts": [POINT], "frame_range": [5, 3]}, "'frame_range' last must be an integer from 5 to 9"),

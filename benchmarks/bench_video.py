@@ -1,0 +1,153 @@
+"""What following an object through a video costs on this CPU: this server's video requests against
+SAM 2's own SAM2VideoPredictor, per frame and in peak memory.
+
+    python -m benchmarks.bench_video                              # sam2.1_hiera_tiny, 512 x 512 frames
+    python -m benchmarks.bench_video --reference-frames 10 --frames 50,200
+
+One run, one random-weight checkpoint (save_random_checkpoint, seed 0), one clip: a camera panning
+over astronaut (512 x 512 frames, written as an MP4 by OpenCV), one object marked by a point on
+frame 0 and tracked forward. Each case runs in a process of its own, so that its peak RSS is its own:
+
+- reference: SAM2VideoPredictor (fp32) on the clip's frames as JPEG files (init_state reads and
+  keeps them all), the first --reference-frames frames;
+- ours: a video request (the MP4 and the prompt) answered by MaskService.handle in this process, as
+  a worker answers it, streaming a line a frame; dtype auto (this CPU's) on each of --frames, and
+  fp32 on --reference-frames.
+
+Per frame: the median time between consecutive frames' results (the prompted frame left out: it
+runs the prompt, not the memory); first: from the call to the first frame's result. Peak RSS: the
+most the process held while tracking, less what it held before the call (model loaded, clip in
+memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data
+
+from benchmarks.measure import PeakRss, command_line, cpu_description, scratch_dir
+from harness.files import video_file, video_frames
+from sam_fast_serve.models.registry import model_type
+from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.server.service import MaskService
+from sam_fast_serve.tools.cli import save_random_checkpoint
+
+SIDE = 512
+POINT = [[256, 200]]
+CLIP = "clip.mp4"
+
+
+def make_clip(mp4: Path, count: int) -> None:
+    """The clip: `count` frames, astronaut rolled 3 pixels a frame, as an MP4."""
+    photo = data.astronaut()
+    mp4.write_bytes(video_file(np.stack([np.roll(photo, 3 * i, axis=1) for i in range(count)]), ".mp4", "mp4v"))
+
+
+def reference(model: str, checkpoint: str, mp4: Path, frames: int, work: Path) -> dict:
+    jpegs = work / "jpegs"
+    jpegs.mkdir(exist_ok=True)
+    for i, frame in enumerate(video_frames(mp4.read_bytes(), ".mp4")[:frames]):
+        Image.fromarray(frame).save(jpegs / f"{i}.jpg", quality=95)
+    predictor = build_video(model_type(model), checkpoint)
+    stamps = []
+    with torch.inference_mode(), PeakRss() as rss:
+        start = time.perf_counter()
+        state = predictor.init_state(str(jpegs))
+        predictor.add_new_points_or_box(state, 0, 1, points=POINT, labels=[1])
+        for _ in predictor.propagate_in_video(state):
+            stamps.append(time.perf_counter())
+    return {"start": start, "stamps": stamps, "rss": rss.peak - rss.start}
+
+
+def ours(model: str, checkpoint: Path, mp4: Path, frames: int, dtype: str) -> dict:
+    model_dir = checkpoint.parent
+    section = {"model_type": model, "sam_checkpoint": checkpoint.name, "dtype": dtype, "max_video_frames": 100_000}
+    service = MaskService.load(section, model_dir, gpu_id=None)
+    document = {
+        "video": base64.b64encode(mp4.read_bytes()).decode(),
+        "prompts": [{"frame": 0, "object": 1, "points": POINT}],
+        "frame_range": [0, frames - 1],
+        "direction": "forward",
+    }
+    stamps: list[float] = []
+    with PeakRss() as rss:
+        start = time.perf_counter()
+
+        def arrived(index: int, line: object, content_type: str) -> None:
+            if '"frame":' in str(line):  # a frame's record, not what is tracked (the first line)
+                stamps.append(time.perf_counter())
+
+        (reply,) = service.handle([({"body": document}, {"Accept": "application/json"})], arrived)
+    assert reply.status == 200, reply.body[:300]
+    return {"start": start, "stamps": stamps, "rss": rss.peak - rss.start, "dtype": str(service.dtype)}
+
+
+def run_case(case: str, model: str, work: Path) -> dict:
+    """One case in a fresh interpreter: its measurements as JSON on its last line."""
+    command = [sys.executable, "-m", "benchmarks.bench_video", "--model", model, "--case", case, "--work", str(work)]
+    ran = subprocess.run(command, capture_output=True, text=True, check=False)
+    if ran.returncode:
+        raise SystemExit(f"{case} failed:\n{ran.stderr[-3000:]}")
+    return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
+def row(name: str, frames: int, measured: dict) -> str:
+    stamps = measured["stamps"]
+    assert len(stamps) == frames, (name, len(stamps))
+    per_frame = statistics.median(np.diff(stamps[1:]).tolist()) if frames > 2 else float("nan")
+    return (
+        f"| {name} | {frames} | {per_frame:.3f} | {stamps[0] - measured['start']:.2f} | "
+        f"{measured['rss'] / 2**20:,.0f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", default="50,200", help="frame counts ours tracks in dtype auto")
+    parser.add_argument(
+        "--reference-frames", type=int, default=20, help="frames SAM2VideoPredictor and ours in fp32 track"
+    )
+    parser.add_argument("--model", default="sam2.1_hiera_tiny", help="a SAM 2 model type")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        kind, dtype, count = args.case.split(":")
+        checkpoint = args.work / f"random_{args.model}.pt"
+        if kind == "reference":
+            result = reference(args.model, str(checkpoint), args.work / CLIP, int(count), args.work)
+        else:
+            result = ours(args.model, checkpoint, args.work / CLIP, int(count), dtype)
+        print(json.dumps(result))
+        return
+    counts = [int(n) for n in args.frames.split(",")]
+    work = scratch_dir("bench-video-")
+    model = args.model
+    save_random_checkpoint(work / f"random_{model}.pt", model, seed=0)
+    n = args.reference_frames
+    make_clip(work / CLIP, max(n, *counts))
+    print(f"`{command_line()}` on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{model}, random weights, {SIDE} x {SIDE} frames, one object, forward from frame 0\n")
+    print("| tracker | frames | s a frame | s to frame 0 | peak RSS over start, MiB |\n|---|---|---|---|---|")
+    theirs = run_case(f"reference:float32:{n}", model, work)
+    print(row("SAM2VideoPredictor, fp32", n, theirs), flush=True)
+    fp32 = run_case(f"ours:float32:{n}", model, work)
+    print(row("ours, fp32", n, fp32), flush=True)
+    for count in counts:
+        auto = run_case(f"ours:auto:{count}", model, work)
+        print(row(f"ours, dtype auto ({auto['dtype'].removeprefix('torch.')})", count, auto), flush=True)
+
+
+if __name__ == "__main__":
+    main()
