@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import signal
 import sys
@@ -49,7 +50,15 @@ from sam_fast_serve.client.fields import checked_options, checked_prompts
 from sam_fast_serve.client.http import BACKOFF, RETRIES, TIMEOUT, URL_ENV, WIRES, NotAuthorized, SamClient, SamError
 from sam_fast_serve.client.inputs import InputImage, Prompts, clashes, find_images, read_prompt_file
 from sam_fast_serve.client.results import Results, write_coco_file
-from sam_fast_serve.client.video import LABELS, MASKLETS, is_video, label_problem, read_prompts, track_file
+from sam_fast_serve.client.video import (
+    LABELS,
+    MASKLETS,
+    OPENCV_NEEDED,
+    is_video,
+    label_problem,
+    read_prompts,
+    track_file,
+)
 from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MODEL_NAME, TOKEN_ENV
 from sam_fast_serve.common.labels import LABEL_FORMATS
 from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
@@ -312,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument(
         "--frame-stride", type=at_least(int, 1), metavar="N", help=with_default("track every N-th frame", 1)
     )
+    video.add_argument(
+        "--overlay-video",
+        action="store_true",
+        help=with_default(
+            "write OUT/NAME.overlay.mp4, the frames tracked with each object's mask in its colour (needs OpenCV)",
+            "none",
+        ),
+    )
     add_server_options(parser, AmgSettings, "automatic mask generation (the server's keys, sent when given)")
     add_server_options(parser, ImageSettings, "image decoding (the server's keys, sent when given)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -445,6 +462,8 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if missing:
         parser.error(f"not a file: {', '.join(missing)} (videos are tracked a file at a time)")
     prompts = video_prompts(parser, args)
+    if args.overlay_video and importlib.util.find_spec("cv2") is None:
+        parser.error(OPENCV_NEEDED)
     options = server_options(args)
     amg = sorted(set(options) & set(AMG_RULES))
     if amg:
@@ -473,7 +492,7 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     with client, open(failures, "w") as report:
         for path in paths:
             try:
-                frames = track_file(client, path, args.out, prompts, options, progress)
+                frames = track_file(client, path, args.out, prompts, options, progress, args.overlay_video)
             except NotAuthorized as exc:
                 print(
                     f"{PROG}: error: the server refused the token (HTTP {exc.status}: {exc.message})", file=sys.stderr

@@ -19,14 +19,14 @@ FOREGROUND, BACKGROUND, BOX = (0, 255, 0), (255, 0, 0), (255, 255, 0)
 POINT_RADIUS, BOX_WIDTH = 6, 2
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # The overlay only needs the picture back: no pixel limit beyond what the server accepted.
-_ANY_SIZE = 1 << 62
+ANY_SIZE = 1 << 62
 
 
 def _samples(data: bytes, page: int) -> np.ndarray:
     """The (H, W, C) samples of image file bytes as the server reads them: page `page` of a TIFF;
     any other image with its EXIF orientation applied, as three channels (gray repeated)."""
     if is_tiff(data):
-        return read_tiff(data, page, _ANY_SIZE)
+        return read_tiff(data, page, ANY_SIZE)
     with Image.open(io.BytesIO(data)) as opened:
         image = ImageOps.exif_transpose(opened)
     if image.mode not in _WIDE_MODES:

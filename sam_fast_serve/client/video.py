@@ -4,6 +4,8 @@ one request, its answer read a line at a time as the server streams it, and writ
     OUT/NAME.masklets.json  {"file", "objects": [ids], "frames": [the frame records]}
     OUT/NAME.labels.tif     a uint16 label stack: a page a frame tracked, each object's pixels its
                             id, 0 elsewhere (what Fiji and napari open as a label stack)
+    OUT/NAME.overlay.mp4    with --overlay-video: the frames tracked, in order, each object's
+                            mask blended in its own colour (OpenCV reads and writes the video)
 
 each file complete or not at all. A file that fails is one failure; the run goes on.
 """
@@ -21,10 +23,16 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from sam_fast_serve.client.http import SamClient
+from sam_fast_serve.client.overlay import ANY_SIZE
 from sam_fast_serve.client.results import replacing
+from sam_fast_serve.common.intensity import rgb_for_sam
+from sam_fast_serve.common.options import IMAGE_RULES, ImageSettings
+from sam_fast_serve.common.tiff import is_tiff, page_samples, tiff_page, tiff_pages
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
-MASKLETS, LABELS = ".masklets.json", ".labels.tif"
+MASKLETS, LABELS, OVERLAY = ".masklets.json", ".labels.tif", ".overlay.mp4"
+OVERLAY_FPS = 10  # a TIFF stack's, and a video's whose file gives none
+OPENCV_NEEDED = "--overlay-video needs OpenCV, which the client install leaves out: pip install opencv-python-headless"
 # A label stack is uint16 with 0 for background: the ids that fit.
 MAX_LABEL = 65535
 
@@ -70,6 +78,7 @@ def track_file(
     prompts: Sequence[dict[str, Any]],
     options: dict[str, Any],
     progress: Callable[[int], tqdm],
+    overlay: bool = False,
 ) -> int:
     """Track `path` (a video file or a TIFF stack) and write its masklets and label stack in `out`,
     with a progress bar over its frames (`progress(total)`); the frames tracked. Raises a SamError
@@ -87,9 +96,95 @@ def track_file(
                     stack.write(label_page(record, size), contiguous=True)
                 bar.update(1)
     document = {"file": str(path), "objects": header["objects"], "frames": records}
+    if overlay:
+        image_options = {key: value for key, value in options.items() if key in IMAGE_RULES}
+        write_overlay(path, records, out / f"{path.stem}{OVERLAY}", ImageSettings(**image_options))
     with replacing(out / f"{path.stem}{MASKLETS}") as masklets:
         masklets.write_text(json.dumps(document))
     return len(records)
+
+
+def object_colour(obj: int) -> np.ndarray:
+    """An object's colour (RGB), the same in every frame and run: hues spread by the golden ratio."""
+    hue = (obj * 0.618033988749895) % 1.0
+    sector, fraction = int(hue * 6), hue * 6 % 1.0
+    channels = [
+        (1, fraction, 0),
+        (1 - fraction, 1, 0),
+        (0, 1, fraction),
+        (0, 1 - fraction, 1),
+        (fraction, 0, 1),
+        (1, 0, 1 - fraction),
+    ]
+    return np.array(channels[sector]) * 255
+
+
+def painted(frame: np.ndarray, record: dict[str, Any], alpha: float = 0.5) -> np.ndarray:
+    """An RGB frame with each object of its record blended in the object's colour."""
+    out = frame.astype(np.float32)
+    for obj in record["objects"]:
+        inside = mask_utils.decode(obj["segmentation"]).astype(bool)
+        out[inside] = (1 - alpha) * out[inside] + alpha * object_colour(obj["object"])
+    return out.round().astype(np.uint8)
+
+
+def source_frames(path: Path, wanted: set[int], settings: ImageSettings) -> Iterator[tuple[int, np.ndarray]]:
+    """(i, frame i as RGB uint8) for the frames `wanted` of a video file (OpenCV) or a TIFF stack, in order."""
+    data = path.read_bytes()
+    if is_tiff(data):
+        with tiff_pages(data) as pages:
+            for i in sorted(wanted):
+                samples = page_samples(tiff_page(pages, i, ANY_SIZE))
+                yield i, rgb_for_sam(samples, settings.channels, settings.intensity, settings.percentiles)
+        return
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        for i in range(max(wanted) + 1):
+            ok, bgr = capture.read()
+            if not ok:
+                raise ValueError(f"{path}: OpenCV read {i} frames, the server {max(wanted) + 1}")
+            if i in wanted:
+                yield (
+                    i,
+                    rgb_for_sam(
+                        np.ascontiguousarray(bgr[:, :, ::-1]),
+                        settings.channels,
+                        settings.intensity,
+                        settings.percentiles,
+                    ),
+                )
+    finally:
+        capture.release()
+
+
+def write_overlay(path: Path, records: Sequence[dict[str, Any]], target: Path, settings: ImageSettings) -> None:
+    """The frames of `records` in frame order, their objects painted, as an MP4 at `target`."""
+    import cv2
+
+    by_frame = {record["frame"]: record for record in records}
+    with replacing(target) as temp:
+        # OpenCV picks the container by the file's suffix: it writes beside the temporary file.
+        written = temp.with_suffix(".mp4")
+        writer = None
+        try:
+            for i, frame in source_frames(path, set(by_frame), settings):
+                if writer is None:
+                    writer = cv2.VideoWriter(
+                        str(written),
+                        cv2.VideoWriter.fourcc(*"mp4v"),
+                        OVERLAY_FPS,
+                        (frame.shape[1], frame.shape[0]),
+                    )
+                writer.write(np.ascontiguousarray(painted(frame, by_frame[i])[:, :, ::-1]))
+            if writer is not None:
+                writer.release()
+            written.rename(temp)
+        finally:
+            if writer is not None:
+                writer.release()
+            written.unlink(missing_ok=True)
 
 
 def _frames(answer: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

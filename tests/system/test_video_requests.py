@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from harness.archives import run_client, running_server
 from harness.files import clip_pixels, encode, tiff, video_file, video_frames
+from sam_fast_serve.client.video import label_page
 from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.build import build_video
@@ -236,9 +237,14 @@ def test_the_client_tracks_videos_and_stacks_to_masklets_and_label_stacks(sam2_s
 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
-    ran = run_client(
-        tmp_path / "stack.tif", "--frame", "0", "--prompts", prompts, "--out", out, "--wire", "json", server=sam2_server
-    )
+    command = (tmp_path / "stack.tif", "--frame", "0", "--prompts", prompts, "--out", out, "--wire", "json")
+    ran = run_client(*command, "--overlay-video", server=sam2_server)
     assert ran.returncode == 0, ran.stderr[-2000:]
     masklets = json.loads((out / "stack.masklets.json").read_text())
     assert masklets["objects"] == [1, 7] and len(masklets["frames"]) == FRAMES
+    # The overlay: every frame tracked, in order, the objects' pixels tinted and the others not.
+    overlay = video_frames((out / "stack.overlay.mp4").read_bytes(), ".mp4")
+    assert overlay.shape == pixels.shape
+    labels = np.stack([label_page(record, pixels.shape[1:3]) for record in masklets["frames"]])
+    change = np.abs(overlay.astype(int) - pixels.astype(int)).sum(axis=-1)
+    assert labels.any() and change[labels > 0].mean() > 3 * change[labels == 0].mean()
