@@ -47,7 +47,7 @@ class ValuesAfterAttention(RoPEAttention):
         # (B, N, C) -> (B, 1 head, N, C)
         queries, keys, values = self.q_proj(q)[:, None], self.k_proj(k)[:, None], v[:, None]
         # The rotations of a square grid of queries, made again when its size or device changes.
-        freqs: torch.Tensor = self.freqs_cis
+        freqs: torch.Tensor = self.freqs_cis  # type: ignore[has-type]  # set untyped by RoPEAttention
         if freqs.shape[0] != queries.shape[-2] or freqs.device != queries.device:
             side = int(queries.shape[-2] ** 0.5)
             freqs = self.freqs_cis = self.compute_cis(end_x=side, end_y=side).to(queries.device)
