@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from skimage import data
 
+from harness.archives import KEEP_ALL
 from harness.files import pan_clip
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -64,3 +65,39 @@ def chelsea() -> np.ndarray:
 def clip(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Path:
     """harness.files.pan_clip over astronaut: the folder of JPEG frames SAM2VideoPredictor reads."""
     return pan_clip(astronaut, tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def reference_sam(vit_b_checkpoint):
+    """segment_anything's vit_b (fp32) with the random checkpoint: the reference for equivalence."""
+    from sam_fast_serve.models.registry import sam_model_fast_registry
+
+    return sam_model_fast_registry["vit_b"](str(vit_b_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def fp32_service(vit_b_checkpoint, tmp_path_factory):
+    """The mask service on that vit_b in fp32, keep-all on an 8x8 grid, loaded as the handler loads it."""
+    from sam_fast_serve.server.service import MaskService
+
+    model_dir = tmp_path_factory.mktemp("model_dir")
+    (model_dir / vit_b_checkpoint.name).symlink_to(vit_b_checkpoint)
+    section = {
+        "model_type": "vit_b",
+        "sam_checkpoint": vit_b_checkpoint.name,
+        "dtype": "float32",
+        "points_per_side": 8,
+        "points_per_batch": 64,
+        **KEEP_ALL,
+    }
+    return MaskService.load(section, model_dir, gpu_id=None)
+
+
+@pytest.fixture(scope="session")
+def reference_predictor(reference_sam, astronaut):
+    """segment_anything.SamPredictor (fp32) with the astronaut photo set."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(reference_sam)
+    predictor.set_image(astronaut)
+    return predictor
