@@ -395,19 +395,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if clashing:
         parser.error("refusing to write one file twice:\n  " + "\n  ".join(clashing))
 
-    def connect() -> SamClient:
-        return SamClient(
-            args.url,
-            args.model,
-            args.token,
-            wire=args.wire,
-            retries=args.retries,
-            backoff=args.backoff,
-            timeout=args.timeout,
-        )
-
     failures.parent.mkdir(parents=True, exist_ok=True)
-    workers = Workers(Pipeline(options, results, resume=not args.force), connect, args.concurrency)
+    workers = Workers(Pipeline(options, results, resume=not args.force), lambda: connect(args), args.concurrency)
 
     def on_sigint(signum: int, frame: Any) -> None:
         workers.interrupt()
@@ -427,6 +416,19 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
 
     return finish(args, tally, len(images), handled, workers.stop.is_set(), failures)
+
+
+def connect(args: argparse.Namespace) -> SamClient:
+    """A SamClient to the server, token and retries the command line names."""
+    return SamClient(
+        args.url,
+        args.model,
+        args.token,
+        wire=args.wire,
+        retries=args.retries,
+        backoff=args.backoff,
+        timeout=args.timeout,
+    )
 
 
 def video_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -470,15 +472,7 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         parser.error(f"option(s) {', '.join(amg)} apply to automatic mask generation of images, not to videos")
     track_options = {"direction": args.direction, "frame_range": args.frame_range, "frame_stride": args.frame_stride}
     options.update({name: value for name, value in track_options.items() if value is not None})
-    client = SamClient(
-        args.url,
-        args.model,
-        args.token,
-        wire=args.wire,
-        retries=args.retries,
-        backoff=args.backoff,
-        timeout=args.timeout,
-    )
+    client = connect(args)
     failures = args.failures or args.out / "failures.jsonl"
     failures.parent.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -274,8 +274,8 @@ class SamClient:
     def _record(line: bytes, reply: requests.Response) -> dict[str, Any]:
         """One line of a video answer, decoded; the error it carries raised."""
         try:
-            record = json.loads(line) if reply.headers.get("Content-Type", "").startswith(JSON_MEDIA_TYPE) else None
-            record = decode_pickled(line) if record is None else record
+            is_json = reply.headers.get("Content-Type", "").startswith(JSON_MEDIA_TYPE)
+            record = json.loads(line) if is_json else decode_pickled(line)
         except Exception as exc:  # an unpickler raises many types on malformed input
             raise BadAnswer(f"refused a line of the server's answer: {exc}") from exc
         if not isinstance(record, dict):

@@ -37,13 +37,17 @@ class VideoLimits:
     frame_pixels: int
     total_pixels: int
 
-    def check(self, count: int, width: int, height: int, what: str) -> None:
-        """PayloadTooLarge naming the numbers and the handler key when a video of `count` frames of
-        width x height is over a limit."""
+    def check_count(self, count: int, what: str) -> None:
+        """PayloadTooLarge when `count` frames are more than the limit."""
         if count > self.frames:
             raise PayloadTooLarge(
                 f"the {what} has {count:,} frames; at most {self.frames:,} are accepted (handler key max_video_frames)"
             )
+
+    def check(self, count: int, width: int, height: int, what: str) -> None:
+        """PayloadTooLarge naming the numbers and the handler key when a video of `count` frames of
+        width x height is over a limit."""
+        self.check_count(count, what)
         check_image_size(width, height, self.frame_pixels, FRAME_PIXELS_KEY)
         if count * width * height > self.total_pixels:
             raise PayloadTooLarge(
@@ -106,8 +110,7 @@ def open_video(data: bytes, limits: VideoLimits, settings: ImageSettings, stack:
 
 def _tiff_video(data: bytes, limits: VideoLimits, settings: ImageSettings, stack: contextlib.ExitStack) -> Video:
     pages = stack.enter_context(tiff_pages(data))
-    if len(pages) > limits.frames:
-        limits.check(len(pages), 1, 1, "TIFF")
+    limits.check_count(len(pages), "TIFF")  # before every page's header is read
     headers = [tiff_page(pages, index, limits.frame_pixels, FRAME_PIXELS_KEY) for index in range(len(pages))]
     height, width = headers[0].imagelength, headers[0].imagewidth
     for index, page in enumerate(headers):
