@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from harness.files import CLIP_FRAMES as FRAMES
+from sam_fast_serve.common.tracks import parse_track_request
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.build import build_video
 from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
+from sam_fast_serve.models.sam2.tracker import Sam2Tracker
 from sam_fast_serve.models.sam2.video import CACHED_FRAMES, LazyFrames, init_state, propagate, reach
 
 PROMPTED = (0, 24)  # the frames with prompts; tracking runs forward from 0, then back from 24
@@ -94,6 +96,23 @@ def test_tracking_equals_sam2_video_predictor_with_bounded_state(predictor, ours
         mask, theirs = tracked_logits[key] > 0, logits > 0
         union = (mask | theirs).sum().item()
         assert union == 0 or (mask & theirs).sum().item() / union >= 0.99, key
+
+
+def test_every_frame_computes_in_the_trackers_dtype(ours, clip):
+    """Autocast holds on every frame tracked, not only until the first answer: entered inside an
+    inference-mode generator, it was gone after the first yield and later frames ran in float32."""
+    request = parse_track_request({"prompts": [{"frame": 0, "object": 1, "points": [[80, 60]]}]}, 4, (120, 160))
+    dtypes: list[torch.dtype] = []
+    hook = ours.memory_attention.layers[0].linear1.register_forward_hook(lambda *args: dtypes.append(args[2].dtype))
+    try:
+        tracker = Sam2Tracker(ours, torch.bfloat16)
+        read = lambda i: np.array(Image.open(clip / f"{i}.jpg").convert("RGB"))  # noqa: E731
+        answered = [frame for frame, _ in tracker.track(read, 4, request)]
+    finally:
+        hook.remove()
+    assert answered == [0, 1, 2, 3]
+    # The memory attention runs on each frame after the prompted one.
+    assert dtypes == [torch.bfloat16] * 3
 
 
 def test_frames_of_another_size_are_refused(predictor):

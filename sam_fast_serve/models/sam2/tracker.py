@@ -4,6 +4,7 @@ over frames read one at a time (video.py), its answer as a record a frame, in bu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -39,25 +40,48 @@ class Sam2Tracker:
         self.predictor = predictor
         self.dtype = dtype
 
-    @torch.inference_mode()
     def track(
         self, frames: FrameReader, count: int, request: TrackRequest
     ) -> Generator[tuple[int, list[dict[str, Any]]], None, None]:
         """(i, the objects' records on frame i) for each frame i of `count` tracked, in the order
         tracked; prompts and i index the frames read by `frames`. The predictor's state lives as
-        long as the iteration: closing the iterator early frees it."""
+        long as the iteration: closing the iterator early frees it.
+
+        Each step runs under inference mode and autocast entered here, around it, and left before
+        the caller resumes: leaving inference mode restores the dispatch keys it found, autocast's
+        among them, so an autocast entered inside an inference-mode generator (SAM 2's
+        propagate_in_video is one) is gone after its first yield (every later frame in float32)."""
+        steps = self._steps(frames, count, request)
+        try:
+            while True:
+                with self._computing():
+                    step = next(steps, None)
+                if step is None:
+                    return
+                yield step
+        finally:
+            with self._computing():
+                steps.close()
+
+    def _computing(self) -> contextlib.ExitStack:
+        contexts = contextlib.ExitStack()
+        contexts.enter_context(torch.inference_mode())
+        device = self.predictor.device
+        contexts.enter_context(torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32))
+        return contexts
+
+    def _steps(
+        self, frames: FrameReader, count: int, request: TrackRequest
+    ) -> Generator[tuple[int, list[dict[str, Any]]], None, None]:
         predictor = self.predictor
-        device = predictor.device
-        autocast = torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32)
-        with autocast:
-            state = init_state(predictor, LazyFrames(frames, count, predictor.image_size))
-            try:
-                for prompt in request.prompts:
-                    _add(predictor, state, prompt)
-                for tracked in _passes(predictor, state, request):
-                    yield tracked.frame, _records(tracked)
-            finally:
-                state.clear()
+        state = init_state(predictor, LazyFrames(frames, count, predictor.image_size))
+        try:
+            for prompt in request.prompts:
+                _add(predictor, state, prompt)
+            for tracked in _passes(predictor, state, request):
+                yield tracked.frame, _records(tracked)
+        finally:
+            state.clear()
 
 
 def _add(predictor: SAM2VideoPredictor, state: dict[str, Any], prompt: ObjectPrompt) -> None:
