@@ -18,7 +18,8 @@ Per frame: the median time between consecutive frames' results once the memory b
 (from frame STEADY on: the prompted frame and 7 memories; earlier frames attend to fewer);
 first: from the call to the first frame's result. Peak RSS: the
 most the process held while tracking, less what it held before the call (model loaded, clip in
-memory).
+memory); for the longest run also the peak by frame 10, 25, 50, ...: bounded memory stops
+growing once the memory bank is full.
 """
 
 from __future__ import annotations
@@ -83,16 +84,18 @@ def ours(model: str, checkpoint: Path, mp4: Path, frames: int, dtype: str) -> di
         "direction": "forward",
     }
     stamps: list[float] = []
+    peaks: list[int] = []
     with PeakRss() as rss:
         start = time.perf_counter()
 
         def arrived(index: int, line: object, content_type: str) -> None:
             if '"frame":' in str(line):  # a frame's record, not what is tracked (the first line)
                 stamps.append(time.perf_counter())
+                peaks.append(rss.peak - rss.start)
 
         (reply,) = service.handle([({"body": document}, {"Accept": "application/json"})], arrived)
     assert reply.status == 200, reply.body[:300]
-    return {"start": start, "stamps": stamps, "rss": rss.peak - rss.start, "dtype": str(service.dtype)}
+    return {"start": start, "stamps": stamps, "rss": rss.peak - rss.start, "peaks": peaks, "dtype": str(service.dtype)}
 
 
 def run_case(case: str, model: str, work: Path) -> dict:
@@ -149,6 +152,10 @@ def main() -> None:
     for count in counts:
         auto = run_case(f"ours:auto:{count}", model, work)
         print(row(f"ours, dtype auto ({auto['dtype'].removeprefix('torch.')})", count, auto), flush=True)
+    marks = sorted({min(count, m) for m in (10, 25, 50, 100, 150, 200, count)})
+    print(f"\nPeak RSS over start by frame, the {count}-frame run (MiB):\n")
+    print("| " + " | ".join(str(m) for m in marks) + " |\n|" + "---|" * len(marks))
+    print("| " + " | ".join(f"{auto['peaks'][m - 1] / 2**20:,.0f}" for m in marks) + " |")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ random weights make masks of little shape."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
+from harness.components import sam2_labelled_by_scipy
 from harness.files import CLIP_FRAMES as FRAMES
 from sam_fast_serve.common.tracks import parse_track_request
 from sam_fast_serve.models.registry import model_type
@@ -113,6 +116,54 @@ def test_every_frame_computes_in_the_trackers_dtype(ours, clip):
     assert answered == [0, 1, 2, 3]
     # The memory attention runs on each frame after the prompted one.
     assert dtypes == [torch.bfloat16] * 3
+
+
+def forward_masks(predictor, clip: Path) -> dict[tuple[int, int], np.ndarray]:
+    state = predictor.init_state(str(clip))
+    prompt(predictor, state)
+    with torch.inference_mode():
+        return {
+            (frame, obj): mask.numpy() > 0
+            for frame, ids, masks in predictor.propagate_in_video(state)
+            for obj, mask in zip(ids, masks[:, 0], strict=True)
+        }
+
+
+def test_tracker_fills_holes_as_sam2_does_with_its_extension(predictor, ours, clip):
+    """SAM 2 without `_C` skips hole filling (fill_hole_area 8) with a warning; the tracker fills
+    the holes, equal to SAM 2's own filling on components labelled by scipy."""
+    assert predictor.fill_hole_area == 8
+    with pytest.warns(UserWarning, match="Skipping the post-processing"):
+        unfilled = forward_masks(predictor, clip)
+    with sam2_labelled_by_scipy():
+        filled = forward_masks(predictor, clip)
+    request = parse_track_request(
+        {
+            "prompts": [
+                {"frame": 0, "object": 1, "points": [[80, 60]]},
+                {"frame": 24, "object": 7, "boxes": [[20, 20, 100, 90]]},
+            ]
+        },
+        FRAMES,
+        (120, 160),
+    )
+    read = lambda i: np.array(Image.open(clip / f"{i}.jpg").convert("RGB"))  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracked = {
+            (frame, record["object"]): mask_utils.decode(dict(record["segmentation"])).astype(bool)
+            for frame, records in Sam2Tracker(ours, torch.float32).track(read, FRAMES, request)
+            for record in records
+        }
+    assert not [w for w in caught if "Skipping the post-processing" in str(w.message)]
+    assert tracked.keys() == filled.keys()
+    differs = [key for key in filled if (filled[key] != unfilled[key]).any()]
+    assert differs, "no frame had a hole to fill: the test cannot tell filling from skipping"
+    for key, mask in filled.items():
+        union = (mask | tracked[key]).sum()
+        assert union == 0 or (mask & tracked[key]).sum() / union >= 0.99, key
+    for key in differs:
+        assert (tracked[key] == filled[key]).sum() > (tracked[key] == unfilled[key]).sum(), key
 
 
 def test_frames_of_another_size_are_refused(predictor):

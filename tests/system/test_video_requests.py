@@ -18,6 +18,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from harness.archives import run_client, running_server
+from harness.components import sam2_labelled_by_scipy
 from harness.files import clip_pixels, encode, tiff, video_file, video_frames
 from sam_fast_serve.client.video import label_page
 from sam_fast_serve.common.wire import decode_pickled
@@ -57,12 +58,13 @@ def video_request(video: bytes, **options) -> dict:
 
 def reference_masks(checkpoint, clip, tmp_path) -> dict[tuple[int, int], np.ndarray]:
     """SAM2VideoPredictor on the first FRAMES JPEG files of the clip, tracked as direction "both"
-    tracks: forward from the first prompted frame (frame 0, so the backward pass adds nothing)."""
+    tracks: forward from the first prompted frame (frame 0, so the backward pass adds nothing); its
+    holes filled as with its `_C` extension, as the server fills them."""
     for i in range(FRAMES):
         shutil.copy(clip / f"{i}.jpg", tmp_path / f"{i}.jpg")
     predictor = build_video(model_type("test_sam2.1_hiera"), str(checkpoint))
     masks = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), sam2_labelled_by_scipy():
         state = predictor.init_state(str(tmp_path))
         for prompt in PROMPTS:
             box = prompt["boxes"][0] if "boxes" in prompt else None

@@ -1,6 +1,6 @@
 """`connected_components` and `fill_holes_and_sprinkles` against scipy.ndimage, and against SAM 2's own
 post-processing, both as it behaves without its `_C` extension (it skips with a warning) and with our
-`connected_components` standing in for the kernel."""
+`connected_components` standing in for the kernel (`labelling_sam2s_own`)."""
 
 from __future__ import annotations
 
@@ -12,31 +12,14 @@ import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 
-from sam_fast_serve.models.sam2.components import connected_components, fill_holes_and_sprinkles
+from harness.components import EIGHT, reference_components
+from sam_fast_serve.models.sam2.components import (
+    connected_components,
+    fill_holes_and_sprinkles,
+    labelling_sam2s_own,
+)
 
-EIGHT = np.ones((3, 3), dtype=bool)
 FOUR = ndi.generate_binary_structure(2, 1)
-
-
-def reference_components(mask: np.ndarray, structure: np.ndarray = EIGHT) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 1, H, W) bool -> (labels, counts) by the kernel's rule, computed with scipy one pixel at a time:
-    label = 1 + the smallest 2x2-block corner index over the component, count = component area."""
-    n, _, height, width = mask.shape
-    rows, cols = np.indices((height, width))
-    corner = (rows - rows % 2) * width + (cols - cols % 2)
-    labels = np.zeros(mask.shape, dtype=np.int64)
-    counts = np.zeros(mask.shape, dtype=np.int64)
-    for i in range(n):
-        lab, k = ndi.label(mask[i, 0], structure=structure)
-        if k == 0:
-            continue
-        index = np.arange(1, k + 1)
-        first = np.asarray(ndi.minimum(corner, lab, index=index), dtype=np.int64)
-        area = np.bincount(lab.ravel(), minlength=k + 1)
-        fg = lab > 0
-        labels[i, 0][fg] = first[lab[fg] - 1] + 1
-        counts[i, 0][fg] = area[lab[fg]]
-    return labels, counts
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -240,19 +223,19 @@ def test_sam2_without_c_skips_what_we_fill() -> None:
 
 
 @pytest.mark.parametrize("max_hole,max_sprinkle", [(8, 0), (0, 6), (20, 10)])
-def test_sam2_with_our_components_agrees(monkeypatch: pytest.MonkeyPatch, max_hole: float, max_sprinkle: float) -> None:
+def test_sam2_with_our_components_agrees(max_hole: float, max_sprinkle: float) -> None:
     pytest.importorskip("sam2")
-    import sam2.utils.misc
     from sam2.utils.transforms import SAM2Transforms
 
-    # SAM 2 looks the function up at call time, so this runs its own post-processing on our labelling.
-    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", connected_components)
     transforms = SAM2Transforms(1024, 0.0, max_hole, max_sprinkle, disable_torch_jit=True)
     logits = random_logits(7, (2, 3, 32, 32))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), labelling_sam2s_own():
         warnings.simplefilter("error")
         theirs = transforms.postprocess_masks(logits, (48, 40))
     filled = fill_holes_and_sprinkles(logits, 0.0, max_hole, max_sprinkle)
     assert not torch.equal(filled, logits)
     ours = F.interpolate(filled, (48, 40), mode="bilinear", align_corners=False)
     assert torch.equal(theirs, ours)
+    import sam2.utils.misc
+
+    assert sam2.utils.misc.get_connected_components is not connected_components  # only while in it

@@ -18,6 +18,7 @@ from sam_fast_serve.common.tracks import ObjectPrompt, TrackRequest
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.rle import encode_masks, rle_areas
 from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.components import labelling_sam2s_own
 from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
 from sam_fast_serve.models.sam2.video import FrameReader, LazyFrames, TrackedFrame, init_state, propagate
 
@@ -34,7 +35,8 @@ def video_predictor(model: ModelType, net: SAM2Base) -> SAM2VideoPredictor:
 
 class Sam2Tracker:
     """Follows the objects of a TrackRequest with `predictor`, computing in `dtype` (autocast
-    where it is not float32, as SAM 2 does on CUDA)."""
+    where it is not float32, as SAM 2 does on CUDA), small holes in each frame's masks filled as
+    SAM 2 fills them with its `_C` extension (components.py)."""
 
     def __init__(self, predictor: SAM2VideoPredictor, dtype: torch.dtype) -> None:
         self.predictor = predictor
@@ -47,10 +49,11 @@ class Sam2Tracker:
         tracked; prompts and i index the frames read by `frames`. The predictor's state lives as
         long as the iteration: closing the iterator early frees it.
 
-        Each step runs under inference mode and autocast entered here, around it, and left before
-        the caller resumes: leaving inference mode restores the dispatch keys it found, autocast's
-        among them, so an autocast entered inside an inference-mode generator (SAM 2's
-        propagate_in_video is one) is gone after its first yield (every later frame in float32)."""
+        Each step runs under inference mode, autocast and our labelling entered here, around it,
+        and left before the caller resumes: leaving inference mode restores the dispatch keys it
+        found, autocast's among them, so an autocast entered inside an inference-mode generator
+        (SAM 2's propagate_in_video is one) is gone after its first yield (every later frame in
+        float32)."""
         steps = self._steps(frames, count, request)
         try:
             while True:
@@ -68,6 +71,7 @@ class Sam2Tracker:
         contexts.enter_context(torch.inference_mode())
         device = self.predictor.device
         contexts.enter_context(torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32))
+        contexts.enter_context(labelling_sam2s_own())
         return contexts
 
     def _steps(
