@@ -20,8 +20,10 @@ from harness.components import sam2_labelled_by_scipy
 from harness.files import CLIP_FRAMES as FRAMES
 from sam_fast_serve.common.tracks import parse_track_request
 from sam_fast_serve.models.registry import model_type
+from sam_fast_serve.models.sam2.attention import faster_hiera
 from sam_fast_serve.models.sam2.build import build_video
 from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
+from sam_fast_serve.models.sam2.positions import cached_positions
 from sam_fast_serve.models.sam2.tracker import Sam2Tracker
 from sam_fast_serve.models.sam2.video import CACHED_FRAMES, LazyFrames, init_state, propagate, reach
 
@@ -40,10 +42,13 @@ def predictor(random_sam2_checkpoint):
 
 @pytest.fixture(scope="module")
 def ours(predictor, random_sam2_checkpoint):
-    """The same predictor with the tracker's memory attention (every layer's cross-attention)."""
+    """The same predictor as the tracker makes it: its attention (every Hiera block's, every
+    memory layer's self- and cross-attention) and its position encodings."""
     video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
     video.max_obj_ptrs_in_encoder = 4
-    assert cheaper_memory_attention(video) == len(video.memory_attention.layers) >= 1
+    assert faster_hiera(video) == len(video.image_encoder.trunk.blocks) >= 1
+    assert cached_positions(video) == 2  # the image encoder's and the memory encoder's
+    assert cheaper_memory_attention(video) == 2 * len(video.memory_attention.layers) >= 2
     return video
 
 

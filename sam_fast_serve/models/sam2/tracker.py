@@ -17,7 +17,7 @@ from sam_fast_serve.common.records import object_record, rle_to_builtins
 from sam_fast_serve.common.tracks import ObjectPrompt, TrackRequest
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.rle import encode_masks, rle_areas
-from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.build import build_video, faster_encoders
 from sam_fast_serve.models.sam2.components import labelling_sam2s_own
 from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
 from sam_fast_serve.models.sam2.video import FrameReader, LazyFrames, TrackedFrame, init_state, propagate
@@ -25,9 +25,11 @@ from sam_fast_serve.models.sam2.video import FrameReader, LazyFrames, TrackedFra
 
 def video_predictor(model: ModelType, net: SAM2Base) -> SAM2VideoPredictor:
     """SAM 2's video predictor of `model` holding `net`'s weights (the same tensors, no copy), on
-    `net`'s device, its memory attention made cheaper (memory.py)."""
+    `net`'s device, its encoders faster (build.faster_encoders) and its memory attention cheaper
+    (memory.py)."""
     predictor = build_video(model)
     predictor.load_state_dict(net.state_dict(), assign=True)
+    faster_encoders(predictor)
     cheaper_memory_attention(predictor)
     device = next(net.parameters()).device
     return predictor.to(device).eval()
