@@ -27,6 +27,7 @@ class CachedSinePositions(PositionEmbeddingSine):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape[-2], x.shape[-1], x.dtype, x.device)
+        # Made on first use: the class is swapped onto a built module, whose __init__ made no such cache.
         converted: dict = self.__dict__.setdefault("_converted", {})
         if key not in converted:
             converted[key] = self._pe(1, x.device, *key[:2])[0].to(x.dtype)
