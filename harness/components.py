@@ -4,11 +4,12 @@ computation tests hold `sam_fast_serve.models.sam2.components` and SAM 2's own h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+
+from sam_fast_serve.models.sam2.components import labelling_sam2s_own
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -39,15 +40,7 @@ def _scipy_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(labels).to(mask.device), torch.from_numpy(counts).to(mask.device)
 
 
-@contextlib.contextmanager
-def sam2_labelled_by_scipy() -> Iterator[None]:
-    """While in it, SAM 2's post-processing (which looks `get_connected_components` up when it runs)
-    labels with scipy: SAM 2 as it behaves with its `_C` extension built."""
-    import sam2.utils.misc
-
-    original = sam2.utils.misc.get_connected_components
-    sam2.utils.misc.get_connected_components = _scipy_components
-    try:
-        yield
-    finally:
-        sam2.utils.misc.get_connected_components = original
+def sam2_labelled_by_scipy() -> contextlib.AbstractContextManager[None]:
+    """A context in which SAM 2's post-processing labels with scipy: SAM 2 as it behaves with its `_C`
+    extension built."""
+    return labelling_sam2s_own(_scipy_components)

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import sam2.utils.misc
 import torch
 from pycocotools import mask as mask_utils
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -24,7 +23,7 @@ from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2 import build
 from sam_fast_serve.models.sam2.automatic import Sam2AutomaticMaskGenerator
-from sam_fast_serve.models.sam2.components import connected_components
+from sam_fast_serve.models.sam2.components import labelling_sam2s_own
 from sam_fast_serve.models.sam2.predictor import Sam2Predictor
 from sam_fast_serve.server.service import MaskService
 
@@ -85,15 +84,15 @@ def test_thirty_percent_kept_as_sam2_keeps_them(test_net, photo):
     assert min(agree(reference, ours)) >= 0.99
 
 
-def test_hole_filling_is_sam2s_with_its_extension(test_net, photo, monkeypatch):
+def test_hole_filling_is_sam2s_with_its_extension(test_net, photo):
     # Without _C, SAM 2 skips hole filling with a warning; with connected components (ours, tested
     # against scipy in tests/unit/test_sam2_components.py) in its place it fills them, as we do.
     settings = {**GRID, **KEEP_ALL, "min_mask_region_area": 400, "points_per_side": 3}
     ours = Sam2AutomaticMaskGenerator(test_net, output_mode="coco_rle", **settings).generate(photo)
     with pytest.warns(UserWarning, match="Skipping the post-processing"):
         skipped = SAM2AutomaticMaskGenerator(test_net, output_mode="coco_rle", **settings).generate(photo)
-    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", connected_components)
-    filled = SAM2AutomaticMaskGenerator(test_net, output_mode="coco_rle", **settings).generate(photo)
+    with labelling_sam2s_own():
+        filled = SAM2AutomaticMaskGenerator(test_net, output_mode="coco_rle", **settings).generate(photo)
     assert min(agree(filled, ours)) >= 0.99
     assert min(agree(skipped, ours)) < 0.99  # the fill changed masks: this test can tell
 

@@ -48,15 +48,17 @@ def attend_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: i
     as a fused kernel's are when it multiplies them with bf16 values (its sums are float32 either
     way); casting a block's scores to float32 and back took 4x the softmax itself."""
     scale = q.shape[-1] ** -0.5
+
+    def attended(queries: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.softmax(torch.matmul(queries * scale, keys_t), dim=-1), v)
+
     if q.shape[-2] <= block:
-        return torch.matmul(torch.softmax(torch.matmul(q * scale, k.transpose(-1, -2)), dim=-1), v)
+        return attended(q, k.transpose(-1, -2))
     # Transposed once: a matrix product on the transposed view copies the keys every block.
-    keys = k.transpose(-1, -2).contiguous()
-    blocks = []
-    for start in range(0, q.shape[-2], block):
-        scores = torch.matmul(q[..., start : start + block, :] * scale, keys)
-        blocks.append(torch.matmul(torch.softmax(scores, dim=-1), v))
-    return torch.cat(blocks, dim=-2)
+    keys_t = k.transpose(-1, -2).contiguous()
+    return torch.cat(
+        [attended(q[..., start : start + block, :], keys_t) for start in range(0, q.shape[-2], block)], dim=-2
+    )
 
 
 class HieraAttention(MultiScaleAttention):

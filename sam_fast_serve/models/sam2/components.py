@@ -9,8 +9,9 @@ gives the same results with OpenCV on the CPU, for CPU and CUDA tensors alike:
   on the input's device, numbered and counted exactly as the kernel does.
 - `fill_holes_and_sprinkles(masks, threshold, max_hole_area, max_sprinkle_area)`: (B, C, h, w) logits in,
   float32 logits of the same shape out, as `postprocess_masks` leaves them before it resizes them.
-- `labelling_sam2s_own()`: a context in which SAM 2's own code labels with `connected_components`; its video
-  predictor's hole filling (`fill_hole_area`, 8 as `build_sam2_video_predictor` sets it) then runs as with `_C`.
+- `labelling_sam2s_own(label=connected_components)`: a context in which SAM 2's own code labels with `label`;
+  its video predictor's hole filling (`fill_hole_area`, 8 as `build_sam2_video_predictor` sets it) then runs
+  as with `_C`.
 
 Facts taken from the kernel (facebookresearch/sam2, sam2/csrc/connected_components.cu, commit 2b90b9f):
 8-connectivity (its merge step joins diagonal neighbours), background labelled and counted 0, and each
@@ -21,7 +22,7 @@ order, that holds one of its pixels (unions keep the smaller root, over blocks o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -127,12 +128,14 @@ def fill_holes_and_sprinkles(
 
 
 @contextlib.contextmanager
-def labelling_sam2s_own() -> Iterator[None]:
+def labelling_sam2s_own(
+    label: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = connected_components,
+) -> Iterator[None]:
     """While in it, `sam2.utils.misc.get_connected_components` (the `_C` kernel's caller, looked up when
-    SAM 2's post-processing runs) is `connected_components`. Scoped, not for good: SAM 2's code outside
-    a request (a reference in the same process) keeps its own behaviour."""
+    SAM 2's post-processing runs) is `label` (the kernel's answer: labels and areas). Scoped, not for good:
+    SAM 2's code outside a request (a reference in the same process) keeps its own behaviour."""
     original = misc.get_connected_components
-    misc.get_connected_components = connected_components
+    misc.get_connected_components = label
     try:
         yield
     finally:
