@@ -3,6 +3,7 @@ SAM 2's own SAM2VideoPredictor, per frame and in peak memory.
 
     python -m benchmarks.bench_video                              # sam2.1_hiera_tiny, 512 x 512 frames
     python -m benchmarks.bench_video --reference-frames 12 --frames 50
+    python -m benchmarks.bench_video --costs                      # a frame's FLOPs, fp32 s, this CPU's peak
 
 One run, one random-weight checkpoint (save_random_checkpoint, seed 0), one clip: a camera panning
 over astronaut (512 x 512 frames, written as an MP4 by OpenCV), one object marked by a point on
@@ -20,6 +21,12 @@ first: from the call to the first frame's result. Peak RSS: the
 most the process held while tracking, less what it held before the call (model loaded, clip in
 memory); for the longest run also the peak by frame 10, 25, 50, ...: bounded memory stops
 growing once the memory bank is full.
+
+--costs: what bounds a frame in fp32 (where there is no native bf16, fp32 is the fast path): the
+multiply-adds of a frame's two large parts, the image encoder and the memory attention over a
+full memory bank (7 memories of 4096 tokens and 16 object pointers), counted by torch's
+FlopCounterMode (fused attention counted as its two products) and timed in fp32, SAM 2's modules
+against ours, beside this CPU's best fp32 matrix product (measure.gemm_peaks).
 """
 
 from __future__ import annotations
@@ -37,11 +44,13 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage import data
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.measure import PeakRss, command_line, cpu_description, scratch_dir
+from benchmarks.measure import FP32, PeakRss, command_line, cpu_description, gemm_peaks, median_seconds, scratch_dir
 from harness.files import video_file, video_frames
 from sam_fast_serve.models.registry import model_type
-from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.build import build_video, faster_encoders
+from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -98,6 +107,49 @@ def ours(model: str, checkpoint: Path, mp4: Path, frames: int, dtype: str) -> di
     return {"start": start, "stamps": stamps, "rss": rss.peak - rss.start, "peaks": peaks, "dtype": str(service.dtype)}
 
 
+def _fused_attention_flops(q: list[int], k: list[int], v: list[int], *_: object, **__: object) -> int:
+    """FlopCounterMode's count for the CPU's fused attention (it has none): its two products."""
+    return 2 * int(np.prod(q[:-2])) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def frame_costs(model: str) -> None:
+    """A frame's image encoder and memory attention: GFLOP and fp32 seconds (median of 3), SAM 2's
+    modules and ours, and this CPU's best fp32 product."""
+    theirs = build_video(model_type(model))
+    mine = build_video(model_type(model))
+    mine.load_state_dict(theirs.state_dict())
+    faster_encoders(mine)
+    cheaper_memory_attention(mine)
+    torch.manual_seed(0)
+    side = theirs.image_size
+    image = torch.randn(1, 3, side, side)
+    tokens, channels, mem_dim = (side // 16) ** 2, theirs.hidden_dim, theirs.mem_dim
+    pointers = 16 * channels // mem_dim
+    memory = torch.randn(7 * tokens + pointers, 1, mem_dim)
+    memory_pos = torch.randn_like(memory)
+    current, current_pos = torch.randn(tokens, 1, channels), torch.randn(tokens, 1, channels)
+    counted = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_attention_flops}
+    parts = {
+        "image encoder": lambda net: net.forward_image(image),
+        "memory attention": lambda net: net.memory_attention(
+            curr=current, memory=memory, curr_pos=current_pos, memory_pos=memory_pos, num_obj_ptr_tokens=pointers
+        ),
+    }
+    peak = max(gemm_peaks((FP32,)).values())
+    print(f"`{command_line()}` on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{model} in fp32, one frame; best fp32 matrix product here {peak:.0f} GFLOP/s\n")
+    print("| part | SAM 2 GFLOP | SAM 2 s | ours GFLOP | ours s | ours at the peak, s |\n|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for part, call in parts.items():
+            cells = []
+            for net in (theirs, mine):
+                with FlopCounterMode(display=False, custom_mapping=counted) as flops:
+                    call(net)
+                cells.append((flops.get_total_flops() / 1e9, median_seconds(lambda net=net: call(net), 3)))
+            (g_a, s_a), (g_b, s_b) = cells
+            print(f"| {part} | {g_a:.0f} | {s_a:.2f} | {g_b:.0f} | {s_b:.2f} | {g_b / peak:.2f} |", flush=True)
+
+
 def run_case(case: str, model: str, work: Path) -> dict:
     """One case in a fresh interpreter: its measurements as JSON on its last line."""
     command = [sys.executable, "-m", "benchmarks.bench_video", "--model", model, "--case", case, "--work", str(work)]
@@ -119,14 +171,18 @@ def row(name: str, frames: int, measured: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--frames", default="50,200", help="frame counts ours tracks in dtype auto")
+    parser.add_argument("--frames", default="50,200", help="frame counts ours tracks in dtype auto (none: '')")
     parser.add_argument(
         "--reference-frames", type=int, default=16, help="frames SAM2VideoPredictor and ours in fp32 track"
     )
     parser.add_argument("--model", default="sam2.1_hiera_tiny", help="a SAM 2 model type")
+    parser.add_argument("--costs", action="store_true", help="a frame's FLOPs and fp32 seconds by part, and the peak")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.costs:
+        frame_costs(args.model)
+        return
     if args.case:
         kind, dtype, count = args.case.split(":")
         checkpoint = args.work / f"random_{args.model}.pt"
@@ -136,12 +192,12 @@ def main() -> None:
             result = ours(args.model, checkpoint, args.work / CLIP, int(count), dtype)
         print(json.dumps(result))
         return
-    counts = [int(n) for n in args.frames.split(",")]
+    counts = [int(n) for n in args.frames.split(",") if n]
     work = scratch_dir("bench-video-")
     model = args.model
     save_random_checkpoint(work / f"random_{model}.pt", model, seed=0)
     n = args.reference_frames
-    make_clip(work / CLIP, max(n, *counts))
+    make_clip(work / CLIP, max([n, *counts]))
     print(f"`{command_line()}` on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{model}, random weights, {SIDE} x {SIDE} frames, one object, forward from frame 0\n")
     print("| tracker | frames | s a frame | s to frame 0 | peak RSS over start, MiB |\n|---|---|---|---|---|")
@@ -152,6 +208,8 @@ def main() -> None:
     for count in counts:
         auto = run_case(f"ours:auto:{count}", model, work)
         print(row(f"ours, dtype auto ({auto['dtype'].removeprefix('torch.')})", count, auto), flush=True)
+    if not counts:
+        return
     marks = sorted({min(count, m) for m in (10, 25, 50, 100, 150, 200, count)})
     print(f"\nPeak RSS over start by frame, the {count}-frame run (MiB):\n")
     print("| " + " | ".join(str(m) for m in marks) + " |\n|" + "---|" * len(marks))

@@ -160,11 +160,11 @@ def best_rate(call: Callable[[], object], flops: float, repeats: int = 8) -> flo
     return flops / best_seconds(call, repeats) / 1e9
 
 
-def gemm_peaks() -> dict[str, float]:
+def gemm_peaks(dtypes: tuple[torch.dtype, ...] = (FP32, BF16)) -> dict[str, float]:
     """Measured GFLOP/s: a 4096^3 aten matmul, and a (4096 x 768) @ (768 x 3072) linear (the
-    MLP's shape) through aten and through oneDNN, in fp32 and bf16."""
+    MLP's shape) through aten and through oneDNN, in each of `dtypes` (fp32, bf16)."""
     rates = {}
-    for dtype in (FP32, BF16):
+    for dtype in dtypes:
         name = "fp32" if dtype == FP32 else "bf16"
         a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
         rates[f"{name} matmul 4096^3 (aten)"] = best_rate(partial(torch.matmul, a, b), 2 * 4096**3)

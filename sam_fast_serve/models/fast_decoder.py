@@ -501,12 +501,10 @@ class FastMaskDecoder:
         hyper = self._hypernetworks(tokens.mask_tokens[prompt_idx, mask_idx], mask_idx)
 
         out = torch.empty((len(mask_idx), 4 * h, 4 * w), dtype=torch.float32, device=hyper.device)
-        # Output row 4y + 2dy + dY and column 4x + 2dx + dX, as (K, y, dy, dY, x, dx, dX).
-        out_blocks = out.view(-1, h, 2, 2, w, 2, 2)
         for prompt, rows in rows_of.items():
             logits = self._prompt_masks(tokens.src[prompt], hyper[rows], (h, w), tokens.high_res)
-            for row, row_logits in zip(rows, logits.permute(0, 1, 3, 5, 2, 4, 6), strict=True):
-                out_blocks[row].copy_(row_logits)  # reorders and casts in one pass
+            for row, row_logits in zip(rows, logits, strict=True):
+                out[row].copy_(row_logits)  # casts
         return out
 
     def _tokens(self, x: Tensor) -> Tensor:
@@ -563,8 +561,8 @@ class FastMaskDecoder:
         self, src: Tensor, hyper: Tensor, size: tuple[int, int], high_res: tuple[Tensor, Tensor] | None
     ) -> Tensor:
         """Output upscaling of one prompt's (HW, C) image tokens (plus SAM 2's high-resolution
-        features), dotted with its (m, C2) hypernetwork outputs: (m, H, W, dy, dx, dY, dX)
-        logits in the decoder's dtype."""
+        features), dotted with its (m, C2) hypernetwork outputs: (m, 4H, 4W) logits in the
+        decoder's dtype."""
         up = self._upscaling
         h, w = size
         x = F.linear(src, up.w1, up.b1).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
@@ -574,5 +572,8 @@ class FastMaskDecoder:
         x = F.linear(x, up.w2, up.b2).view(h * w * 16, -1)  # (y, x, dy, dx, dY, dX)
         if high_res is not None:
             x = x + high_res[1]
-        x = up.act2(x)
-        return (hyper @ x.t()).view(-1, h, w, 2, 2, 2, 2)
+        # Pixel (y, x, dy, dx, dY, dX) is row 4y + 2dy + dY and column 4x + 2dx + dX: reordering the
+        # pixels' C2-channel rows here moves contiguous runs of 2 C2 values, where reordering the
+        # logits afterwards moved single values (a third of the mask head's time).
+        x = up.act2(x).view(h, w, 2, 2, 2, 2, -1).permute(0, 2, 4, 1, 3, 5, 6).reshape(h * w * 16, -1)
+        return (hyper @ x.t()).view(-1, 4 * h, 4 * w)
