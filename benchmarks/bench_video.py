@@ -46,11 +46,20 @@ from PIL import Image
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.measure import FP32, PeakRss, command_line, cpu_description, gemm_peaks, median_seconds, scratch_dir
+from benchmarks.measure import (
+    FP32,
+    PeakRss,
+    command_line,
+    cpu_description,
+    gemm_peaks,
+    median_seconds,
+    peak_for,
+    scratch_dir,
+)
 from harness.files import video_file, video_frames
 from sam_fast_serve.models.registry import model_type
-from sam_fast_serve.models.sam2.build import build_video, faster_encoders
-from sam_fast_serve.models.sam2.memory import cheaper_memory_attention
+from sam_fast_serve.models.sam2.build import build_video
+from sam_fast_serve.models.sam2.tracker import video_predictor
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -116,10 +125,7 @@ def frame_costs(model: str) -> None:
     """A frame's image encoder and memory attention: GFLOP and fp32 seconds (median of 3), SAM 2's
     modules and ours, and this CPU's best fp32 product."""
     theirs = build_video(model_type(model))
-    mine = build_video(model_type(model))
-    mine.load_state_dict(theirs.state_dict())
-    faster_encoders(mine)
-    cheaper_memory_attention(mine)
+    mine = video_predictor(model_type(model), theirs)  # the same weights, as the server prepares them
     torch.manual_seed(0)
     side = theirs.image_size
     image = torch.randn(1, 3, side, side)
@@ -135,7 +141,7 @@ def frame_costs(model: str) -> None:
             curr=current, memory=memory, curr_pos=current_pos, memory_pos=memory_pos, num_obj_ptr_tokens=pointers
         ),
     }
-    peak = max(gemm_peaks((FP32,)).values())
+    peak = peak_for(FP32, gemm_peaks((FP32,)))
     print(f"`{command_line()}` on {cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{model} in fp32, one frame; best fp32 matrix product here {peak:.0f} GFLOP/s\n")
     print("| part | SAM 2 GFLOP | SAM 2 s | ours GFLOP | ours s | ours at the peak, s |\n|---|---|---|---|---|---|")
