@@ -1,6 +1,6 @@
-"""attention.py against torch's fused attention and SAM 2's own Hiera attention. In float64 both
-sides are exact to rounding, and `attend` takes its matrix products there (only float32 on the CPU
-goes to the fused kernel), so the comparisons are tight; bf16 is held to bf16's precision."""
+"""attention.py against softmax attention written out and SAM 2's own Hiera attention. In float64
+both ways of computing it (the fused kernel, the blocks of queries) are exact to rounding, so the
+comparisons are tight; bf16 is held to bf16's precision."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
 
 from sam_fast_serve.models.registry import model_type
-from sam_fast_serve.models.sam2.attention import QUERY_BLOCK, HieraAttention, attend, faster_hiera
+from sam_fast_serve.models.sam2.attention import (
+    FUSED_BF16_ON_CPU,
+    QUERY_BLOCK,
+    HieraAttention,
+    attend,
+    attend_fused,
+    attend_in_blocks,
+    faster_hiera,
+)
 from sam_fast_serve.models.sam2.build import build
 
 
@@ -19,14 +27,17 @@ from sam_fast_serve.models.sam2.build import build
     [(49, 49, 8), (QUERY_BLOCK, 300, 8), (2 * QUERY_BLOCK + 17, 600, 8), (300, 700, 3)],
     ids=["one-product", "one-block", "blocks-and-a-rest", "narrow-values"],
 )
-def test_attend_is_softmax_attention(queries, keys, width):
+@pytest.mark.parametrize("attention", [attend_in_blocks, attend_fused])
+def test_both_ways_are_softmax_attention(attention, queries, keys, width):
     generator = torch.Generator().manual_seed(queries)
     q = torch.randn(2, 3, queries, 8, dtype=torch.float64, generator=generator)
     k = torch.randn(2, 3, keys, 8, dtype=torch.float64, generator=generator)
     v = torch.randn(2, 3, keys, width, dtype=torch.float64, generator=generator)
     want = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
-    torch.testing.assert_close(attend(q, k, v), want, rtol=1e-10, atol=1e-10)
-    half = attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    got = attention(q, k, v)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    half = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.double(), want, rtol=0, atol=0.05)
 
@@ -34,6 +45,13 @@ def test_attend_is_softmax_attention(queries, keys, width):
 def test_float32_on_the_cpu_is_torchs_fused_attention():
     q, k, v = torch.randn(3, 1, 2, 64, 16).unbind(0)
     assert torch.equal(attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_bf16_on_the_cpu_is_fused_only_with_amx():
+    q, k, v = torch.randn(3, 1, 2, 600, 16).bfloat16().unbind(0)
+    chosen = attend_fused if FUSED_BF16_ON_CPU else attend_in_blocks
+    assert torch.equal(attend(q, k, v), chosen(q, k, v))
+    assert FUSED_BF16_ON_CPU == torch.cpu._is_amx_tile_supported()
 
 
 @pytest.mark.parametrize("pooled", [False, True])

@@ -1,19 +1,23 @@
-"""SAM 2's attention as matrix products where torch's fused CPU kernel computes it slower.
+"""SAM 2's attention by torch's fused kernel, or as matrix products where that kernel is slower.
 
-On the CPU, torch's fused attention (its flash kernel) runs bf16 no faster than float32, and needs
-values as wide as keys. On a 2-core Zen 5 (AVX-512 with bf16), one call, bf16, fused against here:
+torch's fused CPU attention (its flash kernel) packs bf16 for AMX tiles; on a CPU with bf16 but no
+AMX it runs bf16 no faster than float32. One call, bf16, fused against in blocks (ms, best of 5):
 
-| attention | shape (batch, heads, tokens, channels) | fused | here |
-|---|---|---|---|
-| Hiera, global | 1, 4, 4096, 96 | 168 ms | 73-100 ms |
-| memory, self | 1, 1, 4096, 256 | 105 ms | 36 ms |
-| Hiera, windows of 14 x 14 | 25, 4, 196, 96 | 12.7 ms | 5.1 ms |
-| Hiera, windows of 8 x 8 | 1024, 1, 64, 96 | 23.2 ms | 8.6 ms |
+| attention | shape (batch, heads, tokens, channels) | Zen 5, fused | Zen 5, blocks | AMX Xeon, fused | AMX Xeon, blocks |
+|---|---|---|---|---|---|
+| Hiera, global | 1, 4, 4096, 96 | 168 | 73-100 | 34 | 59 |
+| memory, self | 1, 1, 4096, 256 | 105 | 36 | 15 | 27 |
+| memory, cross (values 64 wide) | 1, 1, 4096 x 28,736, 256 | 660 | 210 | 97 | 128 |
+| Hiera, windows of 14 x 14 | 25, 4, 196, 96 | 12.7 | 5.1 | 3.7 | 4.0 |
 
-In float32 the fused kernel is as fast or faster (168 ms against 247 ms for Hiera's global
-attention), and on CUDA it is the one to use: `attend` keeps it there.
+(2-core Zen 5 with AVX-512 bf16; 2-core Xeon with AMX.) In float32 the fused kernel is as fast or
+faster, the memory's cross-attention included (AMX Xeon: 470 ms fused against 711 in blocks; with
+torch, oneDNN and MKL held to AVX2 kernels 662 against 813), and on CUDA it is the one to use.
+The fused kernel needs values as wide as keys: narrower values are padded with zero channels, which
+attend to zeros and are cut off after.
 
 - `attend(q, k, v)`: softmax(q k^T / sqrt(d)) v, by whichever of the two pays.
+- `attend_fused(q, k, v)`: torch's fused attention, for values of any width up to the keys'.
 - `attend_in_blocks(q, k, v)`: the matrix products, a block of queries at a time.
 - `faster_hiera(net)`: `net`'s Hiera attention computed by `attend` (HieraAttention).
 """
@@ -25,21 +29,34 @@ import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from sam2.modeling.sam2_base import SAM2Base
 
-__all__ = ["attend", "attend_in_blocks", "faster_hiera"]
+__all__ = ["attend", "attend_fused", "attend_in_blocks", "faster_hiera"]
 
 # Queries a block: a block's scores (256 x ~28,700 memory tokens) take 15 MB in bf16, beside the
 # 15 MB of keys, within a 32 MB L3 (2-core Zen 5, bf16, one memory cross-attention: 0.21 s with
 # 256, 0.26 s with 512).
 QUERY_BLOCK = 256
+# Whether torch's fused CPU attention computes bf16 with AMX tiles (see above).
+FUSED_BF16_ON_CPU = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for (..., L, d) queries, (..., S, d) keys and (..., S, e) values:
-    matrix products on the CPU in a dtype other than float32 and wherever e differs from d,
-    torch's fused attention elsewhere."""
-    if v.shape[-1] != q.shape[-1] or (q.device.type == "cpu" and q.dtype != torch.float32):
+    """softmax(q k^T / sqrt(d)) v for (..., L, d) queries, (..., S, d) keys and (..., S, e <= d)
+    values: matrix products in bf16 or float16 on a CPU without AMX, torch's fused attention
+    elsewhere."""
+    reduced = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and reduced and not FUSED_BF16_ON_CPU:
         return attend_in_blocks(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    return attend_fused(q, k, v)
+
+
+def attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's fused softmax(q k^T / sqrt(d)) v for (..., L, d) queries, (..., S, d) keys and
+    (..., S, e <= d) values, narrower values padded to d channels of zeros and cut back after."""
+    width = v.shape[-1]
+    if width == q.shape[-1]:
+        return F.scaled_dot_product_attention(q, k, v)
+    padded = F.pad(v, (0, q.shape[-1] - width))
+    return F.scaled_dot_product_attention(q, k, padded)[..., :width]
 
 
 def attend_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = QUERY_BLOCK) -> torch.Tensor:

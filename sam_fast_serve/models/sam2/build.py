@@ -4,6 +4,8 @@ Checkpoints are in the official form, {"model": state_dict}, read with weights_o
 image encoder computes in the engine's dtype under autocast: sam2's forward_image applies the mask
 decoder's high-resolution convolutions to the backbone's features, so casting the encoder alone
 would mix dtypes, and autocast keeps the norms and softmax in float32 where torch deems it needed.
+Only the Hiera trunk holds its weights in that dtype (trunk.py): its residual stream would
+otherwise stay float32.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.sam2.attention import faster_hiera
 from sam_fast_serve.models.sam2.positions import cached_positions
+from sam_fast_serve.models.sam2.trunk import served_trunk, trunk_in
 
 # The test architecture: hiera_tiny's config with a 16-channel trunk of 5 blocks (one global) and
 # one memory attention layer, so every code path runs at a small fraction of the FLOPs.
@@ -87,15 +90,18 @@ def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:
 
 def faster_encoders(net: SAM2Base) -> None:
     """`net`'s Hiera attention computed where it pays (attention.py), its position encodings
-    served from their cache (positions.py): the same values, sooner."""
+    served from their cache (positions.py, trunk.py): the same values, sooner."""
     faster_hiera(net)
     cached_positions(net)
+    served_trunk(net)
 
 
 def prepare_model(net: SAM2Base, device: torch.device, precision: Precision, compile_encoder: bool = False) -> SAM2Base:
-    """Move `net` to `device`, its encoders made faster (`faster_encoders`). The dtype is applied
-    at encoding time (autocast, see above); int8 and compile are SAM 1's (the config refuses them
-    here: models.registry.Family)."""
+    """Move `net` to `device`, its encoders made faster (`faster_encoders`), its trunk's weights
+    in the precision's dtype. The dtype is applied at encoding time (autocast, see above); int8 and
+    compile are SAM 1's (the config refuses them here: models.registry.Family)."""
     assert not precision.int8 and not compile_encoder, "SAM 2 has no int8 encoder and no compiled one"
     faster_encoders(net)
+    if precision.dtype != torch.float32:
+        trunk_in(net, precision.dtype)
     return net.to(device).eval()
