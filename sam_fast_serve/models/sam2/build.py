@@ -22,6 +22,7 @@ from sam_fast_serve.models.checkpoints import load_fitting
 from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.sam2.attention import faster_hiera
+from sam_fast_serve.models.sam2.neck import fold_high_res
 from sam_fast_serve.models.sam2.positions import cached_positions
 from sam_fast_serve.models.sam2.trunk import served_trunk, trunk_in
 
@@ -90,10 +91,12 @@ def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:
 
 def faster_encoders(net: SAM2Base) -> None:
     """`net`'s Hiera attention computed where it pays (attention.py), its position encodings
-    served from their cache (positions.py, trunk.py): the same values, sooner."""
+    served from their cache (positions.py, trunk.py), its high-resolution features by one
+    convolution each (neck.py): the same values, sooner."""
     faster_hiera(net)
     cached_positions(net)
     served_trunk(net)
+    fold_high_res(net)
 
 
 def prepare_model(net: SAM2Base, device: torch.device, precision: Precision, compile_encoder: bool = False) -> SAM2Base:
