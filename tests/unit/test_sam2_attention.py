@@ -42,9 +42,10 @@ def test_both_ways_are_softmax_attention(attention, queries, keys, width):
     torch.testing.assert_close(half.double(), want, rtol=0, atol=0.05)
 
 
-def test_float32_on_the_cpu_is_torchs_fused_attention():
+def test_float32_on_the_cpu_is_torchs_fused_attention_for_values_as_wide_as_keys():
     q, k, v = torch.randn(3, 1, 2, 64, 16).unbind(0)
     assert torch.equal(attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(attend(q, k, v[..., :4]), attend_in_blocks(q, k, v[..., :4]))
 
 
 def test_bf16_on_the_cpu_is_fused_only_with_amx():

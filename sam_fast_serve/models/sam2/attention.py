@@ -10,11 +10,12 @@ AMX it runs bf16 no faster than float32. One call, bf16, fused against in blocks
 | memory, cross (values 64 wide) | 1, 1, 4096 x 28,736, 256 | 660 | 210 | 97 | 128 |
 | Hiera, windows of 14 x 14 | 25, 4, 196, 96 | 12.7 | 5.1 | 3.7 | 4.0 |
 
-(2-core Zen 5 with AVX-512 bf16; 2-core Xeon with AMX.) In float32 the fused kernel is as fast or
-faster, the memory's cross-attention included (AMX Xeon: 470 ms fused against 711 in blocks; with
-torch, oneDNN and MKL held to AVX2 kernels 662 against 813), and on CUDA it is the one to use.
-The fused kernel needs values as wide as keys: narrower values are padded with zero channels, which
-attend to zeros and are cut off after.
+(2-core Zen 5 with AVX-512 bf16; 2-core Xeon with AMX.) The fused kernel needs values as wide as
+keys: narrower values are padded with zero channels, which attend to zeros and are cut off after.
+In float32 it is as fast or faster for values as wide as keys; for the memory's 64-channel values
+the blocks pay there, padding being 4x the weighted sum's work (a frame's memory attention in a
+worker, freed memory kept (server/runtime.py): AMX Xeon 2.46 s in blocks against 2.54 fused; with
+torch, oneDNN and MKL held to AVX2 kernels 3.15 against 3.52). On CUDA the fused kernel is the one.
 
 - `attend(q, k, v)`: softmax(q k^T / sqrt(d)) v, by whichever of the two pays.
 - `attend_fused(q, k, v)`: torch's fused attention, for values of any width up to the keys'.
@@ -41,11 +42,13 @@ FUSED_BF16_ON_CPU = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: Fa
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (..., L, d) queries, (..., S, d) keys and (..., S, e <= d)
-    values: matrix products in bf16 or float16 on a CPU without AMX, torch's fused attention
-    elsewhere."""
-    reduced = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and reduced and not FUSED_BF16_ON_CPU:
-        return attend_in_blocks(q, k, v)
+    values: on the CPU matrix products in bf16 or float16 without AMX and in wider dtypes for
+    values narrower than keys, torch's fused attention elsewhere."""
+    if q.device.type == "cpu":
+        reduced = q.dtype in (torch.bfloat16, torch.float16)
+        narrow = v.shape[-1] < q.shape[-1]
+        if (reduced and not FUSED_BF16_ON_CPU) or (not reduced and narrow):
+            return attend_in_blocks(q, k, v)
     return attend_fused(q, k, v)
 
 

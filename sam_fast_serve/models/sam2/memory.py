@@ -7,10 +7,10 @@ channels (`v_proj`) and then averages them with the attention weights. The weigh
 sum to one, so averaging the 64-channel tokens first and projecting the 4096 averages gives the
 same result, W (sum_j a_j m_j) + b = sum_j a_j (W m_j + b): the weighted sum, half of the
 cross-attention's work, becomes 4 times cheaper where it runs as matrix products a block of queries
-at a time (attention.py: bf16 on a CPU without AMX). torch's fused kernel needs values as wide as
-keys: there the 64 channels are padded to 256, as costly as SAM 2's projected values, and still
-faster (attention.py's table). The self-attention projects its values after attending too (no
-cheaper there, the same sums) so that both go through `attend`.
+at a time (attention.py: float32, and bf16 on a CPU without AMX). torch's fused kernel needs values
+as wide as keys: there (bf16 with AMX) the 64 channels are padded to 256, as costly as SAM 2's
+projected values, and still faster (attention.py's table). The self-attention projects its values
+after attending too (no cheaper there, the same sums) so that both go through `attend`.
 """
 
 from __future__ import annotations
