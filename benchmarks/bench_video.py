@@ -26,7 +26,8 @@ growing once the memory bank is full.
 multiply-adds of a frame's two large parts, the image encoder and the memory attention over a
 full memory bank (7 memories of 4096 tokens and 16 object pointers), counted by torch's
 FlopCounterMode (fused attention counted as its two products) and timed in fp32, SAM 2's modules
-against ours, beside this CPU's best fp32 matrix product (measure.gemm_peaks).
+against ours, in one process that keeps freed memory as a worker does (server/runtime.py), beside
+this CPU's best fp32 matrix product (measure.gemm_peaks).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from harness.files import video_file, video_frames
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.build import build_video
 from sam_fast_serve.models.sam2.tracker import video_predictor
+from sam_fast_serve.server.runtime import keep_freed_memory
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -123,7 +125,8 @@ def _fused_attention_flops(q: list[int], k: list[int], v: list[int], *_: object,
 
 def frame_costs(model: str) -> None:
     """A frame's image encoder and memory attention: GFLOP and fp32 seconds (median of 3), SAM 2's
-    modules and ours, and this CPU's best fp32 product."""
+    modules and ours, and this CPU's best fp32 product; freed memory kept, as in a worker."""
+    keep_freed_memory()
     theirs = build_video(model_type(model))
     mine = video_predictor(model_type(model), theirs)  # the same weights, as the server prepares them
     torch.manual_seed(0)
