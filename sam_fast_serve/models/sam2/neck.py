@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import SAM2Base
 from torch import nn
 
+from sam_fast_serve.models.sam2.positions import values_key
+
 __all__ = ["fold_high_res"]
 
 
@@ -42,7 +44,7 @@ class FoldedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, then = self, self.then
         assert first.bias is not None and then.bias is not None  # fold_high_res folds only such
-        key = tuple((w.dtype, w.device, w.data_ptr(), w._version) for w in (first.weight, then.weight))
+        key = values_key(first.weight, first.bias, then.weight, then.bias)
         kept = self.__dict__.get("_folded")
         if kept is None or kept[0] != key:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # folded in the weights' dtype

@@ -8,6 +8,8 @@ neck's 256 x 256 x 256 map that is 16.7 M values a frame twice over: 61 ms of th
 on the video path (only the 64 x 64 one enters the memory attention).
 
 - `cached_positions(net)`: `net`'s sine position encodings made CachedSinePositions.
+- `values_key(*tensors)`: what identifies tensors' current values, for what is kept made from
+  weights (trunk.py, neck.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import torch
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from sam2.modeling.sam2_base import SAM2Base
 
-__all__ = ["cached_positions"]
+__all__ = ["cached_positions", "values_key"]
+
+
+def values_key(*tensors: torch.Tensor) -> tuple:
+    """The dtype, device, storage and version of each tensor: equal as long as none was replaced,
+    moved, cast or written in place (load_state_dict writes in place, bumping the version)."""
+    return tuple((t.dtype, t.device, t.data_ptr(), t._version) for t in tensors)
 
 
 class CachedSinePositions(PositionEmbeddingSine):

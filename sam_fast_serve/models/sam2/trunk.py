@@ -20,6 +20,8 @@ import torch
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.sam2_base import SAM2Base
 
+from sam_fast_serve.models.sam2.positions import values_key
+
 __all__ = ["ServedHiera", "served_trunk", "trunk_in"]
 
 
@@ -34,8 +36,7 @@ class ServedHiera(Hiera):
 
     @torch.no_grad()
     def _get_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        weights = self.pos_embed
-        key = (*hw, weights.dtype, weights.device, weights.data_ptr(), weights._version)
+        key = (*hw, values_key(self.pos_embed))
         # Made on first use: the class is swapped onto a built module, whose __init__ made no such cache.
         kept: dict = self.__dict__.setdefault("_kept_positions", {})
         if key not in kept:
