@@ -25,7 +25,7 @@ growing once the memory bank is full.
 --costs: what bounds a frame in fp32 (where there is no native bf16, fp32 is the fast path): the
 multiply-adds of a frame's two large parts, the image encoder and the memory attention over a
 full memory bank (7 memories of 4096 tokens and 16 object pointers), counted by torch's
-FlopCounterMode (fused attention counted as its two products) and timed in fp32, SAM 2's modules
+FlopCounterMode (fused attention counted as its two products, oneDNN's linear as its product) and timed in fp32, SAM 2's modules
 against ours, in one process that keeps freed memory as a worker does (server/runtime.py), beside
 this CPU's best fp32 matrix product (measure.gemm_peaks).
 """
@@ -123,6 +123,11 @@ def _fused_attention_flops(q: list[int], k: list[int], v: list[int], *_: object,
     return 2 * int(np.prod(q[:-2])) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _onednn_linear_flops(x: list[int], weight: list[int], *_: object, **__: object) -> int:
+    """FlopCounterMode's count for oneDNN's linear (it has none): x @ weight^T."""
+    return 2 * int(np.prod(x[:-1])) * weight[0] * weight[1]
+
+
 def frame_costs(model: str) -> None:
     """A frame's image encoder and memory attention: GFLOP and fp32 seconds (median of 3), SAM 2's
     modules and ours, and this CPU's best fp32 product; freed memory kept, as in a worker."""
@@ -137,7 +142,10 @@ def frame_costs(model: str) -> None:
     memory = torch.randn(7 * tokens + pointers, 1, mem_dim)
     memory_pos = torch.randn_like(memory)
     current, current_pos = torch.randn(tokens, 1, channels), torch.randn(tokens, 1, channels)
-    counted = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_attention_flops}
+    counted = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_attention_flops,
+        torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops,
+    }
     parts = {
         "image encoder": lambda net: net.forward_image(image),
         "memory attention": lambda net: net.memory_attention(

@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
+from torch.profiler import profile
 
+from sam_fast_serve.models import onednn
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam2.attention import (
+    FLOAT32_QUERY_BLOCK,
     FUSED_BF16_ON_CPU,
     QUERY_BLOCK,
     HieraAttention,
@@ -77,3 +80,16 @@ def test_faster_hiera_changes_every_block_once():
     assert faster_hiera(net) == blocks >= 1
     assert all(type(block.attn) is HieraAttention for block in net.image_encoder.trunk.blocks)
     assert faster_hiera(net) == 0
+
+
+def test_one_heads_blocks_weigh_its_values_by_onednn_where_it_applies():
+    """The memory attention's case: one head, values narrower than keys, float32, in blocks."""
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 1, n, 16, generator=generator) for n in (2 * FLOAT32_QUERY_BLOCK + 5, 700))
+    v = torch.randn(1, 1, 700, 4, generator=generator)
+    want = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4, dim=-1) @ v.double()
+    torch.testing.assert_close(attend(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
+    with profile() as recorded:
+        attend(q, k, v)
+    weighed = sum(event.name == "mkldnn::_linear_pointwise" for event in recorded.events())
+    assert weighed == (3 if onednn.applies(q, v) else 0)  # one a block

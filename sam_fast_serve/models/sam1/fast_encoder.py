@@ -31,8 +31,6 @@ with the relative position bias as an additive mask, and linears are `F.linear`.
 
 from __future__ import annotations
 
-import platform
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
@@ -40,6 +38,8 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from torch import Tensor, nn
 
+from sam_fast_serve.models.onednn import applies as onednn_applies
+from sam_fast_serve.models.onednn import matmul_transposed
 from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear
 
 # Bytes of scores per attention chunk on CPU. A chunk's scores and their softmax (16 MiB)
@@ -49,10 +49,6 @@ from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear
 # fastest at 8 MiB (1 MiB: +20%); 32 MiB is 1.5x slower in both. Small chunks also suffer
 # most when another process competes for the cores (many short parallel regions).
 _SCORE_CHUNK_BYTES = 8 * 2**20
-
-# oneDNN's linear runs on x86 CPUs for fp32, and for bf16 where oneDNN supports it
-# (AVX-512 or AMX); elsewhere (ARM, CUDA, fp16) the encoder uses F.linear.
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def accelerate_image_encoder(encoder: ImageEncoderViT) -> ImageEncoderViT:
@@ -202,12 +198,12 @@ def _attend_chunked(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tupl
         rows = slice(b0, b0 + batch_step)
         for q0 in range(0, length, query_step):
             queries = slice(q0, q0 + query_step)
-            scores = _matmul_transposed(q[rows, queries], k[rows])
+            scores = matmul_transposed(q[rows, queries], k[rows])
             if rel_pos is not None:
                 rel_h, rel_w = rel_pos
                 grid = scores.view(*scores.shape[:2], rel_h.shape[-1], rel_w.shape[-1])
                 grid.add_(rel_h[rows, queries, :, None]).add_(rel_w[rows, queries, None, :])
-            out[rows, queries] = _matmul_transposed(scores.softmax(dim=-1), v_t[rows])
+            out[rows, queries] = matmul_transposed(scores.softmax(dim=-1), v_t[rows])
     return out
 
 
@@ -215,17 +211,6 @@ def _folds_cheaply(q: Tensor, rel_pos: tuple[Tensor, Tensor]) -> bool:
     """Whether folding the bias at most doubles the width of q @ k^T: in windows, not in global
     attention."""
     return sum(r.shape[-1] for r in rel_pos) <= q.shape[-1]
-
-
-def _matmul_transposed(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b^T for a (N, M, K) and b (N, P, K).
-
-    With one batch row (every chunk of global attention) this is a linear layer with weight b,
-    which oneDNN computes 2.5-3x faster than aten's fp32 bmm (MKL) and ~10% faster in bf16.
-    """
-    if a.shape[0] == 1 and _onednn_applies(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a[0], b[0], None, "none", [], "")[None]
-    return torch.matmul(a, b.transpose(1, 2))
 
 
 def _fold_rel_pos(q: Tensor, k: Tensor, rel_pos: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -283,7 +268,7 @@ def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Tensor | 
 
     An `Int8Linear` (`dtype: int8`, quantize.py) computes in int8 wherever oneDNN runs.
     """
-    if _onednn_applies(x, layer.weight):
+    if onednn_applies(x, layer.weight):
         if isinstance(layer, Int8Linear):
             return int8_linear(x, layer, gelu=gelu, residual=residual)
         if residual is not None:
@@ -295,22 +280,3 @@ def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Tensor | 
     if gelu:
         y = F.gelu(y)
     return y if residual is None else residual + y
-
-
-def _onednn_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether oneDNN's linear can compute x @ weight^T here.
-
-    Not with autograd (it has no backward), autocast (it has no autocast rule), nor inside
-    torch.compile (inductor lowers it only for frozen weights; it picks its own linears).
-    """
-    if not _X86 or x.device.type != "cpu" or x.dtype != weight.dtype:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    if x.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return x.dtype == torch.float32 and torch.backends.mkldnn.is_available()

@@ -1,0 +1,57 @@
+"""oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears)
+where it can run, for the products whose other kernels are slower.
+
+aten's float32 products are MKL's: on AMD CPUs they reach ~200 GFLOP/s where oneDNN reaches ~450
+(2 Zen 5 cores: SAM 1's encoder, sam1/fast_encoder.py, whose global attention's products one head
+at a time ran 2.5-3x faster than aten's float32 bmm and ~10% faster in bf16), and on an Intel Xeon without AMX (2 cores, AVX-512) MKL
+computes a product with a 64-column output, the memory attention's weighted sum of its 64-channel
+values (512 x 28,736 by 28,736 x 64), at 95 GFLOP/s where oneDNN's linear reaches 194.
+
+- `applies(x, weight)`: whether oneDNN's linear can compute x @ weight^T here.
+- `matmul_transposed(a, b)`: a @ b^T, by oneDNN's linear where b is one matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import torch
+from torch import Tensor
+
+__all__ = ["applies", "matmul_transposed"]
+
+# oneDNN's linear runs on x86 CPUs for fp32, and for bf16 where oneDNN supports it (AVX-512 or
+# AMX); elsewhere (ARM, CUDA, fp16) callers use aten's products.
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN's linear can compute x @ weight^T here.
+
+    Not with autograd (it has no backward), autocast (it has no autocast rule), nor inside
+    torch.compile (inductor lowers it only for frozen weights; it picks its own linears).
+    """
+    if not _X86 or x.device.type != "cpu" or x.dtype != weight.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def matmul_transposed(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b^T for (..., M, K) `a` and (..., P, K) `b`: (..., M, P), broadcast as torch.matmul.
+
+    Where `b` is one matrix (its leading dimensions all 1, `a` with at least as many) and oneDNN
+    applies, it is the weight of oneDNN's linear; elsewhere torch.matmul on b's transposed view.
+    """
+    single = math.prod(b.shape[:-2]) == 1 and a.dim() >= b.dim()
+    if single and applies(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b.reshape(b.shape[-2:]), None, "none", [], "")
+    return torch.matmul(a, b.transpose(-1, -2))
