@@ -39,6 +39,8 @@ from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor, nn
 
+from sam_fast_serve.models import onednn
+
 # Each (prompts, HW, C) activation of a chunk is at most this big: a whole batch of 64
 # prompts in bf16. Fewer, larger chunks mean fewer parallel regions, each of which waits
 # for every thread: beside another busy process, chunks of 8 prompts made the decoder
@@ -565,13 +567,13 @@ class FastMaskDecoder:
         decoder's dtype."""
         up = self._upscaling
         h, w = size
-        x = F.linear(src, up.w1, up.b1).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
-        if high_res is not None:
-            x = x + high_res[0]
+        # SAM 2's features are added in the linears' own output layout, fused where oneDNN runs.
+        first, second = (
+            (None, None) if high_res is None else (high_res[0].view(h * w, -1), high_res[1].view(h * w * 4, -1))
+        )
+        x = onednn.linear(src, up.w1, up.b1, residual=first).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
         x = up.act1(F.layer_norm(x, x.shape[-1:], up.norm_w, up.norm_b, up.norm_eps))
-        x = F.linear(x, up.w2, up.b2).view(h * w * 16, -1)  # (y, x, dy, dx, dY, dX)
-        if high_res is not None:
-            x = x + high_res[1]
+        x = onednn.linear(x, up.w2, up.b2, residual=second).view(h * w * 16, -1)  # (y, x, dy, dx, dY, dX)
         # Pixel (y, x, dy, dx, dY, dX) is row 4y + 2dy + dY and column 4x + 2dx + dX: reordering the
         # pixels' C2-channel rows here moves contiguous runs of 2 C2 values, where reordering the
         # logits afterwards moved single values (a third of the mask head's time).

@@ -47,3 +47,21 @@ def test_applies_to_float32_on_x86_cpus_only_outside_autograd_and_autocast():
     assert not onednn.applies(x, w)
     with torch.no_grad():
         assert onednn.applies(x, w) == onednn.applies(x.detach(), w)
+
+
+@pytest.mark.parametrize("fused", ["none", "gelu", "residual"])
+def test_linear_is_the_layer_with_its_gelu_or_residual_add(fused):
+    generator = torch.Generator().manual_seed(2)
+    x, weight, bias, residual = (
+        torch.randn(shape, generator=generator) for shape in ((6, 5, 8), (4, 8), (4,), (6, 5, 4))
+    )
+    want = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    if fused == "gelu":
+        want = torch.nn.functional.gelu(want)
+    if fused == "residual":
+        want = want + residual.double()
+    options = {"gelu": fused == "gelu", "residual": residual if fused == "residual" else None}
+    got = onednn.linear(x, weight, bias, **options)
+    assert got.shape == (6, 5, 4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert ran_onednn(lambda: onednn.linear(x, weight, bias, **options)) == onednn.applies(x, weight)

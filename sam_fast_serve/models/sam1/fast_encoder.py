@@ -38,7 +38,7 @@ from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 from torch import Tensor, nn
 
-from sam_fast_serve.models.onednn import applies as onednn_applies
+from sam_fast_serve.models import onednn
 from sam_fast_serve.models.onednn import matmul_transposed
 from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear
 
@@ -268,15 +268,6 @@ def _linear(x: Tensor, layer: nn.Linear, gelu: bool = False, residual: Tensor | 
 
     An `Int8Linear` (`dtype: int8`, quantize.py) computes in int8 wherever oneDNN runs.
     """
-    if onednn_applies(x, layer.weight):
-        if isinstance(layer, Int8Linear):
-            return int8_linear(x, layer, gelu=gelu, residual=residual)
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-    y = F.linear(x, layer.weight, layer.bias)
-    if gelu:
-        y = F.gelu(y)
-    return y if residual is None else residual + y
+    if isinstance(layer, Int8Linear) and onednn.applies(x, layer.weight):
+        return int8_linear(x, layer, gelu=gelu, residual=residual)
+    return onednn.linear(x, layer.weight, layer.bias, gelu=gelu, residual=residual)
