@@ -1,13 +1,14 @@
 """oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears)
 where it can run, for the products whose other kernels are slower.
 
-aten's float32 products are MKL's: on AMD CPUs they reach ~200 GFLOP/s where oneDNN reaches ~450
-(2 Zen 5 cores: SAM 1's encoder, sam1/fast_encoder.py, whose global attention's products one head
-at a time ran 2.5-3x faster than aten's float32 bmm and ~10% faster in bf16), and on an Intel Xeon without AMX (2 cores, AVX-512) MKL
-computes a product with a 64-column output, the memory attention's weighted sum of its 64-channel
-values (512 x 28,736 by 28,736 x 64), at 95 GFLOP/s where oneDNN's linear reaches 194. There, too,
-the mask head's two linears with SAM 2's high-resolution features added in the same call took
-10.6-10.9 ms a prompt against 11.9-12.0 for aten's linears and adds (fp32, median of 40, two runs).
+aten's float32 products are MKL's. On AMD CPUs they reach ~200 GFLOP/s where oneDNN reaches ~450
+(2 Zen 5 cores, SAM 1's encoder, sam1/fast_encoder.py: its global attention's products one head at
+a time ran 2.5-3x faster than aten's float32 bmm, ~10% faster in bf16). On a 2-core Intel Xeon of
+the Ice Lake class (AVX-512 without bf16) MKL computes a product with a 64-column output, the
+memory attention's weighted sum of its 64-channel values (512 x 28,736 by 28,736 x 64), at 95
+GFLOP/s where oneDNN's linear reaches 194; there, too, the mask head's two linears with SAM 2's
+high-resolution features added in the same call took 10.6-10.9 ms a prompt against 11.9-12.0 for
+aten's linears and adds (fp32, median of 40, two runs).
 
 - `applies(x, weight)`: whether oneDNN's linear can compute x @ weight^T here.
 - `matmul_transposed(a, b)`: a @ b^T, by oneDNN's linear where b is one matrix.
