@@ -25,9 +25,9 @@ growing once the memory bank is full.
 --costs: what bounds a frame in fp32 (where there is no native bf16, fp32 is the fast path): the
 multiply-adds of a frame's two large parts, the image encoder and the memory attention over a
 full memory bank (7 memories of 4096 tokens and 16 object pointers), counted by torch's
-FlopCounterMode (fused attention counted as its two products, oneDNN's linear as its product) and timed in fp32, SAM 2's modules
-against ours, in one process that keeps freed memory as a worker does (server/runtime.py), beside
-this CPU's best fp32 matrix product (measure.gemm_peaks).
+FlopCounterMode (fused attention counted as its two products, oneDNN's linear as its product) and
+timed in fp32, SAM 2's modules against ours, in one process that keeps freed memory as a worker
+does (server/runtime.py), beside this CPU's best fp32 matrix product (measure.gemm_peaks).
 """
 
 from __future__ import annotations

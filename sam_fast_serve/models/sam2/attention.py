@@ -74,9 +74,10 @@ def attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 def attend_in_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (..., L, d) queries, (..., S, d) keys and (..., S, e) values,
-    `block` queries at a time (by default QUERY_BLOCK, FLOAT32_QUERY_BLOCK in float32). The softmax is in the scores' dtype: in bf16 its weights are bf16,
-    as a fused kernel's are when it multiplies them with bf16 values (its sums are float32 either
-    way); casting a block's scores to float32 and back took 4x the softmax itself."""
+    `block` queries at a time (by default QUERY_BLOCK, FLOAT32_QUERY_BLOCK in float32). The softmax
+    is in the scores' dtype: in bf16 its weights are bf16, as a fused kernel's are when it
+    multiplies them with bf16 values (its sums are float32 either way); casting a block's scores to
+    float32 and back took 4x the softmax itself."""
     if block is None:
         block = FLOAT32_QUERY_BLOCK if q.dtype == torch.float32 else QUERY_BLOCK
     scale = q.shape[-1] ** -0.5
