@@ -60,7 +60,8 @@ def share_settings(ious: np.ndarray, share: float) -> dict[str, Any]:
     if share == 1.0:
         threshold = 0.0  # the generators filter by IoU only above 0
     elif share == 0.0:
-        threshold = float(ious.max()) + 1e-3
+        # Above every prediction, and above 0 where all are negative (vit_h's random weights).
+        threshold = max(float(ious.max()), 0.0) + 1e-3
     else:
         threshold = float(np.quantile(ious, 1.0 - share))
     if 0.0 < share < 1.0 and threshold <= 0.0:
