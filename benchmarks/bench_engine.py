@@ -15,9 +15,9 @@ agreement pairs masks one to one with (a).
 
 Server mode starts TorchServe from a real archive of the same checkpoint with the repo's
 model-config.yaml. First, its overhead: at each of --server-shares (and at 100% once more with
-`max_masks` raised to every pair of the grid), a fresh start, then the same JSON request twice (the
-first after READY, then the second) against the same request answered by the same `MaskService`
-in this process (decode, engine, wire; embedding cache off in both). Then throughput with batchSize
+`max_masks` raised to every pair of the grid), a fresh start, the first JSON request after READY,
+then the same request through TorchServe and answered by the same `MaskService` in this process
+(decode, engine, wire; embedding cache off in both), alternately (measure.request_overhead). Then throughput with batchSize
 1 and 4: sequential and concurrent requests, the worker's peak RSS, the cold and warm start to READY.
 
 Load mode times, in fresh processes, what a worker does before it is ready (imports, model build,

@@ -25,8 +25,8 @@ records; for (b) also the embedding store's lookups). Masks are matched one to o
 
 --server: each model's first image at each share through a real TorchServe, started afresh from an
 archive of the smoke config (tests/smoke-config.yaml) with this run's handler section, in dtype
-auto: the first request after READY and the second, against the same request answered in this
-process by (b)'s service.
+auto: the first request after READY, then the same request through TorchServe and answered in
+this process by (b)'s service, alternately (measure.request_overhead).
 """
 
 from __future__ import annotations

@@ -312,52 +312,69 @@ def make_images(folder: Path, count: int, side: int = 512) -> None:
         (folder / f"image{i:04d}.png").write_bytes(encode(np.ascontiguousarray(rolled)))
 
 
+# Requests of each kind whose median a TorchServe row reports, sent alternately: on a VM whose
+# figures vary by 10-30% between runs, one request of each could not show a 10% difference.
+REPEATS = 3
+
 # The columns `Overhead.cells` fills.
 OVERHEAD_COLUMNS = (
-    "masks | response bytes | TorchServe, first request after READY | second request | in process, second "
-    "| TorchServe / in process | first / second"
+    f"masks | response bytes | TorchServe, first request after READY | TorchServe, later (median of {REPEATS}) "
+    f"| in process (median of {REPEATS}) | TorchServe / in process | first / later"
 )
 
 
 @dataclass(frozen=True)
 class Overhead:
-    """Seconds of one JSON request through TorchServe (the first after READY, the second) and of
-    the same request answered by a MaskService in this process (the second of two); the response."""
+    """Seconds of one JSON request through TorchServe (the first after READY, then the later ones)
+    and of the same request answered by a MaskService in this process, alternately; the response."""
 
     first: float
-    second: float
-    in_process: float
+    later: tuple[float, ...]
+    in_process: tuple[float, ...]
     body: bytes
 
     def cells(self) -> str:
-        """The OVERHEAD_COLUMNS cells of a markdown row."""
+        """The OVERHEAD_COLUMNS cells of a markdown row (medians, each with its range)."""
+        later, in_process = statistics.median(self.later), statistics.median(self.in_process)
         return (
-            f"{len(decode_pickled(self.body))} | {len(self.body):,} | {self.first:.2f} s | {self.second:.2f} s "
-            f"| {self.in_process:.2f} s | {self.second / self.in_process:.3f} | {self.first / self.second:.3f}"
+            f"{len(decode_pickled(self.body))} | {len(self.body):,} | {self.first:.2f} s "
+            f"| {later:.2f} s ({spread(self.later)}) | {in_process:.2f} s ({spread(self.in_process)}) "
+            f"| {later / in_process:.3f} | {self.first / later:.3f}"
         )
 
 
+def spread(seconds: Sequence[float]) -> str:
+    """The range of `seconds`, e.g. "9.81-10.40"."""
+    return f"{min(seconds):.2f}-{max(seconds):.2f}"
+
+
 def request_overhead(server: TorchServe, service: MaskService, document: dict[str, Any]) -> Overhead:
-    """Start `server` afresh, send it `document` twice and stop it; then answer the same request
-    twice with `service` (loaded from the same handler section, so the two differ only in
-    TorchServe: its frontend, the worker's IPC and the HTTP transfer)."""
-    server.start()
-    try:
-        url = f"{server.inference_url}/predictions/{MODEL_NAME}"
+    """Start `server` afresh and send it `document`: the first request after READY; then REPEATS
+    times the same request through TorchServe and to `service` (loaded from the same handler
+    section, so the two differ only in TorchServe: its frontend, the worker's IPC and the HTTP
+    transfer), alternately so that a slow spell of the machine falls on both; then stop it."""
+    url = f"{server.inference_url}/predictions/{MODEL_NAME}"
 
-        def over_http() -> tuple[float, bytes]:
-            started = time.perf_counter()
-            reply = requests.post(url, json=document, headers=server.auth(), timeout=900)
-            reply.raise_for_status()
-            return time.perf_counter() - started, reply.content
+    def over_http() -> tuple[float, bytes]:
+        started = time.perf_counter()
+        reply = requests.post(url, json=document, headers=server.auth(), timeout=900)
+        reply.raise_for_status()
+        return time.perf_counter() - started, reply.content
 
-        (first, body), (second, _) = over_http(), over_http()
-    finally:
-        server.stop()
-    in_process = []
-    for _ in range(2):
+    def in_process() -> float:
         started = time.perf_counter()
         (reply,) = service.handle([({"body": document}, {})])
-        in_process.append(time.perf_counter() - started)
         assert reply.status == 200, reply.body
-    return Overhead(first, second, in_process[1], body)
+        return time.perf_counter() - started
+
+    in_process()  # what this request's first answer in this process pays is not TorchServe's
+    server.start()
+    try:
+        first, body = over_http()
+        later, local = [], []
+        for _ in range(REPEATS):
+            later.append(over_http()[0])
+            local.append(in_process())
+    finally:
+        server.stop()
+    return Overhead(first, tuple(later), tuple(local), body)
