@@ -61,6 +61,8 @@ class BatchedGeneration:
     process_batch_size: int
     crop_n_layers: int
     crop_overlap_ratio: float
+    stability_score_offset: float
+    stability_score_thresh: float
 
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -83,6 +85,45 @@ class BatchedGeneration:
         """`generate` for several RGB uint8 images, their crops encoded `process_batch_size` at a time."""
         with self.pinned(images):
             return [self.generate(image) for image in images]
+
+    def decode_kept(
+        self,
+        keep: torch.Tensor,
+        low_res_of: Callable[[torch.Tensor], torch.Tensor],
+        upsample: Callable[[torch.Tensor], torch.Tensor],
+        per_upsample: int,
+        iou_preds: torch.Tensor,
+        points: torch.Tensor,
+        crop_box: list[int],
+        orig_size: tuple[int, ...],
+        mask_threshold: float,
+    ) -> MaskData:
+        """The (point, mask) pairs `keep` (indices into `iou_preds` and `points`, a row per pair) of
+        the crop `crop_box` of an image of `orig_size` as RLE mask data: their low-res logits
+        MASKS_PER_DECODE at a time (`low_res_of(pairs)`: (K, h, w)), upsampled (`upsample`: (k, 1,
+        h, w) -> (k, 1, H, W), the original size) and encoded by masks_to_rles `per_upsample`
+        (upsample_chunk) at a time."""
+        data = MaskData()
+        for chunk in keep.split(MASKS_PER_DECODE):
+            logits = low_res_of(chunk)
+            for rows in torch.arange(len(chunk)).split(per_upsample):
+                kept = chunk[rows]
+                part = MaskData(
+                    masks=upsample(logits[rows][:, None])[:, 0],
+                    iou_preds=iou_preds[kept],
+                    points=points[kept.to(points.device)],
+                )
+                data.cat(
+                    masks_to_rles(
+                        part,
+                        crop_box,
+                        orig_size,
+                        mask_threshold,
+                        self.stability_score_offset,
+                        self.stability_score_thresh,
+                    )
+                )
+        return data
 
     def _process_crop(self, *args: Any, **kwargs: Any) -> MaskData:
         # The references make a crop without masks a (0,) crop_boxes tensor, on which the crop NMS
@@ -115,6 +156,13 @@ def masks_to_rles(
     data["rles"] = encode_masks(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
     del data["masks"]
     return data
+
+
+def kept_pairs(iou_preds: torch.Tensor, pred_iou_thresh: float) -> torch.Tensor:
+    """Indices of the (point, mask) pairs whose predicted IoU passes `pred_iou_thresh` (all when it
+    is 0). The references drop the others after upsampling; dropping them first skips their masks."""
+    keep = torch.arange(len(iou_preds), device=iou_preds.device)
+    return keep[iou_preds > pred_iou_thresh] if pred_iou_thresh > 0.0 else keep
 
 
 def uncompress(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:

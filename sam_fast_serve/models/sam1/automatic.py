@@ -19,10 +19,9 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import MaskData
 
 from sam_fast_serve.models.amg import (
-    MASKS_PER_DECODE,
     BatchedGeneration,
     clean_small_regions,
-    masks_to_rles,
+    kept_pairs,
     records,
     upsample_chunk,
 )
@@ -83,31 +82,20 @@ class SamAutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             tokens = decoder.run_transformer(predictor.image_state(), sparse)
         # Multimask output: mask tokens 1..3, flattened point-major like the reference.
         iou_preds = tokens.iou_pred[:, 1:].flatten()
-        keep = torch.arange(iou_preds.numel(), device=iou_preds.device)
-        if self.pred_iou_thresh > 0.0:
-            # The reference drops these after upsampling; dropping them first skips their masks.
-            keep = keep[iou_preds > self.pred_iou_thresh]
-        points_t = torch.as_tensor(points)  # stays on the CPU, as in the reference
-        data = MaskData()
         img_size = predictor.model.image_encoder.img_size
-        per_upsample = upsample_chunk(predictor.device, max(img_size * img_size, orig_size[0] * orig_size[1]))
-        for chunk in keep.split(MASKS_PER_DECODE):
-            prompt_idx = torch.div(chunk, 3, rounding_mode="floor")
+
+        def low_res_of(pairs: torch.Tensor) -> torch.Tensor:
             with predictor.clock.stage("mask_decoder"):
-                low_res = decoder.mask_logits(tokens, prompt_idx, chunk % 3 + 1)[:, None]
-            for rows in torch.arange(len(chunk)).split(per_upsample):
-                masks = predictor.upsample(low_res[rows])
-                chunk_data = MaskData(
-                    masks=masks[:, 0], iou_preds=iou_preds[chunk[rows]], points=points_t[prompt_idx[rows].cpu()]
-                )
-                data.cat(
-                    masks_to_rles(
-                        chunk_data,
-                        crop_box,
-                        orig_size,
-                        predictor.model.mask_threshold,
-                        self.stability_score_offset,
-                        self.stability_score_thresh,
-                    )
-                )
-        return data
+                return decoder.mask_logits(tokens, torch.div(pairs, 3, rounding_mode="floor"), pairs % 3 + 1)
+
+        return self.decode_kept(
+            kept_pairs(iou_preds, self.pred_iou_thresh),
+            low_res_of,
+            predictor.upsample,
+            upsample_chunk(predictor.device, max(img_size * img_size, orig_size[0] * orig_size[1])),
+            iou_preds,
+            torch.as_tensor(points).repeat_interleave(3, dim=0),  # stays on the CPU, as in the reference
+            crop_box,
+            orig_size,
+            predictor.model.mask_threshold,
+        )

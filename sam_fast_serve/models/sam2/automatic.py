@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator as ReferenceGenerator
 from sam2.modeling.sam2_base import SAM2Base
-from sam2.utils.amg import MaskData
+from segment_anything.utils.amg import MaskData
 
 from sam_fast_serve.models.amg import (
     MASKS_PER_DECODE,
     BatchedGeneration,
-    masks_to_rles,
+    kept_pairs,
     records,
     upsample_chunk,
 )
@@ -76,7 +76,7 @@ class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             # masks that pass the IoU threshold (the reference drops the others after upsampling).
             tokens = predictor.tokens(coords[:, None], labels[:, None])
             iou_preds = tokens.iou_pred[:, 1:].flatten()
-            keep = self._kept(iou_preds)
+            keep = kept_pairs(iou_preds, self.pred_iou_thresh)
             points_t = points_t.repeat_interleave(3, dim=0)
 
             def low_res_of(rows: torch.Tensor) -> torch.Tensor:
@@ -88,35 +88,22 @@ class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             points_t = points_t.repeat_interleave(per_point, dim=0)
             if self.use_m2m:
                 low_res, iou_preds = self._refine(coords.repeat_interleave(per_point, dim=0), low_res)
-            keep = self._kept(iou_preds)
+            keep = kept_pairs(iou_preds, self.pred_iou_thresh)
 
             def low_res_of(rows: torch.Tensor) -> torch.Tensor:
                 return low_res[rows]
 
-        data = MaskData()
-        per_upsample = upsample_chunk(predictor.device, orig_size[0] * orig_size[1])
-        for chunk in keep.split(MASKS_PER_DECODE):
-            logits = low_res_of(chunk)
-            for rows in torch.arange(len(chunk)).split(per_upsample):
-                masks = predictor.upsample(logits[rows][:, None], self.min_mask_region_area)[:, 0]
-                kept = chunk[rows]
-                part = MaskData(masks=masks, iou_preds=iou_preds[kept], points=points_t[kept])
-                data.cat(
-                    masks_to_rles(
-                        part,
-                        crop_box,
-                        orig_size,
-                        self.mask_threshold,
-                        self.stability_score_offset,
-                        self.stability_score_thresh,
-                    )
-                )
-        return data
-
-    def _kept(self, iou_preds: torch.Tensor) -> torch.Tensor:
-        """Indices of the masks whose predicted IoU passes `pred_iou_thresh` (all when it is 0)."""
-        keep = torch.arange(len(iou_preds), device=iou_preds.device)
-        return keep[iou_preds > self.pred_iou_thresh] if self.pred_iou_thresh > 0.0 else keep
+        return self.decode_kept(
+            keep,
+            low_res_of,
+            lambda logits: predictor.upsample(logits, self.min_mask_region_area),
+            upsample_chunk(predictor.device, orig_size[0] * orig_size[1]),
+            iou_preds,
+            points_t,
+            crop_box,
+            orig_size,
+            self.mask_threshold,
+        )
 
     def _refine(self, coords: torch.Tensor, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """use_m2m: each mask's point again, its own (clamped) low-res logits as the mask prompt, one
