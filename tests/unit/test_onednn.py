@@ -1,4 +1,4 @@
-"""onednn.py: a @ b^T by oneDNN's linear where it applies, torch.matmul's result either way."""
+"""onednn.py: a @ b^T by oneDNN's linear where it pays, torch.matmul's result either way."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_equal_to_matmul_and_onednn_only_for_one_matrix(a_shape, b_shape, single
     got = onednn.matmul_transposed(a, b)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert ran_onednn(lambda: onednn.matmul_transposed(a, b)) == (single and onednn.applies(a, b))
+    assert ran_onednn(lambda: onednn.matmul_transposed(a, b)) == (single and onednn.pays(a, b))
 
 
 def test_applies_to_float32_on_x86_cpus_only_outside_autograd_and_autocast():
@@ -47,6 +47,15 @@ def test_applies_to_float32_on_x86_cpus_only_outside_autograd_and_autocast():
     assert not onednn.applies(x, w)
     with torch.no_grad():
         assert onednn.applies(x, w) == onednn.applies(x.detach(), w)
+
+
+def test_pays_in_float32_only_where_aten_runs_avx512_kernels():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert onednn.pays(x, w) == (onednn.applies(x, w) and avx512)
+    assert not onednn.pays(x.double(), w.double())
+    bf16 = x.bfloat16(), w.bfloat16()
+    assert onednn.pays(*bf16) == onednn.applies(*bf16)
 
 
 @pytest.mark.parametrize("fused", ["none", "gelu", "residual"])
@@ -64,4 +73,4 @@ def test_linear_is_the_layer_with_its_gelu_or_residual_add(fused):
     got = onednn.linear(x, weight, bias, **options)
     assert got.shape == (6, 5, 4)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert ran_onednn(lambda: onednn.linear(x, weight, bias, **options)) == onednn.applies(x, weight)
+    assert ran_onednn(lambda: onednn.linear(x, weight, bias, **options)) == onednn.pays(x, weight)

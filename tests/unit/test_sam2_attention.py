@@ -82,7 +82,7 @@ def test_faster_hiera_changes_every_block_once():
     assert faster_hiera(net) == 0
 
 
-def test_one_heads_blocks_weigh_its_values_by_onednn_where_it_applies():
+def test_one_heads_blocks_weigh_its_values_by_onednn_where_it_pays():
     """The memory attention's case: one head, values narrower than keys, float32, in blocks."""
     generator = torch.Generator().manual_seed(1)
     q, k = (torch.randn(1, 1, n, 16, generator=generator) for n in (2 * FLOAT32_QUERY_BLOCK + 5, 700))
@@ -92,4 +92,4 @@ def test_one_heads_blocks_weigh_its_values_by_onednn_where_it_applies():
     with profile() as recorded:
         attend(q, k, v)
     weighed = sum(event.name == "mkldnn::_linear_pointwise" for event in recorded.events())
-    assert weighed == (3 if onednn.applies(q, v) else 0)  # one a block
+    assert weighed == (3 if onednn.pays(q, v) else 0)  # one a block

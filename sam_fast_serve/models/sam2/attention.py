@@ -16,10 +16,10 @@ In float32 it is as fast or faster for values as wide as keys; for the memory's 
 the blocks pay there, padding being 4x the weighted sum's work (a frame's memory attention in a
 worker, freed memory kept (server/runtime.py), with blocks of 256 queries: AMX Xeon 2.46 s in blocks
 against 2.54 fused; with torch, oneDNN and MKL held to AVX2 kernels 3.15 against 3.52). In float32
-the blocks take 1024 queries and weigh one head's values by oneDNN's linear (onednn.py): a memory
-cross-attention 526 -> 420 ms on a 2-core Xeon with AVX-512 and no bf16 (median of 15, against 256
-queries and aten's product; 478 ms with 1024 queries and aten's). On CUDA the fused kernel is the
-one.
+the blocks take 1024 queries and weigh one head's values by oneDNN's linear where it pays
+(onednn.py): a memory cross-attention 526 -> 420 ms on a 2-core Xeon with AVX-512 and no bf16
+(median of 15, against 256 queries and aten's product; 478 ms with 1024 queries and aten's). On
+CUDA the fused kernel is the one.
 
 - `attend(q, k, v)`: softmax(q k^T / sqrt(d)) v, by whichever of the two pays.
 - `attend_fused(q, k, v)`: torch's fused attention, for values of any width up to the keys'.
