@@ -18,7 +18,7 @@ so there float32 stays with aten.
 - `pays(x, weight)`: whether it applies and is the faster kernel here (the two below use it).
 - `matmul_transposed(a, b)`: a @ b^T, by oneDNN's linear where b is one matrix.
 - `linear(x, weight, bias, gelu=, residual=)`: a linear layer with its GELU or a residual add fused
-  into oneDNN's linear where it applies.
+  into oneDNN's linear where it pays.
 """
 
 from __future__ import annotations

@@ -76,7 +76,6 @@ class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             # masks that pass the IoU threshold (the reference drops the others after upsampling).
             tokens = predictor.tokens(coords[:, None], labels[:, None])
             iou_preds = tokens.iou_pred[:, 1:].flatten()
-            keep = kept_pairs(iou_preds, self.pred_iou_thresh)
             points_t = points_t.repeat_interleave(3, dim=0)
 
             def low_res_of(rows: torch.Tensor) -> torch.Tensor:
@@ -88,13 +87,12 @@ class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             points_t = points_t.repeat_interleave(per_point, dim=0)
             if self.use_m2m:
                 low_res, iou_preds = self._refine(coords.repeat_interleave(per_point, dim=0), low_res)
-            keep = kept_pairs(iou_preds, self.pred_iou_thresh)
 
             def low_res_of(rows: torch.Tensor) -> torch.Tensor:
                 return low_res[rows]
 
         return self.decode_kept(
-            keep,
+            kept_pairs(iou_preds, self.pred_iou_thresh),
             low_res_of,
             lambda logits: predictor.upsample(logits, self.min_mask_region_area),
             upsample_chunk(predictor.device, orig_size[0] * orig_size[1]),
