@@ -36,11 +36,11 @@ def test_service_matches_reference_one_to_one(fp32_service, reference_masks, ast
     assert np.allclose([s for _, s in ref_scores], [s for _, s in our_scores], atol=1e-3)
 
 
-def test_channel_order_matters_so_the_comparison_has_teeth(reference_sam, reference_masks, astronaut):
-    # Feeding BGR instead of RGB (the upstream example's bug) changes the masks: an engine that
-    # swapped channels could not pass the test above.
-    swapped = ReferenceGenerator(reference_sam, output_mode="coco_rle", **SETTINGS).generate(
-        np.ascontiguousarray(astronaut[..., ::-1])
-    )
-    ious, _, _ = match_masks(reference_masks, swapped)
+def test_channel_order_matters_so_the_comparison_has_teeth(fp32_service, reference_masks, astronaut):
+    # The same photo sent in BGR instead of RGB (the upstream example's bug) gives other masks: an
+    # engine that swapped channels could not pass the test above.
+    swapped = bytearray(encode(np.ascontiguousarray(astronaut[..., ::-1])))
+    reply = fp32_service.handle([({"body": swapped}, {})])[0]
+    assert reply.status == 200
+    ious, _, _ = match_masks(reference_masks, decode_pickled(reply.body))
     assert min(ious) < 0.99
