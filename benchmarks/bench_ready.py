@@ -50,6 +50,7 @@ def counters(server: TorchServe) -> dict[str, float]:
     text = server.metrics_text()
     values = {"handler": (server.metric("HandlerTime") or 0.0) / 1e3}
     values["frontend"] = (server.metric("ts_inference_latency_microseconds") or 0.0) / 1e6
+    values["answers"] = server.metric(f"{STAGE_SECONDS.name}_count", stage="wire_encode") or 0.0
     for stage in STAGES:
         found = re.findall(rf'^{STAGE_SECONDS.name}_sum\{{.*stage="{stage}".*\}} (\S+)$', text, re.M)
         values[stage] = sum(float(value) for value in found)
@@ -66,8 +67,13 @@ def request_seconds(server: TorchServe, document: dict[str, Any]) -> tuple[dict[
     )
     client = time.perf_counter() - started
     reply.raise_for_status()
-    after = counters(server)
-    seconds = {key: after[key] - before[key] for key in after if key != "handler"}
+    # The worker's metrics reach the metrics API after its answer: wait for this request's.
+    deadline = time.monotonic() + 30
+    while (after := counters(server))["answers"] <= before["answers"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker's metrics for the request never arrived")
+        time.sleep(0.2)
+    seconds = {key: after[key] - before[key] for key in after if key not in ("handler", "answers")}
     return {"client": client, "handler": after["handler"], **seconds}, len(decode_pickled(reply.content))
 
 
@@ -120,8 +126,10 @@ def main() -> None:
     parser.add_argument("--image", default="astronaut", help="a skimage.data name")
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--shares", default="0,all", help="kept shares of the pairs, 0 to 1 (all = keep-all)")
-    parser.add_argument("--repeats", type=int, default=3, help="requests after the first")
+    parser.add_argument("--repeats", type=int, default=3, help="requests after the first (at least 1)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1: the first request is compared with the later ones")
     image = getattr(sample_images, args.image)()
     print(f"# bench_ready on {cpu_description()}\n# {command_line()}")
     print(f"\n| model | kept | request | masks | {COLUMNS} |")
