@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import re
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from benchmarks.measure import command_line, cpu_description, scratch_dir
 from benchmarks.shares import predicted_ious, sweep_setting
 from harness.archives import smoke_archive
 from harness.files import encode
-from harness.servers import TorchServe
+from harness.servers import TorchServe, sample_sum
 from sam_fast_serve.common.endpoint import MODEL_NAME
 from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.registry import model_type
@@ -48,12 +47,13 @@ def counters(server: TorchServe) -> dict[str, float]:
     """The metrics one request adds to: the frontend's total latency (s), the handler time of the
     last batch (s) and the sum of each worker stage (s)."""
     text = server.metrics_text()
-    values = {"handler": (server.metric("HandlerTime") or 0.0) / 1e3}
-    values["frontend"] = (server.metric("ts_inference_latency_microseconds") or 0.0) / 1e6
-    values["answers"] = server.metric(f"{STAGE_SECONDS.name}_count", stage="wire_encode") or 0.0
+    values = {
+        "handler": (sample_sum(text, "HandlerTime") or 0.0) / 1e3,
+        "frontend": (sample_sum(text, "ts_inference_latency_microseconds") or 0.0) / 1e6,
+        "answers": sample_sum(text, f"{STAGE_SECONDS.name}_count", stage="wire_encode") or 0.0,
+    }
     for stage in STAGES:
-        found = re.findall(rf'^{STAGE_SECONDS.name}_sum\{{.*stage="{stage}".*\}} (\S+)$', text, re.M)
-        values[stage] = sum(float(value) for value in found)
+        values[stage] = sample_sum(text, f"{STAGE_SECONDS.name}_sum", stage=stage) or 0.0
     return values
 
 

@@ -47,6 +47,17 @@ def free_port() -> int:
         return port
 
 
+def sample_sum(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of metric `name` in Prometheus text `text` whose labels include
+    `labels`; None when no sample matches."""
+    values = [
+        float(value)
+        for sample_labels, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.M)
+        if labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', sample_labels)).items()
+    ]
+    return sum(values) if values else None
+
+
 class TorchServe:
     """TorchServe with the repo's config.properties (ports swapped for free ones) in `workdir`,
     serving `models` ({name: archive file name} in `model_store`; a str is the archive of MODEL_NAME).
@@ -148,12 +159,7 @@ class TorchServe:
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of the samples of metric `name` on the metrics API whose labels include
         `labels` (e.g. status="200"); None when no sample matches."""
-        values = [
-            float(value)
-            for sample_labels, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", self.metrics_text(), re.M)
-            if labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', sample_labels)).items()
-        ]
-        return sum(values) if values else None
+        return sample_sum(self.metrics_text(), name, **labels)
 
     def model_log(self) -> str:
         path = self.workdir / "logs" / "model_log.log"
