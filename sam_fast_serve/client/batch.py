@@ -22,6 +22,9 @@ from sam_fast_serve.client.http import NotAuthorized, SamClient, SamError
 from sam_fast_serve.client.inputs import InputImage
 from sam_fast_serve.client.results import Files, Outcome, Results, write_files
 
+# The reason of an empty input file, which is not sent (the server would refuse it).
+EMPTY_FILE = "the file is empty (0 bytes)"
+
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -43,6 +46,8 @@ class Pipeline:
             data = image.path.read_bytes()
         except OSError as exc:
             return Outcome.failure(image, f"cannot read the image: {exc.strerror or exc}"), []
+        if not data:
+            return Outcome.failure(image, EMPTY_FILE), []
         started = time.perf_counter()
         try:
             answer = client.send(data, {**self.options, **image.prompts.fields()})

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help=with_default(
             "inference token, written --token=VALUE (a TorchServe token may begin with '-')",
-            f"${TOKEN_ENV}, else the inference key of ./{KEY_FILE}",
+            f"${TOKEN_ENV}, else the inference key of the key file recorded for the server (make serve records it), "
+            f"else that of ./{KEY_FILE}",
         ),
     )
     parser.add_argument(
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-overlay", action="store_true", help=with_default("write no OUT/NAME.overlay.png", "overlays written")
+    )
+    parser.add_argument(
+        "--overlay-banner",
+        metavar="TEXT",
+        help=with_default("draw TEXT on a band across the top of every overlay (make smoke marks its own)", "none"),
     )
     parser.add_argument(
         "--labels",
@@ -389,7 +395,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     image_options = {key: value for key, value in options.items() if key in IMAGE_RULES}
-    results = Results(args.out, not args.no_overlay, args.labels, args.coco is not None, ImageSettings(**image_options))
+    results = Results(
+        args.out,
+        not args.no_overlay,
+        args.labels,
+        args.coco is not None,
+        ImageSettings(**image_options),
+        args.overlay_banner,
+    )
     failures = args.failures or args.out / "failures.jsonl"
     clashing = clashes(images, args.out, results.suffixes(), [failures, *([args.coco] if args.coco else [])])
     if clashing:
@@ -488,9 +501,7 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
             try:
                 frames = track_file(client, path, args.out, prompts, options, progress, args.overlay_video)
             except NotAuthorized as exc:
-                print(
-                    f"{PROG}: error: the server refused the token (HTTP {exc.status}: {exc.message})", file=sys.stderr
-                )
+                print(refusal(exc.status, exc.message), file=sys.stderr)
                 return EXIT_NOT_AUTHORIZED
             except (SamError, OSError, ValueError) as exc:
                 failed += 1
@@ -505,25 +516,36 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def refusal(status: int | None, reason: str | None) -> str:
+    """The error line of a refused token: the server's answer of HTTP `status` and its `reason` (which,
+    when no token was sent, says where the client looked for one), and where to find a token."""
+    return (
+        f"{PROG}: error: the server refused the token (HTTP {status}: {reason}); nothing more was sent. "
+        f"Pass the inference token with --token=VALUE or ${TOKEN_ENV}, or run from the folder of TorchServe's "
+        f"{KEY_FILE} (its inference key is used)"
+    )
+
+
+def summary(images: int, segmented: int, skipped: int, failed: int, failures: Path) -> str:
+    """The run's last line: what this run did with its `images`: how many it `segmented`, `skipped`
+    (done by an earlier run) and `failed` (reported in `failures`); an interrupted run leaves the rest."""
+    done = [f"{segmented} segmented"]
+    if skipped:
+        done.append(f"{skipped} already done (skipped)")
+    if failed:
+        done.append(f"{failed} failed (see {failures})")
+    return f"{images} image{'' if images == 1 else 's'}: " + ", ".join(done)
+
+
 def finish(args: argparse.Namespace, tally: Tally, images: int, handled: int, stopped: bool, failures: Path) -> int:
     """Say how the run of `images` went (`handled` of them, `stopped` before the end), write the
     COCO file of what was done, and return the exit status."""
     refused = tally.refused
     if refused is not None:
-        print(
-            f"{PROG}: error: the server refused the token (HTTP {refused.status}: {refused.reason}); "
-            f"nothing more was sent. Pass the inference token with --token=VALUE or ${TOKEN_ENV}, or run from "
-            f"the folder of TorchServe's {KEY_FILE} (its inference key is used)",
-            file=sys.stderr,
-        )
+        print(refusal(refused.status, refused.reason), file=sys.stderr)
     elif stopped:
         print(f"interrupted: {images - handled} images not done; run the same command again to resume", file=sys.stderr)
-    summary = [f"{tally.segmented + tally.skipped} of {images} images segmented"]
-    if tally.skipped:
-        summary.append(f"{tally.skipped} skipped (already done)")
-    if tally.failed:
-        summary.append(f"{tally.failed} failed (see {failures})")
-    print(", ".join(summary))
+    print(summary(images, tally.segmented, tally.skipped, tally.failed, failures))
     coco_failed = False
     if args.coco:
         try:

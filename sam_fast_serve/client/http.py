@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ import requests
 
 from sam_fast_serve.client.coco import mask_size
 from sam_fast_serve.client.fields import checked_options, checked_prompts
-from sam_fast_serve.common.endpoint import INFERENCE_URL, MODEL_NAME, default_inference_token
+from sam_fast_serve.common.endpoint import INFERENCE_URL, MODEL_NAME, default_inference_token, missing_token
 from sam_fast_serve.common.prompts import has_prompts
 from sam_fast_serve.common.tracks import VIDEO_FIELD
 from sam_fast_serve.common.wire import (
     IMAGE_ID_HEADER,
     JSON_MEDIA_TYPE,
+    MAX_REQUEST_SIZE,
     decode_pickled,
     is_annotation_list,
     is_prompt_response,
@@ -66,7 +68,8 @@ class TransportError(SamError):
 
 
 class NotAuthorized(SamError):
-    """The token was refused (TorchServe's 400 InvalidKeyException, a gateway's 401 or 403)."""
+    """The token was refused (TorchServe's 400 InvalidKeyException, a gateway's 401 or 403); when
+    none was sent, the message says where the client looked for one."""
 
 
 class BadRequestError(SamError):
@@ -108,17 +111,38 @@ class Answer:
     size: int
 
 
-def _message(reply: requests.Response) -> tuple[str, str | None]:
-    """The "message" of an error answer's JSON body (else the start of the body), and its kind
-    ("error", ours, or "type", TorchServe's)."""
+def unexplained(status: int, text: str, file_size: int | None) -> str:
+    """The reason of an error answer of HTTP `status` whose body `text` gives none (not JSON with a
+    message). A 413 of a request that sent a file of `file_size` bytes is the server's request size
+    limit: TorchServe refuses a longer body with an empty 413 before the handler sees it. Any other
+    status is named with what it means, and the start of the body follows when there is one."""
+    if status == 413 and file_size is not None:
+        return (
+            f"the server refused the request before reading it: the file is {file_size / 2**20:.1f} MiB "
+            f"({file_size} bytes), and the request is over the server's request size limit (TorchServe's "
+            f"max_request_size; this project's config.properties sets {MAX_REQUEST_SIZE} bytes = "
+            f"{MAX_REQUEST_SIZE / 2**20:g} MiB)"
+        )
+    try:
+        meaning = f"{HTTPStatus(status).phrase}: {HTTPStatus(status).description.lower()}"
+    except ValueError:
+        meaning = "a status HTTP does not define"
+    body = text.strip()[:200]
+    began = f"; its answer began {body!r}" if body else ""
+    return f"the server answered {status} ({meaning}) without a reason{began}"
+
+
+def _message(reply: requests.Response, file_size: int | None) -> tuple[str, str | None]:
+    """The "message" of an error answer's JSON body (else `unexplained`'s reason, for a request
+    that sent a file of `file_size` bytes), and its kind ("error", ours, or "type", TorchServe's)."""
     try:
         body = reply.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
+    if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
         kind = body.get("error", body.get("type"))
         return body["message"], kind if isinstance(kind, str) else None
-    return reply.text[:200], None
+    return unexplained(reply.status_code, reply.text, file_size), None
 
 
 def _is_transient(reply: requests.Response) -> bool:
@@ -135,9 +159,9 @@ def _is_transient(reply: requests.Response) -> bool:
     return not (isinstance(body, dict) and "error" in body)
 
 
-def error_of(reply: requests.Response) -> SamError:
-    """The error a non-200 answer stands for."""
-    message, kind = _message(reply)
+def error_of(reply: requests.Response, file_size: int | None = None) -> SamError:
+    """The error a non-200 answer stands for (`file_size`: the bytes of the file the request sent)."""
+    message, kind = _message(reply, file_size)
     status = reply.status_code
     if status in AUTH_STATUSES or (status == 400 and kind == TORCHSERVE_TOKEN_REFUSED):
         return NotAuthorized(message, status)
@@ -157,9 +181,10 @@ class SamClient:
     """Requests to the model `model` of the TorchServe at `url` (its inference address).
 
     `url`: None takes $SAM_FAST_URL, else http://127.0.0.1:8080. `token`: the inference token;
-    None takes $TS_INFERENCE_TOKEN, else ./key_file.json (what TorchServe writes where it
-    starts), and "" sends none. `wire`: "pickle" (the server's default, smaller) or "json"; both
-    decode to the same answer. `retries`, `backoff`: retries of
+    None takes $TS_INFERENCE_TOKEN, else the key file recorded for that server (`make serve`
+    records it), else ./key_file.json (what TorchServe writes where it starts), and "" sends none;
+    when none is found, a refusal says where the client looked. `wire`: "pickle" (the server's
+    default, smaller) or "json"; both decode to the same answer. `retries`, `backoff`: retries of
     connection errors and busy answers, the first after `backoff` seconds, doubling. `timeout`:
     seconds to wait for an answer (not retried: the server may still be working on it).
     """
@@ -180,7 +205,9 @@ class SamClient:
         url = url or os.environ.get(URL_ENV) or INFERENCE_URL
         self.endpoint = f"{url.rstrip('/')}/predictions/{model}"
         self.headers = {"Accept": JSON_MEDIA_TYPE} if wire == "json" else {}
-        token = default_inference_token() if token is None else token
+        token = default_inference_token(url) if token is None else token
+        # Told with the refusal of a request sent without a token: where none was found, when it was looked for.
+        self.missing_token = missing_token(url) if token is None else None
         if token:
             self.headers["Authorization"] = f"Bearer {token}"
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
@@ -254,11 +281,12 @@ class SamClient:
         given = {"direction": direction, "frame_range": frame_range and list(frame_range), "frame_stride": frame_stride}
         fields.update({name: value for name, value in given.items() if value is not None})
         form = {name: json.dumps(value) for name, value in fields.items()}
-        files = {VIDEO_FIELD: (VIDEO_FIELD, read_image(video), "application/octet-stream")}
+        data = read_image(video)
+        files = {VIDEO_FIELD: (VIDEO_FIELD, data, "application/octet-stream")}
         reply = self._post(dict(self.headers), {"data": form, "files": files, "stream": True})
         with reply:
             if reply.status_code != 200:
-                raise error_of(reply)
+                raise self._error(reply, len(data))
             try:
                 for line in reply.iter_lines():
                     if line:
@@ -306,9 +334,17 @@ class SamClient:
             body = {"data": image}
         reply = self._post(headers, body)
         if reply.status_code != 200:
-            raise error_of(reply)
+            raise self._error(reply, None if image is None else len(image))
         payload = self._decode(reply, has_prompts(fields))
         return Answer(payload, reply.headers.get(IMAGE_ID_HEADER), len(reply.content))
+
+    def _error(self, reply: requests.Response, file_size: int | None) -> SamError:
+        """The error of a non-200 answer to a request that sent a file of `file_size` bytes; a
+        refusal of a request sent without a token says where the client looked for one."""
+        error = error_of(reply, file_size)
+        if isinstance(error, NotAuthorized) and self.missing_token:
+            return NotAuthorized(f"{error.message}; {self.missing_token}", error.status)
+        return error
 
     def _post(self, headers: dict[str, str], body: dict[str, Any]) -> requests.Response:
         """The first answer that is not transient. Connection errors and transient answers are

@@ -83,13 +83,15 @@ def write_files(outcome: Outcome, files: Files) -> Outcome:
 class Results:
     """The files a run writes for each image under `out`: the .json always, the overlay and a
     label image (format `labels`, one of LABEL_FORMATS) if asked; `coco`: each outcome carries
-    the image's size. `image`: the request's image options, with which overlays show the image."""
+    the image's size. `image`: the request's image options, with which overlays show the image;
+    `banner`: text drawn across the top of every overlay."""
 
     out: Path
     overlay: bool = True
     labels: str | None = None
     coco: bool = False
     image: ImageSettings = field(default_factory=ImageSettings)
+    banner: str | None = None
 
     def suffixes(self) -> list[str]:
         """The suffixes of the files written for each image."""
@@ -150,7 +152,9 @@ class Results:
         if OVERLAY_SUFFIX in wanted:
             data = image.path.read_bytes() if data is None else data
             prompts = image.prompts
-            drawn = overlay_png(data, masks, prompts.points, prompts.labels, prompts.boxes, self.image)
+            drawn = overlay_png(
+                data, masks, prompts.points, prompts.labels, prompts.boxes, self.image, banner=self.banner
+            )
             files.append((image.output(self.out, OVERLAY_SUFFIX), drawn))
         if self.labels and size and LABEL_FORMATS[self.labels] in wanted:
             width, height = size

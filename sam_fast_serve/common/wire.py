@@ -22,6 +22,9 @@ from sam_fast_serve.common.records import ANNOTATION_KEYS
 
 JSON_MEDIA_TYPE = "application/json"
 PNG_MEDIA_TYPE = "image/png"
+# config.properties' max_request_size: TorchServe answers a longer body with an empty 413, before
+# the handler sees it (tests/unit/test_wire.py keeps the two equal).
+MAX_REQUEST_SIZE = 26214400
 # Every 200 carries the image's embedding-cache key: sent back as "image_id" with prompts.
 IMAGE_ID_HEADER = "X-Image-Id"
 # The request option that picks what a prompted image/png answer shows: "mask", an 8-bit mask (0 or

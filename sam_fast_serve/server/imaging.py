@@ -36,6 +36,8 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"GIF89a", "GIF"),
 )
 ACCEPTED_FORMATS = "JPEG, PNG, WebP, TIFF, BMP, GIF"
+# A request whose body or image field is there with nothing in it: an empty file was sent.
+EMPTY_IMAGE = "the image is empty (0 bytes)"
 
 
 def sniff_format(data: bytes) -> str:
@@ -99,7 +101,7 @@ def decode_image(data: bytes, max_pixels: int, settings: ImageSettings | None = 
     """
     settings = settings or ImageSettings()
     if not data:
-        raise BadRequest("the request has no image: the body is empty")
+        raise BadRequest(EMPTY_IMAGE)
     fmt = sniff_format(data)
     if fmt == "TIFF":
         samples = read_tiff(data, settings.page, max_pixels)

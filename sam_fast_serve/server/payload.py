@@ -21,7 +21,7 @@ from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES
 from sam_fast_serve.common.prompts import PROMPT_FIELDS
 from sam_fast_serve.common.tracks import VIDEO_FIELD
 from sam_fast_serve.common.wire import OUTPUT_OPTION
-from sam_fast_serve.server.imaging import sniff_format
+from sam_fast_serve.server.imaging import EMPTY_IMAGE, sniff_format
 
 # Field names under which an image is looked for, in order; TorchServe names a raw body "body".
 IMAGE_FIELDS = ("image", "data", "file", "body")
@@ -94,7 +94,7 @@ def _form_option(value: Any) -> Any:
 def parse_request(fields: Mapping[str, Any]) -> ParsedRequest:
     """Find the image in a request's fields and return it with the request's options.
 
-    Raises BadRequest when there is no image, the JSON has no "image", or the base64 is invalid.
+    Raises BadRequest when there is no image or an empty one, the JSON has no "image", or the base64 is invalid.
     """
     name = next((n for n in IMAGE_FIELDS if fields.get(n) not in (None, b"", "")), None)
     if name is None:
@@ -102,6 +102,8 @@ def parse_request(fields: Mapping[str, Any]) -> ParsedRequest:
         name = filled[0] if len(filled) == 1 else None
     if name is None and "image_id" in fields:
         return ParsedRequest(None, {k: _form_option(v) for k, v in fields.items()})
+    if name is None and any(fields.get(n) in (b"", "") for n in IMAGE_FIELDS):
+        raise BadRequest(EMPTY_IMAGE)
     if name is None:
         raise BadRequest(
             "the request has no image: send the file as the body, as a multipart field named "

@@ -2,8 +2,9 @@
 TorchServe: results and overlays per image, the COCO file against the server's own masks, the
 failures report, resume after Ctrl-C (counted in TorchServe's access log), the progress bar on a
 terminal, and the arguments it refuses before sending anything; real bad files each one failure,
-a refused token the end of the run after one request, the server's options, prompt files, label
-images, and `python inference.py` without arguments."""
+an empty file and one over TorchServe's request size limit too, each with its reason, a refused
+token the end of the run after one request, the server's options, prompt files, label images, and
+`python inference.py` without arguments."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ from pycocotools.coco import COCO
 from skimage import data
 
 import sam_fast_serve
-from harness.archives import client_command, run_client
+from harness.archives import client_command, run_client, smoke_archive
 from harness.files import encode, tiff
-from harness.servers import REPO
+from harness.servers import REPO, TorchServe
+from sam_fast_serve.client.batch import EMPTY_FILE
 from sam_fast_serve.client.coco import CocoImage, header_size, masks_of, write_coco
+from sam_fast_serve.client.http import unexplained
 from sam_fast_serve.common.labels import label_image
 from sam_fast_serve.common.wire import decode_pickled, is_annotation_list
 
@@ -183,7 +186,7 @@ def test_folder_and_globs_to_results_overlays_coco_and_failures(server, photos, 
     assert run.returncode == 1, run.stderr
     good = photos.good
     total = len(good) + 2  # the broken PNG and the missing file
-    assert f"{len(good)} of {total} images segmented" in run.stdout
+    assert f"{total} images: {len(good)} segmented, 2 failed" in run.stdout
     assert "nothing/*.png: no image" in run.stderr
     assert f"{photos.folder / 'broken.png'}: FAILED: HTTP 400" in run.stderr
     for name in good:
@@ -228,7 +231,7 @@ def test_interrupted_run_resumes_sending_only_what_is_missing(server, photos, an
     # Everything written is whole: results, overlays, the COCO file of what was done.
     done = {name for name in photos.good if (out / result_name(name)).exists()}
     assert 3 <= len(done) < len(photos.good)
-    assert f"{len(done)} of {len(photos.order)} images segmented" in stdout
+    assert f"{len(photos.order)} images: {len(done)} segmented" in stdout
     for name in done:
         assert is_annotation_list(json.loads((out / result_name(name)).read_text()))
         with Image.open(out / PurePosixPath(name).with_suffix(".overlay.png")) as overlay:
@@ -243,7 +246,10 @@ def test_interrupted_run_resumes_sending_only_what_is_missing(server, photos, an
     sent = posts_logged(server, probe) - before - 1  # less the probe
     assert rerun.returncode == 1, rerun.stderr  # the broken PNG fails again
     assert sent == len(photos.order) - len(done)
-    assert f"{len(photos.good)} of {len(photos.order)} images segmented, {len(done)} skipped" in rerun.stdout
+    assert (
+        f"{len(photos.order)} images: {len(photos.good) - len(done)} segmented, {len(done)} already done (skipped)"
+        in rerun.stdout
+    )
     assert {name: (out / result_name(name)).stat().st_mtime_ns for name in done} == stamps
     check_coco(coco, answers, photos.order)
 
@@ -280,7 +286,7 @@ def test_progress_bar_on_a_terminal_and_no_overlay(server, photos, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.json", "failures.jsonl", "flipped.json"]
 
     status, shown = run_in_terminal([*command, "--progress", "never"])
-    assert status == 1 and "2 of 3 images segmented, 2 skipped (already done), 1 failed" in shown
+    assert status == 1 and "3 images: 0 segmented, 2 already done (skipped), 1 failed" in shown
     assert "img/s" not in shown
 
 
@@ -413,7 +419,7 @@ def test_bad_files_are_one_failure_each_and_the_run_goes_on(server, tmp_path):
     command = [folder, "--out", out, "--coco", out / "coco.json", "--labels", "png"]
     run = run_client(*command, server=server)
     assert run.returncode == 1, run.stderr
-    assert "4 of 8 images segmented, 4 failed" in run.stdout
+    assert "8 images: 4 segmented, 4 failed" in run.stdout
     failures = {Path(f["file"]).name: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert failures["gone.png"] == {
         "file": str(folder / "gone.png"),
@@ -442,7 +448,7 @@ def test_bad_files_are_one_failure_each_and_the_run_goes_on(server, tmp_path):
     rerun = run_client(*command, server=server)
     assert access_log_posts(server) == before  # nothing sent: the results are there, the symlink unreadable
     assert rerun.returncode == 1, rerun.stderr
-    assert "3 of 5 images segmented, 3 skipped (already done), 2 failed" in rerun.stdout
+    assert "5 images: 0 segmented, 3 already done (skipped), 2 failed" in rerun.stdout
     failures = {Path(f["file"]).name: f for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
     assert sorted(failures) == ["gone.png", "lzw.tif"] and failures["lzw.tif"]["status"] is None
     assert failures["lzw.tif"]["reason"].startswith(
@@ -452,9 +458,62 @@ def test_bad_files_are_one_failure_each_and_the_run_goes_on(server, tmp_path):
     assert sorted(image["file_name"] for image in coco["images"]) == ["jpeg.tif", "packbits.tif", "zstd.tif"]
 
 
+def test_an_empty_file_is_one_failure_not_sent_and_the_server_says_so_too(server, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "good.png").write_bytes(encode(data.chelsea()))
+    before = access_log_posts(server)
+    run = run_client(folder, "--out", out, server=server)
+    assert access_log_posts(server) == before + 1  # good.png alone
+    assert run.returncode == 1 and "2 images: 1 segmented, 1 failed" in run.stdout, run.stderr
+    assert f"{folder / 'empty.png'}: FAILED: the file is empty (0 bytes)" in run.stderr
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == [{"file": str(folder / "empty.png"), "status": None, "reason": EMPTY_FILE}]
+    # Sent anyway, as the body or as a multipart field, the server names it the same way.
+    url = f"{server.inference_url}/predictions/sam-fast"
+    for reply in (post(server, b""), requests.post(url, files={"image": ("empty.png", b"")}, headers=server.auth())):
+        assert reply.status_code == 400 and reply.json()["message"] == "the image is empty (0 bytes)", reply.text
+
+
+def test_a_file_over_torchserves_request_size_limit_is_one_failure_with_its_size(tmp_path, random_checkpoint):
+    """TorchServe answers a body over max_request_size with an empty 413 before the handler sees it:
+    the reason is the client's, true of a server set lower than the shipped config too."""
+    limit = 1 << 20
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    big = encode(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8))
+    assert len(big) > limit
+    (folder / "big.png").write_bytes(big)
+    (folder / "small.png").write_bytes(encode(data.chelsea()[::4, ::4]))
+    archive = smoke_archive(tmp_path, random_checkpoint)
+    (tmp_path / "torchserve").mkdir()
+    small_limit = TorchServe(tmp_path / "torchserve", archive.parent, archive.name, f"max_request_size={limit}\n")
+    small_limit.start()
+    try:
+        refused = post(small_limit, big)
+        assert (refused.status_code, refused.content) == (413, b"")  # the answer the client explains
+        run = run_client(folder, "--out", out, server=small_limit)
+    finally:
+        small_limit.stop()
+    assert run.returncode == 1 and "2 images: 1 segmented, 1 failed" in run.stdout, run.stderr
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure == {"file": str(folder / "big.png"), "status": 413, "reason": unexplained(413, "", len(big))}
+    assert failure["reason"].startswith(
+        f"the server refused the request before reading it: the file is {len(big) / 2**20:.1f} MiB ({len(big)} bytes)"
+    )
+    assert failure["reason"].endswith("this project's config.properties sets 26214400 bytes = 25 MiB)")
+
+
 def test_a_refused_token_stops_the_run_after_one_request(server, photos, tmp_path):
     out = tmp_path / "out"
     environment = {k: v for k, v in os.environ.items() if k != "TS_INFERENCE_TOKEN"}
+    environment["XDG_STATE_HOME"] = str(tmp_path / "state")  # no server recorded
+    looked = (
+        f"; no inference token: $TS_INFERENCE_TOKEN is unset, no server is recorded for {server.inference_url} in "
+        f"{tmp_path / 'state' / 'sam-fast-serve' / 'servers'} (make serve records it), and there is no "
+        f"{tmp_path / 'key_file.json'}); nothing more was sent."
+    )
     for token in (["--token=not-the-token"], []):  # a wrong token, and none (no key_file.json in the cwd)
         before = access_log_posts(server)
         run = run_client(
@@ -465,7 +524,8 @@ def test_a_refused_token_stops_the_run_after_one_request(server, photos, tmp_pat
         assert run.returncode == 3, run.stderr
         assert "the server refused the token (HTTP 400: Token Authorization failed." in run.stderr
         assert all(way in run.stderr for way in ("--token=VALUE", "$TS_INFERENCE_TOKEN", "key_file.json"))
-        assert f"0 of {len(photos.order)} images segmented" in run.stdout
+        assert (looked in run.stderr) == (not token), run.stderr  # where it looked, when it found no token
+        assert f"{len(photos.order)} images: 0 segmented\n" in run.stdout
         assert (out / "failures.jsonl").read_text() == ""
         assert json.loads((out / "coco.json").read_text())["images"] == []
 
@@ -539,7 +599,7 @@ def test_label_images_are_the_answers_masks_at_the_inputs_size(server, tmp_path,
     assert run.returncode == 0, run.stderr
     # A second run asks for TIFF label images: drawn from the results, nothing is sent.
     again = run_client(folder, "--out", out, "--labels", "tiff", "--page", "1", server=server)
-    assert again.returncode == 0 and "2 skipped (already done)" in again.stdout, again.stderr
+    assert again.returncode == 0 and "2 images: 0 segmented, 2 already done (skipped)\n" in again.stdout, again.stderr
     for name, (height, width) in (("cat", chelsea.shape[:2]), ("pages", pages[1].shape)):
         masks = json.loads((out / f"{name}.json").read_text())
         expected = label_image(masks, (height, width))

@@ -59,7 +59,7 @@ def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, t
     ]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "4 of 4 images segmented" in first.stdout
+    assert "4 images: 4 segmented\n" in first.stdout
     with Image.open(out / "nested" / "scan.overlay.png") as overlay:
         assert overlay.size == (lzw.shape[1], lzw.shape[0])
 
@@ -67,7 +67,7 @@ def test_installed_client_segments_resumes_and_writes_coco(client_bin, server, t
     before = posts_logged(server, probe)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "4 of 4 images segmented, 4 skipped (already done)" in again.stdout
+    assert "4 images: 0 segmented, 4 already done (skipped)\n" in again.stdout
     assert posts_logged(server, probe) == before + 1  # the probe alone: the rerun sent nothing
 
     answers = {name: decode_pickled(post(server, (folder / name).read_bytes()).text) for name in images}

@@ -190,7 +190,7 @@ def test_worker_killed_during_a_request(server, expected, astronaut, tmp_path):
     stdout, stderr = run.communicate(timeout=600)
     killer.join()
     assert run.returncode == 0, stderr
-    assert "3 of 3 images segmented" in stdout
+    assert "3 images: 3 segmented\n" in stdout
     assert server.worker_pids()[0] != old_pid
     client = Client(server)
     for path in paths:

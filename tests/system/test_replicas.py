@@ -116,7 +116,7 @@ def test_a_replica_killed_mid_run_loses_no_image_and_duplicates_none(replicas, t
     finally:
         client.kill()
     assert client.returncode == 0, output
-    assert "12 of 12 images segmented" in output, output
+    assert "12 images: 12 segmented\n" in output, output
     assert sorted(p.stem for p in out.glob("*.json")) == names
     dataset = json.loads(coco.read_text())
     assert sorted(image["file_name"] for image in dataset["images"]) == [f"{name}.png" for name in names]

@@ -132,7 +132,7 @@ def test_inference_client(server, tmp_path, chelsea, astronaut):
         paths[-1].write_bytes(encode(image))  # same pixels as earlier requests: cached embeddings
     run = run_client(*paths, "--out", tmp_path / "out", server=server, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "2 of 2 images segmented" in run.stdout
+    assert "2 images: 2 segmented\n" in run.stdout
     for path, image in zip(paths, (chelsea, astronaut)):
         annotations = json.loads((tmp_path / "out" / f"{path.stem}.json").read_text())
         check_annotations(annotations, *image.shape[:2])
@@ -147,7 +147,7 @@ def test_inference_client_reports_errors_and_goes_on(server, tmp_path, chelsea):
     run = run_client(bad, good, "--out", tmp_path / "out", server=server)
     assert run.returncode == 1
     assert "bad.png: FAILED: HTTP 400" in run.stderr
-    assert "1 of 2 images segmented" in run.stdout
+    assert "2 images: 1 segmented, 1 failed" in run.stdout
 
 
 def test_inference_client_when_server_is_down(tmp_path, chelsea):

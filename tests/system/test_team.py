@@ -116,7 +116,7 @@ def test_the_printed_client_command_segments_through_the_gateway(gateway, tmp_pa
     args[0] = str(REPO / "samples" / "astronaut.jpg")
     ran = run_client(*args, "--out", tmp_path / "out", cwd=tmp_path)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "1 of 1 images segmented" in ran.stdout
+    assert "1 image: 1 segmented\n" in ran.stdout
     assert (tmp_path / "out" / "astronaut.json").is_file()
 
 

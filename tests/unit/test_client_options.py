@@ -1,17 +1,18 @@
 """The client's command line: a flag for every server option with the server's check, help and
 default from common/options.py; the combinations it refuses before sending anything; the tables
-of docs/client.md made from the parser."""
+of docs/client.md made from the parser; the run's summary line."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from harness.servers import REPO
 from sam_fast_serve.client import SamClient
-from sam_fast_serve.client.cli import build_parser, exit_codes_table, main, options_table, server_options
+from sam_fast_serve.client.cli import build_parser, exit_codes_table, main, options_table, server_options, summary
 from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
 
 SERVER_FIELDS = [*dataclasses.fields(AmgSettings), *dataclasses.fields(ImageSettings)]
@@ -91,6 +92,17 @@ def test_combinations_refused_before_anything_is_sent(capsys, tmp_path, argument
 def test_format_is_an_alias_of_wire():
     assert build_parser().parse_args(["x.png", "--format", "json"]).wire == "json"
     assert build_parser().parse_args(["x.png"]).wire == "pickle"
+
+
+def test_the_summary_says_what_this_run_did():
+    report = Path("out/failures.jsonl")
+    assert (
+        summary(6, 0, 3, 3, report)
+        == "6 images: 0 segmented, 3 already done (skipped), 3 failed (see out/failures.jsonl)"
+    )
+    assert summary(1, 1, 0, 0, report) == "1 image: 1 segmented"
+    assert summary(22, 3, 0, 0, report) == "22 images: 3 segmented"  # interrupted: the rest not done
+    assert summary(5, 2, 0, 1, report) == "5 images: 2 segmented, 1 failed (see out/failures.jsonl)"
 
 
 def test_docs_hold_the_parsers_tables():

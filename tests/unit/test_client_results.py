@@ -1,6 +1,6 @@
 """What the client writes for an answer, with real image files: overlays of compressed TIFFs
-(imagecodecs is in the base install), label images, and a file it cannot draw as that image's
-failure instead of the end of the run."""
+(imagecodecs is in the base install), label images, a file it cannot draw as that image's
+failure instead of the end of the run, and the banner across an overlay's top."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ import tifffile
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from harness.files import tiff
+from harness.files import encode, tiff
 from sam_fast_serve.client.http import Answer
 from sam_fast_serve.client.inputs import InputImage
+from sam_fast_serve.client.overlay import BANNER_FILL, BANNER_TEXT, overlay_png
 from sam_fast_serve.client.results import Results
 from sam_fast_serve.common.labels import label_image
 from sam_fast_serve.common.records import amg_record, rle_to_builtins
 
 HEIGHT, WIDTH = 48, 64
 COMPRESSIONS = ("lzw", "packbits", "jpeg", "zstd")
+SMOKE_BANNER = "SMOKE TEST: random weights, the masks are meaningless"
 
 
 def record(mask: np.ndarray) -> dict:
@@ -115,3 +117,27 @@ def test_a_resumed_image_draws_what_it_lacks_and_a_broken_one_fails(tmp_path):
 
     image.result(out).write_text('{"prompts": []}')  # not an answer to an automatic request: sent again
     assert results.earlier(image) is None
+
+
+@pytest.mark.parametrize("size", [(WIDTH, HEIGHT), (640, 480)])
+def test_a_banner_is_a_legible_band_across_the_top_of_the_overlay(tmp_path, size):
+    width, height = size
+    rgb = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    image = image_at(tmp_path / "photo.png", encode(rgb))
+    plain, marked = (
+        dict(
+            Results(tmp_path / "out", banner=banner).answered(image, image.path.read_bytes(), Answer([], None, 2), 0.1)[
+                1
+            ]
+        )
+        for banner in (None, SMOKE_BANNER)
+    )
+    overlay = image.output(tmp_path / "out", ".overlay.png")
+    assert marked[overlay] == overlay_png(image.path.read_bytes(), [], banner=SMOKE_BANNER)
+    plain_pixels, marked_pixels = (np.asarray(Image.open(io.BytesIO(files[overlay]))) for files in (plain, marked))
+    changed = np.flatnonzero((plain_pixels != marked_pixels).any(axis=(1, 2)))
+    band = changed.max() + 1
+    assert list(changed) == list(range(band)) and 16 <= band <= height // 2  # rows 0..band-1, nothing below
+    assert (marked_pixels[:band] == BANNER_FILL).all(axis=2).any(axis=0).all()  # across the whole width
+    lettered = (marked_pixels[:band] != BANNER_FILL).any(axis=2).any(axis=1)
+    assert lettered.sum() >= 8 and (marked_pixels[:band] == BANNER_TEXT).all(axis=2).any()  # white letters, 8+ px tall

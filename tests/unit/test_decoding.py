@@ -127,6 +127,8 @@ def test_options_come_from_json_and_form_fields(chelsea):
     "fields, match",
     [
         ({}, "no image"),
+        ({"body": bytearray()}, r"^the image is empty \(0 bytes\)$"),  # an empty file as the body
+        ({"image": b"", "points_per_side": b"8"}, r"^the image is empty \(0 bytes\)$"),  # or as a multipart field
         ({"body": {"picture": "abc"}}, '"image"'),
         ({"body": {"image": "%%%not base64%%%"}}, "base64"),
         ({"body": "{not json"}, "JSON"),

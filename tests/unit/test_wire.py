@@ -10,7 +10,7 @@ import pytest
 
 from harness.files import RunsCommand
 from harness.servers import REPO
-from sam_fast_serve.common.wire import decode_pickled, encode_json, encode_pickled, is_annotation_list
+from sam_fast_serve.common.wire import MAX_REQUEST_SIZE, decode_pickled, encode_json, encode_pickled, is_annotation_list
 
 ANNOTATION = {
     "segmentation": {"size": [4, 5], "counts": "3203"},
@@ -21,6 +21,11 @@ ANNOTATION = {
     "stability_score": 0.97,
     "crop_box": [0.0, 0.0, 5.0, 4.0],
 }
+
+
+def test_the_request_size_limit_is_the_shipped_configs():
+    properties = (REPO / "config.properties").read_text().splitlines()
+    assert f"max_request_size={MAX_REQUEST_SIZE}" in properties
 
 
 def test_round_trip():
