@@ -82,7 +82,7 @@ def video_file(frames: np.ndarray, suffix: str, fourcc: str, fps: int = 10) -> b
     """The file bytes of RGB `frames` (N, H, W, 3) written by OpenCV as a `suffix` video of codec `fourcc`."""
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / f"clip{suffix}")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (frames.shape[2], frames.shape[1]))
+        writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*fourcc), fps, (frames.shape[2], frames.shape[1]))
         assert writer.isOpened(), f"OpenCV cannot write {fourcc} {suffix}"
         for frame in frames:
             writer.write(np.ascontiguousarray(frame[:, :, ::-1]))

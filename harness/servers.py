@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from sam_fast_serve.common.endpoint import MODEL_NAME, read_token, wait_until_ready
+from sam_fast_serve.tools.torchserve import RunFolder, busy, moved, read_ports, with_ports
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -47,6 +48,16 @@ def free_port() -> int:
         return port
 
 
+def free_inference_port() -> int:
+    """An inference port for `sam-fast-serve start --port` (make serve PORT=) where all five ports of
+    the shipped config.properties, moved with it, are free."""
+    shipped = read_ports((REPO / "config.properties").read_text())
+    while True:
+        ports = moved(shipped, free_port())
+        if min(ports.values()) > 1024 and not busy(ports):
+            return ports["inference"]
+
+
 def sample_sum(text: str, name: str, **labels: str) -> float | None:
     """The sum of the samples of metric `name` in Prometheus text `text` whose labels include
     `labels`; None when no sample matches."""
@@ -59,9 +70,10 @@ def sample_sum(text: str, name: str, **labels: str) -> float | None:
 
 
 class TorchServe:
-    """TorchServe with the repo's config.properties (ports swapped for free ones) in `workdir`,
-    serving `models` ({name: archive file name} in `model_store`; a str is the archive of MODEL_NAME).
-    Its gRPC listeners and worker sockets get free numbers too, so several can run side by side."""
+    """TorchServe with the repo's config.properties (all five ports swapped for free ones) in
+    `workdir`, its run folder (sam_fast_serve.tools.torchserve: pid file, temp files and logs of its
+    own), serving `models` ({name: archive file name} in `model_store`; a str is the archive of
+    MODEL_NAME). Several run side by side, and beside a server `make serve` started."""
 
     def __init__(
         self,
@@ -73,21 +85,13 @@ class TorchServe:
     ) -> None:
         self.workdir = workdir
         self.environment = environment or {}
-        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+        self.run = RunFolder(workdir)
         properties = (REPO / "config.properties").read_text()
-        for api, port in self.ports.items():
-            properties = re.sub(
-                rf"^{api}_address=http://127\.0\.0\.1:\d+",
-                f"{api}_address=http://127.0.0.1:{port}",
-                properties,
-                flags=re.M,
-            )
+        self.ports = {name: free_port() for name in read_ports(properties)}
+        properties = with_ports(properties, self.ports)
         properties = re.sub(r"^model_store=.*$", f"model_store={model_store}", properties, flags=re.M)
-        # Worker sockets are /tmp/.ts.sock.<port>: a free TCP port number is a name no other server here uses.
-        properties += f"grpc_inference_port={free_port()}\ngrpc_management_port={free_port()}\n"
-        properties += f"initial_worker_port={free_port()}\n"
-        self.config = workdir / "config.properties"
-        self.config.write_text(properties + extra_properties)
+        self.run.prepare(properties + extra_properties)
+        self.config = self.run.config
         self.models = {MODEL_NAME: models} if isinstance(models, str) else models
         self.process: subprocess.Popen | None = None
 
@@ -110,27 +114,21 @@ class TorchServe:
         return {"Authorization": f"Bearer {self.token(api)}"}
 
     def start(self, timeout: float = 300) -> float:
-        """Start and wait until every model is READY; returns the seconds that took."""
+        """Start and wait until every model is READY; returns the seconds that took. Raises
+        TimeoutError, or RuntimeError with the reason as soon as its logs tell of a failure."""
         self.launch()
         try:
-            return max(wait_until_ready(self.management_url, name, self.key_file, timeout) for name in self.models)
-        except TimeoutError:
+            return max(
+                wait_until_ready(self.management_url, name, self.key_file, timeout, self.run.failure)
+                for name in self.models
+            )
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise
 
     def launch(self) -> None:
         """Start the frontend (it loads the models in the background)."""
-        # The launcher keeps its pid file in $TMPDIR and refuses to start while another is listed there;
-        # $TEMP becomes java.io.tmpdir, where the frontend unpacks every archive and never removes it.
-        (self.workdir / "tmp").mkdir(exist_ok=True)
-        env = dict(
-            os.environ,
-            LOG_LOCATION=str(self.workdir / "logs"),
-            METRICS_LOCATION=str(self.workdir / "logs"),
-            TMPDIR=str(self.workdir / "tmp"),
-            TEMP=str(self.workdir / "tmp"),
-            **self.environment,
-        )
+        env = self.run.environment(dict(os.environ, **self.environment))
         self.process = subprocess.Popen(
             [
                 str(BIN / "torchserve"),
@@ -162,7 +160,7 @@ class TorchServe:
         return sample_sum(self.metrics_text(), name, **labels)
 
     def model_log(self) -> str:
-        path = self.workdir / "logs" / "model_log.log"
+        path = self.run.logs / "model_log.log"
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:

@@ -3,7 +3,9 @@
     sam-fast-serve archive --checkpoint PATH --config PATH [--handler PATH] [--export-path DIR] [--model-name NAME]
     sam-fast-serve checkpoint-name --config PATH
     sam-fast-serve download --config PATH [--dest PATH]
-    sam-fast-serve wait-ready [--management-url URL] [--model NAME] [--key-file PATH] [--timeout S]
+    sam-fast-serve start --models NAME=ARCHIVE... [--run-dir DIR] [--ts-config PATH] [--model-store DIR] [--port N]
+    sam-fast-serve stop [--run-dir DIR]
+    sam-fast-serve wait-ready [--management-url URL] [--model NAME] [--key-file PATH] [--run-dir DIR] [--timeout S]
     sam-fast-serve team --listen HOST:PORT [--inference-url URL] [--key-file PATH] [--dir DIR] ...
     sam-fast-serve team-stop [--dir DIR]
     sam-fast-serve random-checkpoint PATH [--model-type vit_b|sam2.1_hiera_tiny|...]
@@ -24,12 +26,15 @@ import sys
 from pathlib import Path
 
 from sam_fast_serve import __version__
-from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MANAGEMENT_URL, MODEL_NAME, wait_until_ready
+from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MANAGEMENT_URL, MODEL_NAME
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.registry import MODEL_TYPES, model_type
 from sam_fast_serve.tools import team
+from sam_fast_serve.tools.torchserve import RunFolder, StartError
 
 SAMPLE_IMAGES = ("astronaut", "chelsea")
+# The run folder of the TorchServe `start` starts (its temp files, logs, config and state).
+RUN_DIR = Path("run")
 # The extra whose packages each subcommand imports beyond the client install; the others need none.
 EXTRA_OF = {
     "archive": "serve",
@@ -64,6 +69,14 @@ def write_samples(directory: Path) -> list[Path]:
     for name, path in zip(SAMPLE_IMAGES, paths):
         Image.fromarray(getattr(data, name)()).save(path)
     return paths
+
+
+def _model_spec(spec: str) -> tuple[str, str]:
+    """NAME=ARCHIVE -> (NAME, ARCHIVE)."""
+    name, sep, archive = spec.partition("=")
+    if not (sep and name and archive):
+        raise ConfigError(f"--models takes NAME=ARCHIVE (e.g. sam-fast=sam-fast.tar.gz), not {spec!r}")
+    return name, archive
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +119,52 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--config", type=Path, required=True, metavar="PATH", help="a model-config.yaml (required)")
     download.add_argument("--dest", type=Path, metavar="PATH", help="where to write it (default: its file name, here)")
 
-    wait = sub.add_parser("wait-ready", help="wait until the model has a READY worker (exit 1 on time-out)")
+    start = sub.add_parser(
+        "start", help="start TorchServe from a run folder of its own and wait until its models are READY"
+    )
+    start.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="NAME=ARCHIVE",
+        help="the models to serve: name=archive file in --model-store (required)",
+    )
+    start.add_argument(
+        "--run-dir",
+        type=Path,
+        default=RUN_DIR,
+        metavar="DIR",
+        help="its temp files (the pid file), logs, config and state: one folder a server (default: %(default)s)",
+    )
+    start.add_argument(
+        "--ts-config",
+        type=Path,
+        default=Path("config.properties"),
+        metavar="PATH",
+        help="TorchServe's config, every port set (default: %(default)s)",
+    )
+    start.add_argument(
+        "--model-store",
+        type=Path,
+        default=Path("model_store"),
+        metavar="DIR",
+        help="the folder of the archives (default: %(default)s)",
+    )
+    start.add_argument(
+        "--port",
+        type=int,
+        metavar="N",
+        help="the inference port; every other port moves by as much (default: the config's)",
+    )
+    start.add_argument(
+        "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
+    )
+    stop = sub.add_parser("stop", help="stop the TorchServe of a run folder, and no other")
+    stop.add_argument(
+        "--run-dir", type=Path, default=RUN_DIR, metavar="DIR", help="its run folder (default: %(default)s)"
+    )
+
+    wait = sub.add_parser("wait-ready", help="wait until the model has a READY worker (exit 1 when it cannot be)")
     wait.add_argument(
         "--management-url",
         default=MANAGEMENT_URL,
@@ -120,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
         default=KEY_FILE,
         metavar="PATH",
         help="the key file TorchServe wrote (default: %(default)s)",
+    )
+    wait.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="the run folder of a server `start` started: give up as soon as it exits or its model fails to load "
+        "(default: none, the management API alone is watched)",
     )
     wait.add_argument(
         "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
@@ -147,6 +212,13 @@ def _parser() -> argparse.ArgumentParser:
         default=KEY_FILE,
         metavar="PATH",
         help="the key file TorchServe wrote (default: %(default)s)",
+    )
+    serve_team.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="the run folder of a TorchServe `start` started: its inference URL and key file instead of both options "
+        "(default: none, both options)",
     )
     serve_team.add_argument(
         "--dir",
@@ -212,10 +284,32 @@ def _run(args: argparse.Namespace) -> int:
             print(file_name)
         else:
             print(download_checkpoint(file_name, args.dest or Path(file_name)))
+    elif args.command == "start":
+        from sam_fast_serve.tools.torchserve import start
+
+        models = dict(_model_spec(spec) for spec in args.models)
+        run = RunFolder(args.run_dir)
+        state = start(run, args.ts_config, args.model_store, models, args.port, args.timeout)
+        for name in models:
+            print(f"TorchServe is running: {state['inference_url']}/predictions/{name}")
+        print(f"  token: {state['key_file']}; logs: {run.logs}; stop it with: sam-fast-serve stop --run-dir {run.path}")
+    elif args.command == "stop":
+        from sam_fast_serve.tools.torchserve import stop
+
+        pid = stop(RunFolder(args.run_dir))
+        print(f"TorchServe stopped (pid {pid})" if pid else f"no TorchServe runs from {args.run_dir}")
     elif args.command == "wait-ready":
-        seconds = wait_until_ready(args.management_url, args.model, args.key_file, args.timeout)
+        from sam_fast_serve.tools.torchserve import wait_ready
+
+        watched = RunFolder(args.run_dir) if args.run_dir else None
+        seconds = wait_ready(watched, args.management_url, args.model, args.key_file, args.timeout)
         print(f"{args.model} READY after {seconds:.1f} s")
     elif args.command == "team":
+        if args.run_dir:
+            started = RunFolder(args.run_dir).state()
+            if started is None:
+                raise StartError(f"no TorchServe was started from {args.run_dir} (make serve starts one)")
+            args.inference_url, args.key_file = started["inference_url"], Path(started["key_file"])
         team.start(args.dir, args.template, args.gateway_js, args.listen, args.inference_url, args.key_file, args.nginx)
         print(f"team gateway on {args.listen} -> TorchServe {args.inference_url} (nginx, files in {args.dir})")
         print("Give each laptop the URL and the team token, e.g.:")
@@ -260,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except (ConfigError, TimeoutError, team.TeamError) as exc:
+    except (ConfigError, StartError, team.TeamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -15,9 +15,9 @@ test_every_curl_line_is_run_or_excluded):
   prompted ones are not). samples/astronaut.jpg is the checkout's photo enlarged past 128 KiB, the most one
   command-line argument may hold: a command that puts the image itself in its command line fails
   here as it would for a user's large file (use `-d @body.json`, `--data-binary @file`, `-T file`).
-- The folder holds samples/clip.mp4 and samples/stack.tif too (8 frames of 160 x 120, a camera
-  panning over the astronaut photo); a block that names either sends a video, and its `sam-fast`
-  is a SAM 2.1 model (test_sam2.1_hiera, random weights) of the same TorchServe.
+- The folder holds the checkout's samples/clip.mp4 and samples/stack.tif too, as a fresh clone has
+  them (samples/README.md); a block that names either sends a video, and its `sam-fast` is a SAM 2.1
+  model (test_sam2.1_hiera, random weights) of the same TorchServe.
 - A block fenced `sh not-run` is never run: it needs what this test does not start (a gateway,
   another host, a cluster); the text around it says what.
 - A line starting with `curl` in any other fenced block (`bash`, `console`, no info string, ...)
@@ -28,62 +28,26 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from harness.archives import KEEP_ALL, smoke_archive
-from harness.files import clip_pixels, tiff, video_file
+from harness.pages import Block, fenced_blocks
 from harness.servers import REPO, TorchServe
 from sam_fast_serve.common.options import AmgSettings
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN, NOT_RUN = "sh", "sh not-run"
-CURL_LINE = re.compile(r"^\s*(\$\s+)?curl\b")
 # The shipped config.properties' listeners, in the order of TorchServe.ports.
 SHIPPED_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
 PRELUDE = """set -euo pipefail
 curl() { command curl --fail-with-body --silent --show-error "$@"; }
 """
-
-
-@dataclass(frozen=True)
-class Block:
-    """A fenced code block of a page: its info string, the line its text starts on, its text."""
-
-    page: Path
-    info: str
-    line: int
-    text: str
-
-    @property
-    def where(self) -> str:
-        return f"{self.page.relative_to(REPO)}:{self.line}"
-
-    def has_curl(self) -> bool:
-        return any(CURL_LINE.match(line) for line in self.text.splitlines())
-
-
-def fenced_blocks(page: Path) -> list[Block]:
-    """The fenced (```) code blocks of a Markdown page, in order."""
-    blocks, info, start, lines = [], None, 0, []
-    for number, line in enumerate(page.read_text().splitlines(), start=1):
-        fence = re.match(r"^\s*```(.*)$", line)
-        if info is None and fence:
-            info, start, lines = fence.group(1).strip(), number + 1, []
-        elif info is not None and fence and not fence.group(1).strip():
-            blocks.append(Block(page, info, start, "\n".join(lines) + "\n"))
-            info = None
-        elif info is not None:
-            lines.append(line)
-    assert info is None, f"{page.relative_to(REPO)}: a fence opened on line {start - 1} is never closed"
-    return blocks
 
 
 ALL_BLOCKS = [block for page in PAGES for block in fenced_blocks(page)]
@@ -131,12 +95,6 @@ def server(tmp_path_factory, random_checkpoint, random_sam2_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def video_samples(clip) -> dict[str, bytes]:
-    frames = clip_pixels(clip, 8)
-    return {"clip.mp4": video_file(frames, ".mp4", "mp4v"), "stack.tif": tiff(frames)}
-
-
-@pytest.fixture(scope="module")
 def large_sample() -> bytes:
     """The checkout's sample photo, enlarged until its base64 is over one command-line argument's limit."""
     photo = Image.open(REPO / "samples" / "astronaut.jpg").convert("RGB")
@@ -159,11 +117,11 @@ def script_for(block: Block, server: TorchServe) -> str:
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda block: block.where)
-def test_curl_block_runs(block, server, large_sample, video_samples, tmp_path):
+def test_curl_block_runs(block, server, large_sample, tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "astronaut.jpg").write_bytes(large_sample)
-    for name, data in video_samples.items():
-        (tmp_path / "samples" / name).write_bytes(data)
+    for sample in VIDEO_SAMPLES:
+        shutil.copy(REPO / sample, tmp_path / sample)
     shutil.copy(server.key_file, tmp_path / "key_file.json")  # read afresh: a block may rotate the keys
     script = tmp_path / "block.sh"
     script.write_text(script_for(block, server))
