@@ -1,37 +1,44 @@
-"""Every curl command of README.md and docs/*.md, run against a real TorchServe.
+"""Every curl and sam-fast-client command of README.md and docs/*.md, run against a real TorchServe.
 
-The rule the docs follow (a curl line that is neither run nor excluded fails
+The rule the docs follow (a curl or sam-fast-client line that is neither run nor excluded fails
 test_every_curl_line_is_run_or_excluded):
-- A fenced block whose info string is `sh` and that has a line starting with `curl` is run whole,
-  top to bottom, as one bash script with `set -euo pipefail`, so every command in it must succeed;
+- A fenced block whose info string is `sh` and that has a line starting with `curl` or with
+  `sam-fast-client` is run whole, top to bottom, as one bash script with `set -euo pipefail`, so
+  every command in it must succeed (sam-fast-client exits 0 only when every image or video is done);
   curl runs as `curl --fail-with-body --silent --show-error`, so an HTTP error status fails it too.
   A backslash at the end of a line continues it, as in any shell.
 - It runs as a user pastes it at the root of a checkout whose TorchServe `make serve` started: in a
-  fresh folder holding samples/astronaut.jpg and TorchServe's key_file.json, `$TOKEN` already set to
-  the inference token, `python` this test's interpreter, and the shipped config.properties'
-  addresses http://127.0.0.1:8080, :8081 and :8082 (inference, management, metrics) pointing at the
-  test's TorchServe, whose model is `sam-fast` (test_vit with random weights, the smoke config's
-  small grid and the default thresholds, which no random mask passes: automatic answers are empty,
-  prompted ones are not). samples/astronaut.jpg is the checkout's photo enlarged past 128 KiB, the most one
-  command-line argument may hold: a command that puts the image itself in its command line fails
-  here as it would for a user's large file (use `-d @body.json`, `--data-binary @file`, `-T file`).
-- The folder holds the checkout's samples/clip.mp4 and samples/stack.tif too, as a fresh clone has
-  them (samples/README.md); a block that names either sends a video, and its `sam-fast` is a SAM 2.1
-  model (test_sam2.1_hiera, random weights) of the same TorchServe.
+  fresh folder holding a copy of every file of the checkout's samples/ (nothing else of it: a file
+  a command names is there or made by an earlier line of the block), inference.py, .venv (this
+  test's virtualenv) and TorchServe's key_file.json; `$TOKEN` and `$TS_INFERENCE_TOKEN` already set
+  to the inference token, `$SAM_FAST_URL` to the inference address, `python` and `sam-fast-client`
+  this test's virtualenv's, and the shipped config.properties' addresses http://127.0.0.1:8080,
+  :8081 and :8082 (inference, management, metrics) pointing at the test's TorchServe, whose model
+  is `sam-fast` (test_vit with random weights, the smoke config's small grid and the default
+  thresholds, which no random mask passes: automatic answers are empty, prompted ones are not).
+  samples/astronaut.jpg is the checkout's photo enlarged past 128 KiB, the most one command-line
+  argument may hold: a command that puts the image itself in its command line fails here as it
+  would for a user's large file (use `-d @body.json`, `--data-binary @file`, `-T file`).
+- samples/clip.mp4 and samples/stack.tif are as a fresh clone has them (samples/README.md); a block
+  that names either sends a video, and its `sam-fast` is a SAM 2.1 model (test_sam2.1_hiera,
+  random weights) of the same TorchServe: its `/predictions/sam-fast` and its sam-fast-client
+  commands (`--model sam2-fast`) go there.
 - A block fenced `sh not-run` is never run: it needs what this test does not start (a gateway,
   another host, a cluster); the text around it says what.
-- A line starting with `curl` in any other fenced block (`bash`, `console`, no info string, ...)
-  fails the test.
+- A line starting with `curl` or `sam-fast-client` in any other fenced block (`bash`, `console`, no
+  info string, ...) fails the test.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -50,15 +57,30 @@ curl() { command curl --fail-with-body --silent --show-error "$@"; }
 """
 
 
+CLIENT_LINE = re.compile(r"^\s*(\$\s+)?sam-fast-client\b", re.MULTILINE)
+
+
+def has_client(block: Block) -> bool:
+    """Whether a line of the block starts with `sam-fast-client` (as has_curl, for curl)."""
+    return CLIENT_LINE.search(block.text) is not None
+
+
+def has_command(block: Block) -> bool:
+    return block.has_curl() or has_client(block)
+
+
 ALL_BLOCKS = [block for page in PAGES for block in fenced_blocks(page)]
-RUN_BLOCKS = [block for block in ALL_BLOCKS if block.info == RUN and block.has_curl()]
+RUN_BLOCKS = [block for block in ALL_BLOCKS if block.info == RUN and has_command(block)]
 
 
 def test_every_curl_line_is_run_or_excluded():
-    stray = [block.where for block in ALL_BLOCKS if block.has_curl() and block.info not in (RUN, NOT_RUN)]
-    assert stray == [], f"curl lines in blocks that are neither ```{RUN} nor ```{NOT_RUN}: {stray}"
+    stray = [block.where for block in ALL_BLOCKS if has_command(block) and block.info not in (RUN, NOT_RUN)]
+    assert stray == [], f"curl or sam-fast-client lines in blocks neither ```{RUN} nor ```{NOT_RUN}: {stray}"
     assert any(block.page.name == "README.md" for block in RUN_BLOCKS), "README's curl examples are not run"
     assert len(RUN_BLOCKS) >= 5, [block.where for block in RUN_BLOCKS]
+    client_blocks = [block.where for block in RUN_BLOCKS if has_client(block)]
+    assert any(where.startswith("README.md") for where in client_blocks), "README's client run is not run"
+    assert len(client_blocks) >= 5, client_blocks
 
 
 def test_block_extraction(tmp_path):
@@ -74,6 +96,9 @@ def test_block_extraction(tmp_path):
         ("bash", 11, True),
     ]
     assert blocks[0].text == "TOKEN=x\ncurl -H a \\\n  http://127.0.0.1:8080/ping\n"
+    assert not any(has_client(b) for b in blocks)
+    assert has_client(Block(page, "sh", 1, ". .venv/bin/activate  # sam-fast-client\n  sam-fast-client a.jpg\n"))
+    assert not has_client(Block(page, "sh", 1, "echo sam-fast-client  # sam-fast-client\nsam-fast-clients x\n"))
 
 
 VIDEO_SAMPLES, VIDEO_MODEL = ("samples/clip.mp4", "samples/stack.tif"), "sam2-fast"
@@ -111,27 +136,49 @@ def script_for(block: Block, server: TorchServe) -> str:
     text = block.text
     if any(sample in text for sample in VIDEO_SAMPLES):
         text = text.replace("/predictions/sam-fast", f"/predictions/{VIDEO_MODEL}")
+        # After the command's name, where a trailing comment or continuation cannot swallow it.
+        text = CLIENT_LINE.sub(lambda found: f"{found.group(0)} --model {VIDEO_MODEL}", text)
     for api, shipped in SHIPPED_PORTS.items():
         text = text.replace(f"127.0.0.1:{shipped}", f"127.0.0.1:{server.ports[api]}")
     return PRELUDE + text
 
 
+def test_video_blocks_go_to_the_video_model():
+    server = SimpleNamespace(ports={"inference": 9080, "management": 9081, "metrics": 9082})
+    text = (
+        "sam-fast-client samples/clip.mp4 --point 80,60  # a comment\ncurl http://127.0.0.1:8080/predictions/sam-fast\n"
+    )
+    script = script_for(Block(REPO / "page.md", RUN, 1, text), server)
+    assert script == PRELUDE + (
+        f"sam-fast-client --model {VIDEO_MODEL} samples/clip.mp4 --point 80,60  # a comment\n"
+        f"curl http://127.0.0.1:9080/predictions/{VIDEO_MODEL}\n"
+    )
+    image = Block(REPO / "page.md", RUN, 1, "sam-fast-client samples/astronaut.jpg\n")
+    assert script_for(image, server) == PRELUDE + image.text
+
+
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda block: block.where)
 def test_curl_block_runs(block, server, large_sample, tmp_path):
-    (tmp_path / "samples").mkdir()
+    shutil.copytree(REPO / "samples", tmp_path / "samples")
     (tmp_path / "samples" / "astronaut.jpg").write_bytes(large_sample)
-    for sample in VIDEO_SAMPLES:
-        shutil.copy(REPO / sample, tmp_path / sample)
+    shutil.copy(REPO / "inference.py", tmp_path / "inference.py")
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     shutil.copy(server.key_file, tmp_path / "key_file.json")  # read afresh: a block may rotate the keys
     script = tmp_path / "block.sh"
     script.write_text(script_for(block, server))
-    env = dict(os.environ, TOKEN=server.token(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        TOKEN=server.token(),
+        TS_INFERENCE_TOKEN=server.token(),
+        SAM_FAST_URL=server.inference_url,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     # -x: the failing command is the last one traced; an error body is in the file it wrote (-o).
     ran = subprocess.run(
         ["bash", "-x", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     if ran.returncode != 0:
-        trace = "\n".join(line[:400] for line in ran.stderr.splitlines()[-8:])
+        trace = "\n".join(line[:400] for line in [*ran.stdout.splitlines()[-4:], *ran.stderr.splitlines()[-8:]])
         bodies = {
             p.name: p.read_bytes()[:1000]
             for p in tmp_path.iterdir()
