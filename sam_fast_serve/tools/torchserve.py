@@ -232,7 +232,11 @@ def start(
     if taken:
         listed = ", ".join(f"{port} ({name})" for name, port in taken.items())
         alternative = free_inference_port(ports)
-        hint = f"; all five are free with --port {alternative} (make serve PORT={alternative})" if alternative else ""
+        hint = (
+            f"; all five are free with --port {alternative}: add PORT={alternative} to the make command"
+            if alternative
+            else ""
+        )
         raise StartError(f"in use on 127.0.0.1 (another TorchServe or program listens there): {listed}{hint}")
     run.prepare(with_ports(properties, ports))
     # The logs are read for this start's failures: an earlier start's must not be taken for them.

@@ -112,7 +112,7 @@ def test_readme_first_run_beside_another_torchserve(fresh_clone, other_torchserv
     assert started.returncode != 0, output
     grpc = read_ports((REPO / "config.properties").read_text())["grpc_inference"]
     assert f"{grpc} (grpc_inference)" in output and "Traceback" not in output, output
-    port = re.search(r"make serve PORT=(\d+)", output).group(1)
+    port = re.search(r"add PORT=(\d+) to the make command", output).group(1)
     started = bash(serve_lines.replace("make serve", f"make serve PORT={port}"), fresh_clone, env)
     output = started.stdout + started.stderr
     env["SAM_FAST_URL"] = f"http://127.0.0.1:{port}"

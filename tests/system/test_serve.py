@@ -5,6 +5,7 @@ start that cannot succeed says why at once, naming the log."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_a_port_in_use_is_named_at_once(tmp_path, archive, state_home):
         ran = start(tmp_path, archive, port)
     assert ran.returncode == 1
     assert f"in use on 127.0.0.1 (another TorchServe or program listens there): {grpc} (grpc_inference)" in ran.stderr
-    assert "make serve PORT=" in ran.stderr
+    assert re.search(r"all five are free with --port (\d+): add PORT=\1 to the make command", ran.stderr)
     assert time.monotonic() - began < 30  # no wait for a server that cannot start
     assert RunFolder(tmp_path / "run").pid() is None
 
