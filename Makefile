@@ -13,6 +13,8 @@ IMAGES       ?= out/samples
 RUN_DIR      ?= run
 # Empty: config.properties' ports (inference 8080). PORT=9080 moves all five by as much.
 PORT         ?=
+# The client's --url for this checkout's server where PORT moved it.
+CLIENT_URL   := $(if $(PORT),--url http://127.0.0.1:$(PORT))
 # The team server (make team-serve): the gateway's one listener, the only one beyond loopback, in
 # front of this checkout's TorchServe, or of one started elsewhere when MANAGEMENT_URL is given
 # (with INFERENCE_URL and KEY_FILE).
@@ -68,7 +70,6 @@ serve:
 	@test -f model_store/$(MODEL_NAME).tar.gz || $(MAKE) --no-print-directory archive
 	@$(BIN)/sam-fast-serve start --run-dir $(RUN_DIR) --ts-config config.properties --model-store model_store \
 		--models $(MODEL_NAME)=$(MODEL_NAME).tar.gz $(if $(PORT),--port $(PORT))
-	@echo "Stop it with: make stop"
 
 # One TorchServe for a team: this checkout's (make serve: started unless it runs already) or, with
 # MANAGEMENT_URL, one started elsewhere; READY, then nginx on TEAM_LISTEN checks the shared token
@@ -97,7 +98,7 @@ samples:
 # The main job, end to end: real weights (downloaded if missing), archive, serve, segment, stop.
 demo: samples
 	$(MAKE) --no-print-directory archive serve
-	$(BIN)/sam-fast-client $(IMAGES) --out out/demo --coco out/demo/coco.json $(if $(PORT),--url http://127.0.0.1:$(PORT)); \
+	$(BIN)/sam-fast-client $(IMAGES) --out out/demo --coco out/demo/coco.json $(CLIENT_URL); \
 		status=$$?; $(MAKE) --no-print-directory stop; exit $$status
 
 # SMOKE MODE: random weights, a small grid, thresholds 0 and NMS off. Checks the plumbing only;
@@ -108,7 +109,7 @@ smoke: samples
 	$(BIN)/sam-fast-serve random-checkpoint checkpoints/random_vit_b.pth
 	$(MAKE) --no-print-directory archive serve SAM_CHECKPOINT=checkpoints/random_vit_b.pth MODEL_CONFIG=tests/smoke-config.yaml
 	@$(BIN)/sam-fast-client $(IMAGES) --out out/smoke --coco out/smoke/coco.json --overlay-banner "$(SMOKE_BANNER)" \
-		$(if $(PORT),--url http://127.0.0.1:$(PORT)); \
+		$(CLIENT_URL); \
 		status=$$?; $(MAKE) --no-print-directory stop; echo "*** $(SMOKE_BANNER) ***"; exit $$status
 
 bench:

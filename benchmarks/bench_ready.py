@@ -85,7 +85,7 @@ def ratio(first: float, later: float) -> str:
 def measure(name: str, checkpoint: Path, image: Any, args: argparse.Namespace) -> None:
     """Print one model's table lines: per share, the first request after READY, the later ones,
     and first / the median of the later ones."""
-    net = model_type(name).family.module().build(model_type(name), str(checkpoint))
+    net = model_type(name).family.code().build(model_type(name), str(checkpoint))
     ious = predicted_ious(net, image, args.points_per_side)
     del net
     png = base64.b64encode(encode(image)).decode()

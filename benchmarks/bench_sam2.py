@@ -174,7 +174,7 @@ def measure_model(
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Rows by kept share for one model (the reference first), and its --server table lines."""
     model = model_type(name)
-    net = model.family.module().build(model, str(checkpoint))
+    net = model.family.code().build(model, str(checkpoint))
     ious = [predicted_ious(net, image, args.points_per_side) for image in images]
     services = load_services(name, checkpoint, ours, args.points_per_side)
     base = next(iter(services.values())).config.amg

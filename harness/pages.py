@@ -8,7 +8,8 @@ from pathlib import Path
 
 from harness.servers import REPO
 
-CURL_LINE = re.compile(r"^\s*(\$\s+)?curl\b")
+CURL_LINE = re.compile(r"^\s*(\$\s+)?curl\b", re.MULTILINE)
+CLIENT_LINE = re.compile(r"^\s*(\$\s+)?sam-fast-client\b", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,12 @@ class Block:
         return f"{self.page.relative_to(REPO)}:{self.line}"
 
     def has_curl(self) -> bool:
-        return any(CURL_LINE.match(line) for line in self.text.splitlines())
+        """Whether a line of the block starts with `curl`."""
+        return CURL_LINE.search(self.text) is not None
+
+    def has_client(self) -> bool:
+        """Whether a line of the block starts with `sam-fast-client`."""
+        return CLIENT_LINE.search(self.text) is not None
 
 
 def fenced_blocks(page: Path) -> list[Block]:

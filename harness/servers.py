@@ -48,14 +48,15 @@ def free_port() -> int:
         return port
 
 
-def free_inference_port() -> int:
-    """An inference port for `sam-fast-serve start --port` (make serve PORT=) where all five ports of
-    the shipped config.properties, moved with it, are free."""
+def free_server_port(tries: int = 1000) -> int:
+    """A port for `sam-fast-serve start --port` (make serve PORT=): one where all five ports of the
+    shipped config.properties, moved with it, are free (and above 1024)."""
     shipped = read_ports((REPO / "config.properties").read_text())
-    while True:
-        ports = moved(shipped, free_port())
-        if min(ports.values()) > 1024 and not busy(ports):
-            return ports["inference"]
+    for _ in range(tries):
+        port = free_port()
+        if port - shipped["inference"] + min(shipped.values()) > 1024 and not busy(moved(shipped, port)):
+            return port
+    raise RuntimeError(f"no port found in {tries} tries whose five moved ports are all free")
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float | None:
@@ -160,7 +161,7 @@ class TorchServe:
         return sample_sum(self.metrics_text(), name, **labels)
 
     def model_log(self) -> str:
-        path = self.run.logs / "model_log.log"
+        path = self.run.worker_log
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:

@@ -521,8 +521,8 @@ def refusal(status: int | None, reason: str | None) -> str:
     when no token was sent, says where the client looked for one), and where to find a token."""
     return (
         f"{PROG}: error: the server refused the token (HTTP {status}: {reason}); nothing more was sent. "
-        f"Pass the inference token with --token=VALUE or ${TOKEN_ENV}, or run from the folder of TorchServe's "
-        f"{KEY_FILE} (its inference key is used)"
+        f"Pass the inference token with --token=VALUE or ${TOKEN_ENV}; without either, the client takes the key "
+        f"file `make serve` recorded for the server's URL, else ./{KEY_FILE}"
     )
 
 

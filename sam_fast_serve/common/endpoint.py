@@ -30,11 +30,14 @@ def read_token(key_file: Path, api: str) -> str:
         return str(json.load(f)[api]["key"])
 
 
+def state_home() -> Path:
+    """The user's state folder: $XDG_STATE_HOME, else ~/.local/state (the XDG default)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
 def state_dir() -> Path:
-    """Where sam-fast-serve keeps what outlives a command: $XDG_STATE_HOME/sam-fast-serve, else
-    ~/.local/state/sam-fast-serve (the XDG default)."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "sam-fast-serve"
+    """Where sam-fast-serve keeps what outlives a command: state_home()/sam-fast-serve."""
+    return state_home() / "sam-fast-serve"
 
 
 def _server_record(inference_url: str) -> Path:
@@ -58,12 +61,25 @@ def forget_server(inference_url: str) -> None:
     _server_record(inference_url).unlink(missing_ok=True)
 
 
-def recorded_key_file(inference_url: str) -> Path | None:
-    """The key file recorded for the server at `inference_url`; None without a readable record."""
+def _recorded(record: Path) -> tuple[str, Path] | None:
+    """(inference URL, key file) of a record file; None when it is not a readable record."""
     try:
-        return Path(json.loads(_server_record(inference_url).read_text())["key_file"])
+        fields = json.loads(record.read_text())
+        return str(fields["inference_url"]), Path(fields["key_file"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def recorded_key_file(inference_url: str) -> Path | None:
+    """The key file recorded for the server at `inference_url`; None without a readable record."""
+    found = _recorded(_server_record(inference_url))
+    return found[1] if found else None
+
+
+def recorded_servers() -> dict[str, Path]:
+    """Every server recorded on this machine: {inference URL: key file}."""
+    found = (_recorded(record) for record in sorted((state_dir() / "servers").glob("*.json")))
+    return dict(item for item in found if item is not None)
 
 
 def _inference_token(key_file: Path | None) -> str | None:

@@ -2,16 +2,22 @@
 checkpoint. `model_type` picks the family; nothing outside a family's folder names its classes.
 
 Torch free: config validation and the tools read this table without the server's dependencies. A
-family's code is imported on first use (`Family.module`).
+family's code is imported on first use (`Family.code`), and the type checker holds it to the family
+contract (models/family.py).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType, ModuleType
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sam2.modeling.sam2_base import SAM2Base
+    from segment_anything.modeling import Sam
+
+    from sam_fast_serve.models.family import FamilyCode
 
 # The automatic mask generation keys both families take (common.options.AmgSettings names them).
 _SHARED_AMG_KEYS = (
@@ -27,34 +33,53 @@ _SHARED_AMG_KEYS = (
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: the package under sam_fast_serve.models that builds its models and engines,
-    the AMG keys its generator takes, the defaults it changes (its reference generator's),
-    whether it has the int8 encoder (`dtype: int8`) and the compiled one (`compile: true`), and
-    whether it follows objects through video (common.tracks)."""
+    """A model family: its name (its package under sam_fast_serve.models) and title, `code`, which
+    imports that package (torch and the family's upstream code) as the family contract, the AMG keys
+    its generator takes, the defaults it changes (its reference generator's), whether it has the
+    int8 encoder (`dtype: int8`) and the compiled one (`compile: true`), and whether it follows
+    objects through video (common.tracks)."""
 
     name: str
     title: str
+    code: Callable[[], FamilyCode[Any]]
     amg_keys: tuple[str, ...]
     amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     int8: bool = False
     compile: bool = False
     video: bool = False
 
-    def module(self) -> ModuleType:
-        """The family's package (its `build` and `engine` functions): imports torch and the
-        family's upstream code."""
-        return importlib.import_module(f"sam_fast_serve.models.{self.name}")
+
+# Each family's package, checked against the contract with its own network type.
+def _sam1_code() -> FamilyCode[Sam]:
+    from sam_fast_serve.models import sam1
+
+    return sam1
 
 
-SAM1 = Family("sam1", "Segment Anything (SAM 1)", _SHARED_AMG_KEYS, int8=True, compile=True)
+def _sam2_code() -> FamilyCode[SAM2Base]:
+    from sam_fast_serve.models import sam2
+
+    return sam2
+
+
+SAM1 = Family("sam1", "Segment Anything (SAM 1)", _sam1_code, _SHARED_AMG_KEYS, int8=True, compile=True)
 SAM2 = Family(
     "sam2",
     "SAM 2 and SAM 2.1",
+    _sam2_code,
     (*_SHARED_AMG_KEYS, "use_m2m", "multimask_output"),
     # SAM2AutomaticMaskGenerator's default; SAM 1's is 0.88.
     MappingProxyType({"pred_iou_thresh": 0.8}),
     video=True,
 )
+
+
+FAMILIES = (SAM1, SAM2)
+
+
+def families_that(can: Callable[[Family], bool]) -> str:
+    """The titles of the families for which `can` holds, for messages: "A" or "A and B"."""
+    return " and ".join(family.title for family in FAMILIES if can(family))
 
 
 @dataclass(frozen=True)
@@ -160,7 +185,7 @@ def official_checkpoints() -> dict[str, ModelType]:
 def _builder(name: str) -> Callable[[str | None], Any]:
     def build(checkpoint: str | None = None) -> Any:
         """Build the model (in eval mode, on the CPU, float32); load `checkpoint` with weights_only=True if given."""
-        return MODEL_TYPES[name].family.module().build(MODEL_TYPES[name], checkpoint)
+        return MODEL_TYPES[name].family.code().build(MODEL_TYPES[name], checkpoint)
 
     return build
 

@@ -27,7 +27,7 @@ from sam_fast_serve.common.options import (
     rules_of,
 )
 from sam_fast_serve.models.precision import DTYPE_NAMES, INT8
-from sam_fast_serve.models.registry import MODEL_TYPES, Family, model_type
+from sam_fast_serve.models.registry import MODEL_TYPES, Family, families_that, model_type
 from sam_fast_serve.server.frames import VideoLimits
 
 
@@ -103,10 +103,14 @@ def load_service_config(handler_section: Mapping[str, Any] | None) -> ServiceCon
     problem = foreign_keys(section, family.amg_keys, model)
     if problem:
         raise ConfigError(f"handler key(s) {problem}")
-    if section.get("dtype") == INT8 and not family.int8:
-        raise ConfigError(f"handler key 'dtype' int8 applies to SAM 1 models only, and {model} is {family.title}'s")
-    if section.get("compile") and not family.compile:
-        raise ConfigError(f"handler key 'compile' applies to SAM 1 models only, and {model} is {family.title}'s")
+    for key, asked, can in (
+        ("'dtype' int8", section.get("dtype") == INT8, lambda f: f.int8),
+        ("'compile'", bool(section.get("compile")), lambda f: f.compile),
+    ):
+        if asked and not can(family):
+            raise ConfigError(
+                f"handler key {key} applies to {families_that(can)} models only, and {model} is {family.title}'s"
+            )
     amg = AmgSettings(**{**family.amg_defaults, **{k: section.pop(k) for k in list(section) if k in AMG_RULES}})
     image = ImageSettings(**{k: section.pop(k) for k in list(section) if k in IMAGE_RULES})
     if image.problem():

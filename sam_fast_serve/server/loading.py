@@ -30,7 +30,7 @@ def load_engine(config: ServiceConfig, model_dir: Path, gpu_id: int | None) -> E
     """
     started = time.perf_counter()
     model = model_type(config.model_type)
-    family = model.family.module()
+    family = model.family.code()
     checkpoint = resolve_checkpoint(model_dir, config.checkpoint_file, config.model_type)
     device = select_device(gpu_id)
     precision = resolve_precision(config.dtype, device)

@@ -30,7 +30,7 @@ from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MANAGEMENT_U
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.registry import MODEL_TYPES, model_type
 from sam_fast_serve.tools import team
-from sam_fast_serve.tools.torchserve import RunFolder, StartError
+from sam_fast_serve.tools.torchserve import RunFolder, StartError, start, stop, wait_ready
 
 SAMPLE_IMAGES = ("astronaut", "chelsea")
 # The run folder of the TorchServe `start` starts (its temp files, logs, config and state).
@@ -52,7 +52,7 @@ def save_random_checkpoint(path: Path, name: str = "vit_b", seed: int = 0) -> Pa
     import torch
 
     model = model_type(name)
-    family = model.family.module()
+    family = model.family.code()
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(family.checkpoint_state(family.build(model)), path)
@@ -69,6 +69,14 @@ def write_samples(directory: Path) -> list[Path]:
     for name, path in zip(SAMPLE_IMAGES, paths):
         Image.fromarray(getattr(data, name)()).save(path)
     return paths
+
+
+def _started_from(run: RunFolder) -> dict:
+    """The state `start` wrote in `run`. Raises StartError when there is none."""
+    state = run.state()
+    if state is None:
+        raise StartError(f"no TorchServe was started from {run.path} (make serve starts one)")
+    return state
 
 
 def _model_spec(spec: str) -> tuple[str, str]:
@@ -183,8 +191,8 @@ def _parser() -> argparse.ArgumentParser:
         "--run-dir",
         type=Path,
         metavar="DIR",
-        help="the run folder of a server `start` started: give up as soon as it exits or its model fails to load "
-        "(default: none, the management API alone is watched)",
+        help="the run folder of a server `start` started: its management URL and key file, and give up as soon as "
+        "it exits or its model fails to load (default: none, the management API alone is watched)",
     )
     wait.add_argument(
         "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
@@ -285,30 +293,29 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(download_checkpoint(file_name, args.dest or Path(file_name)))
     elif args.command == "start":
-        from sam_fast_serve.tools.torchserve import start
-
         models = dict(_model_spec(spec) for spec in args.models)
         run = RunFolder(args.run_dir)
         state = start(run, args.ts_config, args.model_store, models, args.port, args.timeout)
         for name in models:
             print(f"TorchServe is running: {state['inference_url']}/predictions/{name}")
-        print(f"  token: {state['key_file']}; logs: {run.logs}; stop it with: sam-fast-serve stop --run-dir {run.path}")
+        print(
+            f"  token: {state['key_file']}; logs: {run.logs}; stop it with: make stop (sam-fast-serve stop --run-dir {run.path})"
+        )
     elif args.command == "stop":
-        from sam_fast_serve.tools.torchserve import stop
-
         pid = stop(RunFolder(args.run_dir))
         print(f"TorchServe stopped (pid {pid})" if pid else f"no TorchServe runs from {args.run_dir}")
     elif args.command == "wait-ready":
-        from sam_fast_serve.tools.torchserve import wait_ready
-
         watched = RunFolder(args.run_dir) if args.run_dir else None
+        if watched is not None:
+            started = _started_from(watched)
+            args.management_url, args.key_file = started["management_url"], Path(started["key_file"])
         seconds = wait_ready(watched, args.management_url, args.model, args.key_file, args.timeout)
         print(f"{args.model} READY after {seconds:.1f} s")
     elif args.command == "team":
         if args.run_dir:
-            started = RunFolder(args.run_dir).state()
-            if started is None:
-                raise StartError(f"no TorchServe was started from {args.run_dir} (make serve starts one)")
+            started = _started_from(RunFolder(args.run_dir))
+            if RunFolder(args.run_dir).pid() is None:
+                raise StartError(f"the TorchServe of {args.run_dir} is not running (make serve starts it)")
             args.inference_url, args.key_file = started["inference_url"], Path(started["key_file"])
         team.start(args.dir, args.template, args.gateway_js, args.listen, args.inference_url, args.key_file, args.nginx)
         print(f"team gateway on {args.listen} -> TorchServe {args.inference_url} (nginx, files in {args.dir})")

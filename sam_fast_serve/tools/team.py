@@ -5,8 +5,8 @@ deploy/kubernetes/gateway.js).
 TorchServe 0.12 makes new keys at every start and cannot be given one, so laptops are given the team
 token instead; the gateway checks it and passes each request on with TorchServe's current inference
 key, read from its key_file.json. The token comes from an environment variable and is written only to
-the gateway's folder (mode 600), which is never a checkout. Standard library only: a client install
-runs it too.
+the gateway's folder (mode 600), which is never a checkout. It needs nothing beyond a client
+install, which runs it too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from sam_fast_serve.common.endpoint import state_home
+
 TOKEN_ENV = "SAM_FAST_TEAM_TOKEN"
 # gateway.js refuses shorter tokens (a test keeps the two equal): refusing here says why.
 MIN_TOKEN_LENGTH = 16
@@ -41,8 +43,7 @@ class TeamError(Exception):
 def default_dir() -> Path:
     """Where the gateway keeps its config, token, pid and logs: $XDG_STATE_HOME/sam-fast-team, else
     ~/.local/state/sam-fast-team."""
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "sam-fast-team"
+    return state_home() / "sam-fast-team"
 
 
 def team_token(environ: Mapping[str, str] = os.environ) -> str:

@@ -16,6 +16,7 @@ Standard library only (and requests): `wait-ready` runs from a client install to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,8 +29,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from sam_fast_serve.common.endpoint import forget_server, record_server, wait_until_ready
+from sam_fast_serve.common.endpoint import (
+    KEY_FILE,
+    forget_server,
+    record_server,
+    recorded_servers,
+    wait_until_ready,
+)
 
 # Each listener's key in config.properties, in the order `--port` moves them.
 PORT_KEYS = {
@@ -40,6 +48,8 @@ PORT_KEYS = {
     "grpc_management": "grpc_management_port",
 }
 PID_FILE = ".model_server.pid"
+# What run/server.json holds.
+STATE_KEYS = {"inference_url", "management_url", "metrics_url", "key_file", "models", "ports"}
 # How often wait-ready says what it waits for.
 PROGRESS_SECONDS = 10.0
 
@@ -71,9 +81,14 @@ def with_ports(properties: str, ports: Mapping[str, int]) -> str:
 
 
 def moved(ports: Mapping[str, int], inference_port: int) -> dict[str, int]:
-    """Every port moved by as much as the inference port moves to `inference_port`."""
+    """Every port moved by as much as the inference port moves to `inference_port`. Raises
+    StartError when one would leave 1..65535."""
     shift = inference_port - ports["inference"]
-    return {name: port + shift for name, port in ports.items()}
+    result = {name: port + shift for name, port in ports.items()}
+    outside = {name: port for name, port in result.items() if not 0 < port < 65536}
+    if outside:
+        raise StartError(f"--port {inference_port} moves ports out of 1..65535: {outside}")
+    return result
 
 
 def busy(ports: Mapping[str, int]) -> dict[str, int]:
@@ -94,8 +109,11 @@ def free_inference_port(ports: Mapping[str, int], step: int = 100, tries: int = 
     """An inference port, in steps of `step` above the configured one, where every port is free."""
     for n in range(1, tries + 1):
         candidate = ports["inference"] + n * step
-        if all(p < 65536 for p in moved(ports, candidate).values()) and not busy(moved(ports, candidate)):
-            return candidate
+        try:
+            if not busy(moved(ports, candidate)):
+                return candidate
+        except StartError:
+            return None
     return None
 
 
@@ -125,6 +143,17 @@ class RunFolder:
     def console_log(self) -> Path:
         return self.logs / "console.log"
 
+    @property
+    def frontend_log(self) -> Path:
+        return self.logs / "ts_log.log"
+
+    @property
+    def worker_log(self) -> Path:
+        return self.logs / "model_log.log"
+
+    def log_paths(self) -> str:
+        return f"logs: {self.console_log}, {self.frontend_log}, {self.worker_log}"
+
     def environment(self, base: Mapping[str, str] = os.environ) -> dict[str, str]:
         """`base` with TorchServe's temp folders and logs in this folder (absolute: the workers
         start elsewhere)."""
@@ -132,9 +161,14 @@ class RunFolder:
         return dict(base, TMPDIR=tmp, TEMP=tmp, LOG_LOCATION=logs, METRICS_LOCATION=logs)
 
     def prepare(self, properties: str) -> None:
-        """Make the folders and write the config this server runs."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        """Make the folders, emptied of an earlier start's files (the frontend unpacks every archive
+        into tmp/ and never removes it; the logs are read for this start's failures), and write the
+        config this server runs."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
         self.logs.mkdir(parents=True, exist_ok=True)
+        for old in self.logs.glob("*.log"):
+            old.unlink()
         self.config.write_text(properties)
 
     def pid(self) -> int | None:
@@ -147,10 +181,12 @@ class RunFolder:
         return pid if b"org.pytorch.serve.ModelServer" in command else None
 
     def state(self) -> dict | None:
+        """What `start` wrote of the server (STATE_KEYS); None when there is none, or not that."""
         try:
-            return json.loads(self.state_file.read_text())
+            state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return None
+        return state if isinstance(state, dict) and STATE_KEYS <= state.keys() else None
 
     def failure(self) -> str | None:
         """Why this server failed to start or load its model, read from its logs; None when they say
@@ -192,8 +228,30 @@ def failure_reason(console: str, frontend: str, worker: str) -> str | None:
     return None
 
 
-def log_paths(run: RunFolder) -> str:
-    return f"logs: {run.console_log}, {run.logs / 'ts_log.log'}, {run.logs / 'model_log.log'}"
+def _java() -> str | None:
+    """The java the launcher runs: $JAVA_HOME/bin/java when JAVA_HOME is set, else the PATH's."""
+    if os.environ.get("JAVA_HOME"):
+        java = Path(os.environ["JAVA_HOME"]) / "bin" / "java"
+        return str(java) if os.access(java, os.X_OK) else None
+    return shutil.which("java")
+
+
+def _check_can_start(model_store: Path, models: Mapping[str, str], key_file: Path) -> None:
+    """Raise StartError for what would make a start fail or wait in vain: no Java, an archive that
+    is not there (TorchServe only logs it and serves nothing), or a key file in this folder that a
+    running server of another run folder writes to (TorchServe writes key_file.json where it starts)."""
+    if _java() is None:
+        where = "$JAVA_HOME/bin/java" if os.environ.get("JAVA_HOME") else "java on PATH"
+        raise StartError(f"Java is not installed ({where} not found): TorchServe's frontend needs Java 11 or "
+                         "newer (Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")  # fmt: skip
+    missing = [str(model_store / archive) for archive in models.values() if not (model_store / archive).is_file()]
+    if missing:
+        raise StartError(f"no archive {', '.join(missing)}: build it first (make archive, or sam-fast-serve archive)")
+    for url, recorded in recorded_servers().items():
+        if recorded == key_file and busy({"inference": urlsplit(url).port or 80}):
+            raise StartError(
+                f"the TorchServe at {url} writes its tokens to {key_file} already: start this one from another folder"
+            )
 
 
 def start(
@@ -210,10 +268,14 @@ def start(
     until each model is READY. The key file is written to the working directory, as TorchServe does.
     Returns the server's state (also in run/server.json). Raises StartError with the reason; a server
     that started but could not load its model is stopped first."""
-    properties = ts_config.read_text()
+    try:
+        properties = ts_config.read_text()
+    except OSError as exc:
+        raise StartError(f"cannot read TorchServe's config {ts_config}: {exc.strerror}") from None
     ports = read_ports(properties)
     if inference_port is not None:
         ports = moved(ports, inference_port)
+    key_file = Path.cwd() / KEY_FILE
     pid = run.pid()
     if pid is not None:
         state = run.state() or {}
@@ -223,11 +285,9 @@ def start(
         raise StartError(
             f"TorchServe of {run.path} is running already (pid {pid}) with other models or ports "
             f"({state.get('models')}, {state.get('inference_url')}): stop it first (make stop, or "
-            f"sam-fast-serve stop --run-dir {run.path}), or start this one from another run folder (make RUN_DIR=...)"
+            f"sam-fast-serve stop --run-dir {run.path})"
         )
-    if shutil.which("java") is None:
-        raise StartError("Java is not installed: TorchServe's frontend needs Java 11 or newer "
-                         "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")  # fmt: skip
+    _check_can_start(model_store, models, key_file)
     taken = busy(ports)
     if taken:
         listed = ", ".join(f"{port} ({name})" for name, port in taken.items())
@@ -239,9 +299,6 @@ def start(
         )
         raise StartError(f"in use on 127.0.0.1 (another TorchServe or program listens there): {listed}{hint}")
     run.prepare(with_ports(properties, ports))
-    # The logs are read for this start's failures: an earlier start's must not be taken for them.
-    for old in run.logs.glob("*.log"):
-        old.unlink()
     with run.console_log.open("w") as console:
         launched = subprocess.run(
             [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(run.config),
@@ -249,8 +306,7 @@ def start(
             env=run.environment(), stdout=console, stderr=subprocess.STDOUT, timeout=120,
         )  # fmt: skip
     if launched.returncode != 0:
-        raise StartError(f"{run.failure() or 'TorchServe did not start'}\n  {log_paths(run)}")
-    key_file = Path.cwd() / "key_file.json"
+        raise StartError(f"{run.failure() or 'TorchServe did not start'}\n  {run.log_paths()}")
     state = {
         "inference_url": f"http://127.0.0.1:{ports['inference']}",
         "management_url": f"http://127.0.0.1:{ports['management']}",
@@ -296,30 +352,32 @@ def wait_ready(
             return run.failure() or "TorchServe exited"
         return run.failure()
 
-    where = log_paths(run) if run is not None else "logs: logs/ of the folder TorchServe was started from"
+    where = run.log_paths() if run is not None else "logs: logs/ of the folder TorchServe was started from"
     try:
         return wait_until_ready(management_url, model, key_file, timeout, failed)
-    except TimeoutError as exc:
-        raise StartError(f"{exc}\n  {where}") from None
-    except RuntimeError as exc:
+    except (TimeoutError, RuntimeError) as exc:
         raise StartError(f"{exc}\n  {where}") from None
 
 
 def stop(run: RunFolder, timeout: float = 60) -> int | None:
-    """Stop the TorchServe of `run` and no other; returns its pid, None when none ran from there."""
+    """Stop the TorchServe of `run` and no other; returns its pid, None when none ran from there.
+    Its record for the client and its state go with it, and so does its key file (TorchServe's
+    --stop removes key_file.json from the folder it runs in: the server's own)."""
     pid = run.pid()
-    state = run.state()
-    if state is not None:
-        forget_server(state["inference_url"])
     if pid is None:
         return None
+    state = run.state()
     subprocess.run(
         [str(Path(sys.executable).parent / "torchserve"), "--stop"],
         env=run.environment(), capture_output=True, timeout=timeout,
+        cwd=Path(state["key_file"]).parent if state else None,
     )  # fmt: skip
     deadline = time.monotonic() + timeout
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
-    if Path(f"/proc/{pid}").exists():
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    if state is not None:
+        forget_server(state["inference_url"])
+    run.state_file.unlink(missing_ok=True)
     return pid

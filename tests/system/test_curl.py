@@ -10,8 +10,9 @@ test_every_curl_line_is_run_or_excluded):
 - It runs as a user pastes it at the root of a checkout whose TorchServe `make serve` started: in a
   fresh folder holding a copy of every file of the checkout's samples/ (nothing else of it: a file
   a command names is there or made by an earlier line of the block), inference.py, .venv (this
-  test's virtualenv) and TorchServe's key_file.json; `$TOKEN` and `$TS_INFERENCE_TOKEN` already set
-  to the inference token, `$SAM_FAST_URL` to the inference address, `python` and `sam-fast-client`
+  test's virtualenv) and TorchServe's key_file.json, the server recorded for the client as `make
+  serve` records it (in a state folder of the test's own); `$TOKEN` already set to the inference
+  token, `$SAM_FAST_URL` to the inference address, `python` and `sam-fast-client`
   this test's virtualenv's, and the shipped config.properties' addresses http://127.0.0.1:8080,
   :8081 and :8082 (inference, management, metrics) pointing at the test's TorchServe, whose model
   is `sam-fast` (test_vit with random weights, the smoke config's small grid and the default
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -44,29 +44,27 @@ import pytest
 from PIL import Image
 
 from harness.archives import KEEP_ALL, smoke_archive
-from harness.pages import Block, fenced_blocks
+from harness.pages import CLIENT_LINE, Block, fenced_blocks
 from harness.servers import REPO, TorchServe
+from sam_fast_serve.common.endpoint import record_server
 from sam_fast_serve.common.options import AmgSettings
+from sam_fast_serve.tools.torchserve import read_ports
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN, NOT_RUN = "sh", "sh not-run"
-# The shipped config.properties' listeners, in the order of TorchServe.ports.
-SHIPPED_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+# The shipped config.properties' HTTP listeners, which the docs' commands name.
+SHIPPED_PORTS = {
+    api: port
+    for api, port in read_ports((REPO / "config.properties").read_text()).items()
+    if api in ("inference", "management", "metrics")
+}
 PRELUDE = """set -euo pipefail
 curl() { command curl --fail-with-body --silent --show-error "$@"; }
 """
 
 
-CLIENT_LINE = re.compile(r"^\s*(\$\s+)?sam-fast-client\b", re.MULTILINE)
-
-
-def has_client(block: Block) -> bool:
-    """Whether a line of the block starts with `sam-fast-client` (as has_curl, for curl)."""
-    return CLIENT_LINE.search(block.text) is not None
-
-
 def has_command(block: Block) -> bool:
-    return block.has_curl() or has_client(block)
+    return block.has_curl() or block.has_client()
 
 
 ALL_BLOCKS = [block for page in PAGES for block in fenced_blocks(page)]
@@ -78,7 +76,7 @@ def test_every_curl_line_is_run_or_excluded():
     assert stray == [], f"curl or sam-fast-client lines in blocks neither ```{RUN} nor ```{NOT_RUN}: {stray}"
     assert any(block.page.name == "README.md" for block in RUN_BLOCKS), "README's curl examples are not run"
     assert len(RUN_BLOCKS) >= 5, [block.where for block in RUN_BLOCKS]
-    client_blocks = [block.where for block in RUN_BLOCKS if has_client(block)]
+    client_blocks = [block.where for block in RUN_BLOCKS if block.has_client()]
     assert any(where.startswith("README.md") for where in client_blocks), "README's client run is not run"
     assert len(client_blocks) >= 5, client_blocks
 
@@ -96,9 +94,9 @@ def test_block_extraction(tmp_path):
         ("bash", 11, True),
     ]
     assert blocks[0].text == "TOKEN=x\ncurl -H a \\\n  http://127.0.0.1:8080/ping\n"
-    assert not any(has_client(b) for b in blocks)
-    assert has_client(Block(page, "sh", 1, ". .venv/bin/activate  # sam-fast-client\n  sam-fast-client a.jpg\n"))
-    assert not has_client(Block(page, "sh", 1, "echo sam-fast-client  # sam-fast-client\nsam-fast-clients x\n"))
+    assert not any(b.has_client() for b in blocks)
+    assert Block(page, "sh", 1, ". .venv/bin/activate  # sam-fast-client\n  sam-fast-client a.jpg\n").has_client()
+    assert not Block(page, "sh", 1, "echo sam-fast-client  # sam-fast-client\nsam-fast-clients x\n").has_client()
 
 
 VIDEO_SAMPLES, VIDEO_MODEL = ("samples/clip.mp4", "samples/stack.tif"), "sam2-fast"
@@ -158,18 +156,20 @@ def test_video_blocks_go_to_the_video_model():
 
 
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda block: block.where)
-def test_curl_block_runs(block, server, large_sample, tmp_path):
+def test_curl_block_runs(block, server, large_sample, tmp_path, monkeypatch):
     shutil.copytree(REPO / "samples", tmp_path / "samples")
     (tmp_path / "samples" / "astronaut.jpg").write_bytes(large_sample)
     shutil.copy(REPO / "inference.py", tmp_path / "inference.py")
     (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
     shutil.copy(server.key_file, tmp_path / "key_file.json")  # read afresh: a block may rotate the keys
+    # The server recorded for the client as `make serve` records it, in a state folder of the test's own.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    record_server(server.inference_url, tmp_path / "key_file.json")
     script = tmp_path / "block.sh"
     script.write_text(script_for(block, server))
     env = dict(
         os.environ,
         TOKEN=server.token(),
-        TS_INFERENCE_TOKEN=server.token(),
         SAM_FAST_URL=server.inference_url,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )

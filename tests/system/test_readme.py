@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from harness.pages import fenced_blocks
-from harness.servers import REPO, free_inference_port, free_port
+from harness.servers import REPO, free_port, free_server_port
 from sam_fast_serve.tools.torchserve import RunFolder, busy, read_ports, with_ports
 
 INSTALL_LINE = "bash install_segment_anything_fast.sh"
@@ -149,7 +149,7 @@ def test_make_smoke_says_its_masks_are_meaningless(fresh_clone, other_torchserve
     before and after, and on every overlay."""
     env = new_shell_env(fresh_clone, Path("unused.pth"), tmp_path / "state")
     env.pop("MODEL_CONFIG"), env.pop("SAM_CHECKPOINT")
-    port = free_inference_port()
+    port = free_server_port()
     ran = bash(f"make smoke PORT={port}", fresh_clone, env, timeout=900)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     banner = "*** SMOKE TEST: random weights, the masks are meaningless ***"

@@ -4,8 +4,10 @@ start that cannot succeed says why at once, naming the log."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,12 +18,22 @@ import pytest
 import requests
 
 from harness.archives import smoke_archive
-from harness.servers import REPO, free_inference_port
+from harness.servers import REPO, free_server_port
 from sam_fast_serve.common.endpoint import MODEL_NAME, read_token, recorded_key_file
-from sam_fast_serve.tools.torchserve import RunFolder, busy, moved, read_ports
+from sam_fast_serve.tools.torchserve import PID_FILE, RunFolder, busy, moved, read_ports
 
 SERVE = str(Path(sys.executable).parent / "sam-fast-serve")
 SHIPPED_PORTS = read_ports((REPO / "config.properties").read_text())
+
+
+def worker_pids(run: RunFolder) -> list[int]:
+    """The pids of the workers of the TorchServe of `run` (their sockets are in its tmp/)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if str(run.tmp.absolute()).encode() in (proc / "cmdline").read_bytes() and int(proc.name) != run.pid():
+                found.append(int(proc.name))
+    return found
 
 
 def serve(folder: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300):
@@ -73,9 +85,9 @@ def state_home(tmp_path, monkeypatch) -> Path:
 def test_two_servers_side_by_side_and_stop_one(tmp_path, archive, state_home):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir(), second.mkdir()
-    ports = [free_inference_port()]
+    ports = [free_server_port()]
     started = [start(first, archive, ports[0])]
-    ports.append(free_inference_port())
+    ports.append(free_server_port())
     started.append(start(second, archive, ports[1]))
     try:
         for ran, port in zip(started, ports):
@@ -84,7 +96,7 @@ def test_two_servers_side_by_side_and_stop_one(tmp_path, archive, state_home):
         # Each has its own pid file, temp files and config with all five ports moved.
         for folder, port in ((first, ports[0]), (second, ports[1])):
             run = RunFolder(folder / "run")
-            assert run.pid() is not None and (run.tmp / ".model_server.pid").is_file()
+            assert run.pid() is not None and (run.tmp / PID_FILE).is_file()
             assert read_ports(run.config.read_text()) == moved(SHIPPED_PORTS, port)
             assert recorded_key_file(f"http://127.0.0.1:{port}") == folder / "key_file.json"
         tokens = [read_token(folder / "key_file.json", "inference") for folder in (first, second)]
@@ -106,7 +118,7 @@ def test_two_servers_side_by_side_and_stop_one(tmp_path, archive, state_home):
 
 
 def test_a_port_in_use_is_named_at_once(tmp_path, archive, state_home):
-    port = free_inference_port()
+    port = free_server_port()
     grpc = moved(SHIPPED_PORTS, port)["grpc_inference"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", grpc))
@@ -125,7 +137,7 @@ def test_a_model_that_fails_to_load_is_reported_and_stopped(tmp_path, state_home
     broken.parent.mkdir()
     broken.write_bytes(b"not a checkpoint")
     archive = smoke_archive(tmp_path, broken)
-    port = free_inference_port()
+    port = free_server_port()
     began = time.monotonic()
     ran = start(tmp_path, archive, port)
     assert ran.returncode == 1
@@ -136,24 +148,48 @@ def test_a_model_that_fails_to_load_is_reported_and_stopped(tmp_path, state_home
 
 
 def test_java_missing_is_said(tmp_path, archive, state_home):
-    env = dict(os.environ, PATH=str(tmp_path / "empty"))
-    ran = start(tmp_path, archive, free_inference_port(), env=env)
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | {"PATH": str(tmp_path / "empty")}
+    ran = start(tmp_path, archive, free_server_port(), env=env)
     assert ran.returncode == 1 and "Java is not installed" in ran.stderr and "openjdk" in ran.stderr
 
 
 def test_wait_ready_gives_up_when_the_server_exits(tmp_path, archive, state_home):
-    port = free_inference_port()
+    port = free_server_port()
     assert start(tmp_path, archive, port).returncode == 0
     run = RunFolder(tmp_path / "run")
-    os.kill(run.pid(), 9)
-    waited = serve(
-        tmp_path,
-        "wait-ready",
-        "--management-url", f"http://127.0.0.1:{moved(SHIPPED_PORTS, port)['management']}",
-        "--key-file", "key_file.json",
-        "--run-dir", "run",
-        "--timeout", "300",
-        timeout=60,
-    )  # fmt: skip
+    workers = worker_pids(run)
+    os.kill(run.pid(), signal.SIGKILL)
+    # The management URL and key file come from the run folder's state.
+    waited = serve(tmp_path, "wait-ready", "--run-dir", "run", "--timeout", "300", timeout=60)
+    for pid in workers:  # orphans of the killed frontend
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert waited.returncode == 1 and "TorchServe exited" in waited.stderr, waited.stderr
     assert "run/logs/ts_log.log" in waited.stderr
+
+
+def test_what_cannot_start_is_said_before_starting(tmp_path, archive, state_home):
+    """A missing archive (TorchServe would only log it and serve nothing), and a second server of
+    one folder (both would write its key_file.json) are refused at once."""
+    missing = start(tmp_path, archive.parent / "none.tar.gz", free_server_port())
+    assert missing.returncode == 1 and f"no archive {archive.parent / 'none.tar.gz'}" in missing.stderr
+    assert "make archive" in missing.stderr
+
+    first = start(tmp_path, archive, free_server_port())
+    try:
+        assert first.returncode == 0, first.stderr
+        second = serve(
+            tmp_path, "start", "--run-dir", "run2", "--ts-config", str(REPO / "config.properties"),
+            "--model-store", str(archive.parent), "--models", f"{MODEL_NAME}={archive.name}",
+            "--port", str(free_server_port()),
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert f"writes its tokens to {tmp_path / 'key_file.json'} already" in second.stderr, second.stderr
+        again = start(tmp_path, archive, RunFolder(tmp_path / "run").state()["ports"]["inference"])
+        assert again.returncode == 0 and "running already" in again.stdout
+    finally:
+        serve(tmp_path, "stop", "--run-dir", "run")
+    # Stopped: its state and record are gone, so the gateway is not put in front of a dead server.
+    assert RunFolder(tmp_path / "run").state() is None
+    team = serve(tmp_path, "team", "--listen", "127.0.0.1:1", "--run-dir", "run")
+    assert team.returncode == 1 and "no TorchServe was started from run" in team.stderr

@@ -128,3 +128,28 @@ def test_each_family_gets_its_generators_defaults():
     assert load_service_config({"model_type": "sam2.1_hiera_tiny", "pred_iou_thresh": 0.5}).amg.pred_iou_thresh == 0.5
     with pytest.raises(ConfigError, match="'use_m2m'.*vit_b"):
         load_service_config({"model_type": "vit_b", "use_m2m": True})
+
+
+@pytest.mark.parametrize(("key", "value"), [("dtype", "int8"), ("compile", True)])
+def test_sam1_only_keys_name_the_families_that_take_them(key, value):
+    with pytest.raises(ConfigError) as refused:
+        load_service_config({"model_type": "sam2.1_hiera_tiny", key: value})
+    assert str(refused.value) == (
+        f"handler key '{key}'{' int8' if key == 'dtype' else ''} applies to Segment Anything (SAM 1) models only, "
+        "and sam2.1_hiera_tiny is SAM 2 and SAM 2.1's"
+    )
+    assert load_service_config({"model_type": "vit_b", key: value})
+
+
+def test_every_family_keeps_the_contract():
+    """Each family's package has every function of models/family.py's FamilyCode (the type checker
+    holds their signatures to it; this holds the package's names at run time too)."""
+    from sam_fast_serve.models.family import FamilyCode
+    from sam_fast_serve.models.registry import FAMILIES
+
+    contract = [name for name in vars(FamilyCode) if not name.startswith("_")]
+    assert contract == ["build", "checkpoint_state", "prepare", "embedding_layout", "engine"]
+    for family in FAMILIES:
+        code = family.code()
+        assert code.__name__ == f"sam_fast_serve.models.{family.name}"
+        assert all(callable(getattr(code, name)) for name in contract), family.name

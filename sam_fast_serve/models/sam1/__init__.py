@@ -1,7 +1,7 @@
 """SAM 1 (segment_anything): vit_b, vit_l, vit_h, and the test architecture test_vit.
 
-The family's interface (models/registry.py, models/engine.py): `build`, `checkpoint_state`, `prepare`,
-`embedding_layout` and `engine`.
+The family contract (models/family.py, which the type checker holds this package to): `build`,
+`checkpoint_state`, `prepare`, `embedding_layout` and `engine`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """SAM 2 and SAM 2.1 (Meta's sam2, from the rf-sam-2 wheel): the hiera tiny, small, base_plus and
 large models of both, and the test architecture test_sam2.1_hiera.
 
-The family's interface (models/registry.py, models/engine.py): `build`, `checkpoint_state`,
-`prepare`, `embedding_layout` and `engine`. Nothing here needs sam2's compiled `_C` extension: its
-connected components (hole filling) are components.py's.
+The family contract (models/family.py, which the type checker holds this package to): `build`,
+`checkpoint_state`, `prepare`, `embedding_layout` and `engine`. Nothing here needs sam2's compiled
+`_C` extension: its connected components (hole filling) are components.py's.
 """
 
 from __future__ import annotations
