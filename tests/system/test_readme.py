@@ -84,12 +84,14 @@ def fresh_clone(tmp_path_factory, random_checkpoint) -> Path:
 
 
 def new_shell_env(clone: Path, checkpoint: Path, state: Path) -> dict[str, str]:
-    """A login shell's environment: no virtualenv on PATH; the weights' stand-in for make."""
+    """A new shell's environment: no virtualenv on PATH; the weights' stand-in for make."""
     config = yaml.safe_load((REPO / "tests" / "smoke-config.yaml").read_text())
     config["handler"].update(model_type="test_vit", sam_checkpoint=checkpoint.name)
     (clone / "test-vit-config.yaml").write_text(yaml.safe_dump(config))
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != VENV_BIN)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TMPDIR", "TEMP", "PYTHONPATH")}
+    # Nor what a make running this test passes down (MAKELEVEL makes the user's make print directories).
+    dropped = ("VIRTUAL_ENV", "TMPDIR", "TEMP", "PYTHONPATH", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     return dict(env, PATH=path, MODEL_CONFIG="test-vit-config.yaml", SAM_CHECKPOINT=str(checkpoint),
                 XDG_STATE_HOME=str(state))  # fmt: skip
 
