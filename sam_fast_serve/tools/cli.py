@@ -87,6 +87,13 @@ def _model_spec(spec: str) -> tuple[str, str]:
     return name, archive
 
 
+def _add_timeout(command: argparse.ArgumentParser) -> None:
+    """The --timeout of the commands that wait for READY (start, wait-ready)."""
+    command.add_argument(
+        "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-fast-serve", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -164,9 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the inference port; every other port moves by as much (default: the config's)",
     )
-    start.add_argument(
-        "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
-    )
+    _add_timeout(start)
     stop = sub.add_parser("stop", help="stop the TorchServe of a run folder, and no other")
     stop.add_argument(
         "--run-dir", type=Path, default=RUN_DIR, metavar="DIR", help="its run folder (default: %(default)s)"
@@ -194,9 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the run folder of a server `start` started: its management URL and key file, and give up as soon as "
         "it exits or its model fails to load (default: none, the management API alone is watched)",
     )
-    wait.add_argument(
-        "--timeout", type=float, default=600, metavar="S", help="seconds to wait at most (default: %(default)s)"
-    )
+    _add_timeout(wait)
 
     serve_team = sub.add_parser(
         "team", help=f"serve this host's TorchServe to other machines through nginx with the token ${team.TOKEN_ENV}"
