@@ -60,7 +60,7 @@ download:
 
 # The weights are downloaded first when they are missing.
 archive:
-	@test -f $(SAM_CHECKPOINT) || $(MAKE) --no-print-directory download
+	@test -e $(SAM_CHECKPOINT) || $(MAKE) --no-print-directory download
 	$(BIN)/sam-fast-serve archive --checkpoint $(SAM_CHECKPOINT) --config $(MODEL_CONFIG) \
 		--handler custom_handler.py --export-path model_store --model-name $(MODEL_NAME)
 

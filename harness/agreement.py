@@ -39,3 +39,22 @@ def match_masks(reference: Sequence[dict], candidate: Sequence[dict]) -> tuple[l
         pool.pop(best)
     leftover = sum(len(pool) for pool in by_point.values())
     return ious, unmatched, leftover
+
+
+def match_instances(reference: Sequence[dict], candidate: Sequence[dict]) -> list[tuple[float, float]]:
+    """Pair instance records (a concept's, with `segmentation` and `score`) one to one: each
+    reference record, best score first, with the candidate of its highest mask IoU still free.
+
+    Returns (IoU, |score difference|) of each reference record, (0.0, inf) when no candidate is left.
+    """
+    pool = list(candidate)
+    pairs: list[tuple[float, float]] = []
+    for ann in sorted(reference, key=lambda a: -a["score"]):
+        if not pool:
+            pairs.append((0.0, float("inf")))
+            continue
+        scores = mask_utils.iou([c["segmentation"] for c in pool], [ann["segmentation"]], [0])[:, 0]
+        best = int(scores.argmax())
+        pairs.append((float(scores[best]), abs(pool[best]["score"] - ann["score"])))
+        pool.pop(best)
+    return pairs

@@ -13,6 +13,8 @@ import yaml
 
 from harness.servers import REPO, TorchServe
 from sam_fast_serve.common.endpoint import MODEL_NAME
+from sam_fast_serve.common.options import AMG_RULES
+from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.tools.archive import build_archive
 
 # Every mask is kept (random weights give no mask above the default thresholds), on a small grid.
@@ -23,20 +25,37 @@ KEEP_ALL = {
 }
 
 
+def random_checkpoint_name(model: str) -> str:
+    """How the tests name a random checkpoint of `model`: random_<model_type>.pth, or
+    random_<model_type> for a family whose checkpoint is a folder."""
+    return f"random_{model}" + ("" if model_type(model).family.checkpoint_folder else ".pth")
+
+
 def model_type_of(checkpoint: Path) -> str:
-    """The model type of a random checkpoint named as the tests' fixtures name them: random_<model_type>.pth."""
-    stem = checkpoint.name.rsplit(".", 1)[0]
-    if not stem.startswith("random_"):
-        raise ValueError(f"{checkpoint.name}: not a random_<model_type>.pth checkpoint")
+    """The model type of a random checkpoint named by `random_checkpoint_name`."""
+    stem = checkpoint.name.rsplit(".", 1)[0] if checkpoint.suffix == ".pth" else checkpoint.name
+    if not stem.startswith("random_") or random_checkpoint_name(stem.removeprefix("random_")) != checkpoint.name:
+        raise ValueError(f"{checkpoint.name}: not a random checkpoint named by random_checkpoint_name")
     return stem.removeprefix("random_")
 
 
-def smoke_archive(workdir: Path, checkpoint: Path, model_name: str = MODEL_NAME, **overrides: Any) -> Path:
-    """A real archive in workdir/model_store of `checkpoint` (random_<model_type>.pth) with the smoke
-    config for its model type plus `overrides` (top-level TorchServe keys, or `handler` keys given as
-    handler={...})."""
+def smoke_config(model: str, checkpoint_name: str) -> dict[str, Any]:
+    """tests/smoke-config.yaml for `model` and its checkpoint: its automatic settings kept only for a
+    family with automatic mask generation."""
     config = yaml.safe_load((REPO / "tests" / "smoke-config.yaml").read_text())
-    config["handler"].update(model_type=model_type_of(checkpoint), sam_checkpoint=checkpoint.name)
+    family = model_type(model).family
+    config["handler"] = {
+        key: value for key, value in config["handler"].items() if key not in AMG_RULES or key in family.amg_keys
+    }
+    config["handler"].update(model_type=model, sam_checkpoint=checkpoint_name)
+    return config
+
+
+def smoke_archive(workdir: Path, checkpoint: Path, model_name: str = MODEL_NAME, **overrides: Any) -> Path:
+    """A real archive in workdir/model_store of `checkpoint` (named by `random_checkpoint_name`) with
+    the smoke config for its model type plus `overrides` (top-level TorchServe keys, or `handler`
+    keys given as handler={...})."""
+    config = smoke_config(model_type_of(checkpoint), checkpoint.name)
     config["handler"].update(overrides.pop("handler", {}))
     config.update(overrides)
     (workdir / f"{model_name}-config.yaml").write_text(yaml.safe_dump(config))

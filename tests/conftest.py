@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from harness.archives import KEEP_ALL
+from harness.archives import KEEP_ALL, random_checkpoint_name
 from harness.files import pan_clip
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _checkpoint(factory: pytest.TempPathFactory, model_type: str) -> Path:
-    return save_random_checkpoint(factory.mktemp("weights") / f"random_{model_type}.pth", model_type, seed=0)
+    return save_random_checkpoint(factory.mktemp("weights") / random_checkpoint_name(model_type), model_type, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +43,13 @@ def random_sam2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SAM 2.1's test architecture (test_sam2.1_hiera) with random weights (seed 0), in the official
     form ({"model": state_dict}): for plumbing tests."""
     return _checkpoint(tmp_path_factory, "test_sam2.1_hiera")
+
+
+@pytest.fixture(scope="session")
+def random_sam3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SAM 3's test architecture (test_sam3) with random weights (seed 0), a checkpoint folder in
+    the published form: for plumbing tests."""
+    return _checkpoint(tmp_path_factory, "test_sam3")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,11 @@ settings for the others). With --point (label 1 = foreground, the default; 0 = b
 --box, or a prompt file, it returns the masks of those prompts (one set per box; points join every
 box), and the overlay shows the prompts.
 
+With --text PHRASE (each a concept) and/or --exemplar-box (examples of the concept; alone, the
+concept "visual"), every image is a concept request instead (a SAM 3 server): the masks of every
+instance of each concept, written as for automatic masks, each record naming its `concept`; the
+COCO file's categories are the concepts, in the order given.
+
 A video file (.mp4 .mov .webm .mkv .avi), or any INPUT with --frame (a multi-page TIFF, a page a
 frame), is tracked instead (a SAM 2 / 2.1 server): the objects that --point/--box mark on --frame
 (one object, --object), or a --prompts FILE.json in the server's form, followed through the frames,
@@ -46,7 +51,7 @@ from tqdm import tqdm
 
 from sam_fast_serve import __version__
 from sam_fast_serve.client.batch import Pipeline, Tally, Workers
-from sam_fast_serve.client.fields import checked_options, checked_prompts
+from sam_fast_serve.client.fields import checked_concepts, checked_options, checked_prompts, concept_names
 from sam_fast_serve.client.http import BACKOFF, RETRIES, TIMEOUT, URL_ENV, WIRES, NotAuthorized, SamClient, SamError
 from sam_fast_serve.client.inputs import InputImage, Prompts, clashes, find_images, read_prompt_file
 from sam_fast_serve.client.results import Results, write_coco_file
@@ -59,6 +64,7 @@ from sam_fast_serve.client.video import (
     read_prompts,
     track_file,
 )
+from sam_fast_serve.common.concepts import EXEMPLAR_CONCEPT, MASK_THRESHOLD, THRESHOLD
 from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MODEL_NAME, TOKEN_ENV
 from sam_fast_serve.common.labels import LABEL_FORMATS
 from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
@@ -109,6 +115,29 @@ def parse_box(text: str) -> list[float]:
     if len(box) != 4:
         raise argparse.ArgumentTypeError(f"a box is X0,Y0,X1,Y1, got {text!r}")
     return box
+
+
+def parse_exemplar_box(text: str) -> tuple[list[float], int]:
+    """'X0,Y0,X1,Y1' or 'X0,Y0,X1,Y1:LABEL' -> ([x0, y0, x1, y1], label); argparse's error for
+    anything else."""
+    where, _, label = text.partition(":")
+    try:
+        box, value = parse_box(where), int(label or 1)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"an exemplar box is X0,Y0,X1,Y1 or X0,Y0,X1,Y1:LABEL, got {text!r}") from None
+    if value not in (0, 1):
+        raise argparse.ArgumentTypeError(
+            f"an exemplar box's label is 1 (an example of the concept) or 0 (not one), got {text!r}"
+        )
+    return box, value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1 (a threshold)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
 
 
 def at_least(kind: Callable[[str], float], minimum: float) -> Callable[[str], float]:
@@ -166,6 +195,50 @@ def add_server_options(parser: argparse.ArgumentParser, settings: type, title: s
             metavar=_METAVARS[hints[option.name]],
             help=help_text,
         )
+
+
+def add_concept_options(parser: argparse.ArgumentParser) -> None:
+    """The options of concept requests (common.concepts), sent with every image when given."""
+    concepts = parser.add_argument_group("concepts (a SAM 3 server: every instance, instead of automatic masks)")
+    concepts.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="PHRASE",
+        help=with_default("find every instance of PHRASE in every image (repeatable: one concept each)", "none"),
+    )
+    concepts.add_argument(
+        "--exemplar-box",
+        type=parse_exemplar_box,
+        action="append",
+        default=[],
+        metavar="X0,Y0,X1,Y1[:LABEL]",
+        help=with_default(
+            "an example of the concept in image pixels, for every image (LABEL 1, or 0: not one; repeatable); "
+            f"it joins every --text, and without --text the boxes are the concept '{EXEMPLAR_CONCEPT}'",
+            "none",
+        ),
+    )
+    concepts.add_argument(
+        "--threshold",
+        type=fraction,
+        metavar="X",
+        help=with_default("keep the instances whose score is at least this", f"the server's, {THRESHOLD}"),
+    )
+    concepts.add_argument(
+        "--mask-threshold",
+        type=fraction,
+        metavar="X",
+        help=with_default(
+            "a pixel is in a mask when its probability is at least this", f"the server's, {MASK_THRESHOLD}"
+        ),
+    )
+    concepts.add_argument(
+        "--max-instances",
+        type=at_least(int, 1),
+        metavar="N",
+        help=with_default("keep the N best instances of each concept", "every instance"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
             "none",
         ),
     )
+    add_concept_options(parser)
     video = parser.add_argument_group("videos and time-lapse stacks (a SAM 2 / 2.1 server)")
     video.add_argument(
         "--frame",
@@ -347,6 +421,44 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def concept_flags(args: argparse.Namespace) -> list[str]:
+    """The concept options the command line gives, by flag."""
+    values = {
+        "--text": args.text,
+        "--exemplar-box": args.exemplar_box,
+        "--threshold": args.threshold,
+        "--mask-threshold": args.mask_threshold,
+        "--max-instances": args.max_instances,
+    }
+    return [flag for flag, value in values.items() if value is not None and value != []]
+
+
+def concept_fields(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The concept fields every request of the run sends ({} without --text or --exemplar-box),
+    checked as the server checks them; argparse's error (exit 2) for concept options that go with
+    no concept, with prompts, or that the server would refuse."""
+    if not args.text and not args.exemplar_box:
+        given = concept_flags(args)
+        if given:
+            parser.error(f"{', '.join(given)} qualify concepts: give --text or --exemplar-box with them")
+        return {}
+    if args.point or args.box or args.prompts is not None:
+        parser.error(
+            "--text/--exemplar-box ask for every instance of a concept, --point/--box/--prompts for the masks of "
+            "prompts: give one kind"
+        )
+    twice = sorted({phrase for phrase in args.text if args.text.count(phrase) > 1})
+    if twice:
+        parser.error(f"--text: {', '.join(map(repr, twice))} given twice (each phrase is one concept)")
+    boxes, labels = [box for box, _ in args.exemplar_box], [label for _, label in args.exemplar_box]
+    try:
+        return checked_concepts(
+            args.text or None, boxes or None, labels or None, args.threshold, args.mask_threshold, args.max_instances
+        )
+    except ValueError as exc:
+        parser.error(f"--text/--exemplar-box: {exc}")
+
+
 def images_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[InputImage]:
     """The images the run segments, each with its prompts; argparse's error (exit 2) for
     arguments that ask for none or for prompts in two ways."""
@@ -389,9 +501,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The run `args` asks for (see the module's docstring); returns the exit status."""
     if args.frame is not None or any(is_video(Path(name)) for name in args.inputs):
         return run_videos(parser, args)
+    concepts = concept_fields(parser, args)
+    names = concept_names(concepts) if concepts else ()
     images = images_of(parser, args)
     try:
-        options = checked_options(server_options(args), prompted=any(image.prompts for image in images))
+        if concepts:
+            options = checked_options(server_options(args), prompted=True, asked="concepts")
+        else:
+            options = checked_options(server_options(args), prompted=any(image.prompts for image in images))
     except ValueError as exc:
         parser.error(str(exc))
     image_options = {key: value for key, value in options.items() if key in IMAGE_RULES}
@@ -402,6 +519,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         args.coco is not None,
         ImageSettings(**image_options),
         args.overlay_banner,
+        names,
     )
     failures = args.failures or args.out / "failures.jsonl"
     clashing = clashes(images, args.out, results.suffixes(), [failures, *([args.coco] if args.coco else [])])
@@ -409,7 +527,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("refusing to write one file twice:\n  " + "\n  ".join(clashing))
 
     failures.parent.mkdir(parents=True, exist_ok=True)
-    workers = Workers(Pipeline(options, results, resume=not args.force), lambda: connect(args), args.concurrency)
+    pipeline = Pipeline({**options, **concepts}, results, resume=not args.force)
+    workers = Workers(pipeline, lambda: connect(args), args.concurrency)
 
     def on_sigint(signum: int, frame: Any) -> None:
         workers.interrupt()
@@ -428,7 +547,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    return finish(args, tally, len(images), handled, workers.stop.is_set(), failures)
+    return finish(args, tally, len(images), handled, workers.stop.is_set(), failures, names)
 
 
 def connect(args: argparse.Namespace) -> SamClient:
@@ -476,6 +595,9 @@ def run_videos(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         parser.error(f"not a file: {', '.join(missing)} (videos are tracked a file at a time)")
+    given = concept_flags(args)
+    if given:
+        parser.error(f"{', '.join(given)}: concepts are found in images, not in videos or stacks tracked with --frame")
     prompts = video_prompts(parser, args)
     if args.overlay_video and importlib.util.find_spec("cv2") is None:
         parser.error(OPENCV_NEEDED)
@@ -537,9 +659,18 @@ def summary(images: int, segmented: int, skipped: int, failed: int, failures: Pa
     return f"{images} image{'' if images == 1 else 's'}: " + ", ".join(done)
 
 
-def finish(args: argparse.Namespace, tally: Tally, images: int, handled: int, stopped: bool, failures: Path) -> int:
+def finish(
+    args: argparse.Namespace,
+    tally: Tally,
+    images: int,
+    handled: int,
+    stopped: bool,
+    failures: Path,
+    concepts: tuple[str, ...] = (),
+) -> int:
     """Say how the run of `images` went (`handled` of them, `stopped` before the end), write the
-    COCO file of what was done, and return the exit status."""
+    COCO file of what was done (its categories the run's `concepts`, if any), and return the exit
+    status."""
     refused = tally.refused
     if refused is not None:
         print(refusal(refused.status, refused.reason), file=sys.stderr)
@@ -549,7 +680,7 @@ def finish(args: argparse.Namespace, tally: Tally, images: int, handled: int, st
     coco_failed = False
     if args.coco:
         try:
-            annotations = write_coco_file(args.coco, tally.done)
+            annotations = write_coco_file(args.coco, tally.done, concepts)
             print(f"COCO: {len(tally.done)} images, {annotations} annotations -> {args.coco}")
         except (OSError, ValueError) as exc:
             print(f"{PROG}: error: the COCO file was not written: {exc}", file=sys.stderr)

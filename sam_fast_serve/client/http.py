@@ -6,6 +6,7 @@ failure a typed error. The command line's batch code sends every image through i
     with SamClient("http://127.0.0.1:8080", token=TOKEN) as sam:  # or SamClient(): see there
         masks = sam.segment("photo.jpg", points_per_side=16)      # COCO RLE records
         answer = sam.prompt(masks.image_id, points=[[200, 150]])  # the image's embedding, reused
+        people = sam.concepts("photo.jpg", ["person", "helmet"])  # a SAM 3 model: every instance
         for record in sam.track("clip.mp4", [{"frame": 0, "object": 1, "points": [[80, 60]]}]):
             ...                                                   # a record a frame, as they come
 
@@ -28,8 +29,9 @@ from typing import Any
 
 import requests
 
-from sam_fast_serve.client.coco import mask_size
-from sam_fast_serve.client.fields import checked_options, checked_prompts
+from sam_fast_serve.client.coco import is_concept_list, mask_size
+from sam_fast_serve.client.fields import checked_concepts, checked_options, checked_prompts, concept_names
+from sam_fast_serve.common.concepts import has_concepts
 from sam_fast_serve.common.endpoint import INFERENCE_URL, MODEL_NAME, default_inference_token, missing_token
 from sam_fast_serve.common.prompts import has_prompts
 from sam_fast_serve.common.tracks import VIDEO_FIELD
@@ -94,8 +96,9 @@ class BadAnswer(SamError):
 
 
 class Annotations(list[dict[str, Any]]):
-    """The masks of automatic mask generation (COCO RLE records, segment_anything's keys), and
-    `image_id`: the image's key for prompts without sending it again (None if the server sent none)."""
+    """The masks of automatic mask generation (COCO RLE records, segment_anything's keys) or of
+    concepts (segmentation, area, bbox, score, concept), and `image_id`: the image's key for
+    prompts and concepts without sending it again (None if the server sent none)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], image_id: str | None) -> None:
         super().__init__(records)
@@ -254,9 +257,40 @@ class SamClient:
         with status 404 (the server no longer holds it: send the image).
         """
         fields = {**checked_options(options, prompted=True), **checked_prompts(points, labels, boxes, multimask)}
-        if isinstance(image, str) and _IMAGE_ID.match(image):
-            return self.send(None, {"image_id": image, **fields}).payload
-        return self.send(read_image(image), fields).payload
+        return self._send_to(image, fields).payload
+
+    def concepts(
+        self,
+        image: ImageSource,
+        texts: str | Sequence[str] | None = None,
+        *,
+        exemplar_boxes: Sequence[Sequence[float]] | None = None,
+        exemplar_labels: Sequence[int] | None = None,
+        threshold: float | None = None,
+        mask_threshold: float | None = None,
+        max_instances: int | None = None,
+        **options: Any,
+    ) -> Annotations:
+        """Every instance of each concept in `image` (a SAM 3 server): `texts`, one phrase or a
+        list of them, each its own concept; `exemplar_boxes` [[x0, y0, x1, y1], ...] in image
+        pixels, examples of the concept (`exemplar_labels`: 1, the default, or 0 for "not one"),
+        which join every phrase, or are one concept of their own, "visual", without `texts`.
+        `threshold`: the score an instance needs (the server's 0.3), `mask_threshold`: the
+        probability a pixel needs (0.5), `max_instances`: at most this many a concept, the best.
+        `image` is file bytes, a path, or the `image_id` of an earlier answer, as for `prompt`;
+        `options`: image keys (page, channels, intensity, percentiles).
+
+        Returns the records (segmentation as COCO RLE, area, bbox XYWH, score, and the `concept`
+        each belongs to: its phrase, or "visual"), each concept's best first, the concepts in the
+        order asked, with the image's id as `.image_id`. Raises ValueError (a phrase, box or
+        threshold the server would refuse, with its message: nothing is sent), else as `prompt`.
+        """
+        fields = {
+            **checked_options(options, prompted=True, asked="concepts"),
+            **checked_concepts(texts, exemplar_boxes, exemplar_labels, threshold, mask_threshold, max_instances),
+        }
+        answer = self._send_to(image, fields)
+        return Annotations(answer.payload, answer.image_id)
 
     def track(
         self,
@@ -298,6 +332,13 @@ class SamClient:
                 raise TransportError(f"the answer was cut short: {exc.__class__.__name__}: {exc}") from exc
         raise TransportError("the answer ended before its summary line: the connection was cut")
 
+    def _send_to(self, image: ImageSource, fields: Mapping[str, Any]) -> Answer:
+        """`send` `fields` with `image`: file bytes, a path, or an image_id (32 hex digits: a
+        JSON request that names the image the server holds instead of sending it)."""
+        if isinstance(image, str) and _IMAGE_ID.match(image):
+            return self.send(None, {"image_id": image, **fields})
+        return self.send(read_image(image), fields)
+
     @staticmethod
     def _record(line: bytes, reply: requests.Response) -> dict[str, Any]:
         """One line of a video answer, decoded; the error it carries raised."""
@@ -316,7 +357,7 @@ class SamClient:
 
     def send(self, image: bytes | None, fields: Mapping[str, Any]) -> Answer:
         """One request as sent, with its retries: `image` (file bytes; None with an "image_id"
-        field) and `fields` (options and prompts, unchecked), and its decoded answer.
+        field) and `fields` (options, prompts or concepts, unchecked), and its decoded answer.
 
         The image travels as the raw body, or with fields as a multipart file beside one JSON
         form field each; without an image the fields are a JSON body.
@@ -335,7 +376,7 @@ class SamClient:
         reply = self._post(headers, body)
         if reply.status_code != 200:
             raise self._error(reply, None if image is None else len(image))
-        payload = self._decode(reply, has_prompts(fields))
+        payload = self._decode(reply, fields)
         return Answer(payload, reply.headers.get(IMAGE_ID_HEADER), len(reply.content))
 
     def _error(self, reply: requests.Response, file_size: int | None) -> SamError:
@@ -365,8 +406,9 @@ class SamClient:
         raise type(last)(f"{last.message} (after {self.retries + 1} attempts)", last.status)
 
     @staticmethod
-    def _decode(reply: requests.Response, prompted: bool) -> Any:
-        """The payload of a 200: of the kind asked for, with well-formed masks; BadAnswer otherwise."""
+    def _decode(reply: requests.Response, fields: Mapping[str, Any]) -> Any:
+        """The payload of a 200: of the kind the request's `fields` ask for (masks of the concepts
+        they name, of prompts, or automatic), with well-formed masks; BadAnswer otherwise."""
         try:
             if reply.headers.get("Content-Type", "").startswith(JSON_MEDIA_TYPE):
                 payload = reply.json()
@@ -374,10 +416,15 @@ class SamClient:
                 payload = decode_pickled(reply.content)
         except Exception as exc:  # an unpickler raises many types on malformed input
             raise BadAnswer(f"refused the server's answer: {exc}") from exc
-        if not (is_prompt_response(payload) if prompted else is_annotation_list(payload)):
-            raise BadAnswer(
-                f"the server's answer is not {'masks for prompts' if prompted else 'a list of annotations'}"
-            )
+        if has_concepts(fields):
+            concepts = concept_names(fields)
+            expected, wanted = is_concept_list(payload, concepts), f"the masks of the concepts {', '.join(concepts)}"
+        elif has_prompts(fields):
+            expected, wanted = is_prompt_response(payload), "masks for prompts"
+        else:
+            expected, wanted = is_annotation_list(payload), "a list of annotations"
+        if not expected:
+            raise BadAnswer(f"the server's answer is not {wanted}")
         try:
             mask_size(payload)
         except ValueError as exc:

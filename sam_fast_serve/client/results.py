@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sam_fast_serve.client.coco import CocoImage, header_size, mask_size, masks_of, write_coco
+from sam_fast_serve.client.coco import CocoImage, header_size, is_concept_list, mask_size, masks_of, write_coco
 from sam_fast_serve.client.http import Answer
 from sam_fast_serve.client.inputs import OVERLAY_SUFFIX, RESULT_SUFFIX, InputImage
 from sam_fast_serve.client.overlay import overlay_png
@@ -84,7 +84,8 @@ class Results:
     """The files a run writes for each image under `out`: the .json always, the overlay and a
     label image (format `labels`, one of LABEL_FORMATS) if asked; `coco`: each outcome carries
     the image's size. `image`: the request's image options, with which overlays show the image;
-    `banner`: text drawn across the top of every overlay."""
+    `banner`: text drawn across the top of every overlay; `concepts`: the concepts every request
+    of the run asks for (none: automatic masks or prompts)."""
 
     out: Path
     overlay: bool = True
@@ -92,6 +93,7 @@ class Results:
     coco: bool = False
     image: ImageSettings = field(default_factory=ImageSettings)
     banner: str | None = None
+    concepts: tuple[str, ...] = ()
 
     def suffixes(self) -> list[str]:
         """The suffixes of the files written for each image."""
@@ -103,13 +105,16 @@ class Results:
 
     def earlier(self, image: InputImage) -> Any | None:
         """The answer an earlier run wrote for `image`, if it is there, valid and of the kind its
-        prompts ask for; else None."""
+        prompts ask for (or this run's concepts: records of another concept are sent again, since
+        the COCO file has no category for them); else None."""
         try:
             with open(image.result(self.out), "rb") as f:
                 payload = json.load(f)
             mask_size(payload)
         except (OSError, ValueError, TypeError, KeyError):
             return None
+        if self.concepts:
+            return payload if is_concept_list(payload, self.concepts) else None
         expected = is_prompt_response if image.prompts else is_annotation_list
         return payload if expected(payload) else None
 
@@ -163,8 +168,9 @@ class Results:
         return (size if self.coco else None), files
 
 
-def write_coco_file(path: Path, images: Sequence[CocoImage]) -> int:
-    """One COCO instances dataset of `images` (in id order) at `path`, written atomically; the
-    annotation count. Raises OSError or ValueError when a result file cannot be read."""
+def write_coco_file(path: Path, images: Sequence[CocoImage], concepts: Sequence[str] = ()) -> int:
+    """One COCO instances dataset of `images` (in id order) at `path`, written atomically, its
+    categories the run's `concepts` (none: one "object"); the annotation count. Raises OSError or
+    ValueError when a result file cannot be read."""
     with replacing(path) as temp, open(temp, "w") as stream:
-        return write_coco(stream, sorted(images, key=lambda image: image.id))
+        return write_coco(stream, sorted(images, key=lambda image: image.id), concepts)

@@ -175,6 +175,8 @@ def foreign_keys(values: Iterable[str], known: Iterable[str], model: str) -> str
     foreign = sorted(set(values) & set(AMG_RULES) - set(known))
     if not foreign:
         return None
+    if not known:
+        return f"{', '.join(map(repr, foreign))} do(es) not apply to {model}, which has no automatic mask generation"
     return f"{', '.join(map(repr, foreign))} do(es) not apply to {model}; its automatic options: {', '.join(sorted(known))}"
 
 

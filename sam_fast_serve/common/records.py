@@ -1,8 +1,8 @@
 """The mask records a response carries, built from Python builtins only (no torch, no numpy).
 
 An automatic answer is a list of `amg_record`s, the records of segment_anything's
-SamAutomaticMaskGenerator in its coco_rle mode; a prompted answer holds `mask_record`s, and a
-video answer an `object_record` per object on each frame.
+SamAutomaticMaskGenerator in its coco_rle mode; a prompted answer holds `mask_record`s, a concept
+answer is a list of `concept_record`s, and a video answer an `object_record` per object on each frame.
 """
 
 from __future__ import annotations
@@ -66,4 +66,16 @@ def object_record(obj: int, segmentation: Any, area: Any, bbox: Iterable[Any], s
         "area": int(area),
         "bbox": _floats(bbox),
         "score": float(score),
+    }
+
+
+def concept_record(concept: str, segmentation: Any, area: Any, bbox: Iterable[Any], score: Any) -> dict[str, Any]:
+    """One instance of a concept (common.concepts): its mask as given, area in pixels, XYWH bbox,
+    score (SAM 3's: the instance's probability times the concept's presence), and its concept."""
+    return {
+        "segmentation": segmentation,
+        "area": int(area),
+        "bbox": _floats(bbox),
+        "score": float(score),
+        "concept": concept,
     }

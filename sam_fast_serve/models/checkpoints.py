@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sam_fast_serve.common.errors import ConfigError
-from sam_fast_serve.models.registry import ModelType, official_checkpoints
+from sam_fast_serve.models.registry import ModelType, model_type, official_checkpoints
 
 
 def load_fitting(model: Any, state: Mapping[str, Any], checkpoint: str, model_type: str) -> None:
@@ -37,6 +37,8 @@ def where_to_get(file_name: str) -> str:
     official = official_checkpoints().get(Path(file_name).name)
     if official is None:
         return ""
+    if official.family.checkpoint_folder and official.url:
+        return f"download the whole folder from {official.url} (hf download {official.url.split('.co/')[-1]} --local-dir {official.file_name})"
     return f"download it from {official.url}" + (f" (sha256 {official.sha256})" if official.sha256 else "")
 
 
@@ -53,22 +55,27 @@ def check_sha256(path: Path, official: ModelType) -> None:
         )
 
 
-def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path:
+def resolve_checkpoint(directory: Path, file_name: str, model: str) -> Path:
     """Find `file_name` in `directory` and check it.
 
-    Returns the checkpoint's path. Raises ConfigError naming the file when it is missing (with the
-    download URL and sha256 when the name is an official one), when an official file belongs to
-    another model type, or when an official file's sha256 differs from the published one.
+    Returns the checkpoint's path: a file, or a folder for a family whose checkpoint is one. Raises
+    ConfigError naming the file when it is missing (with the download URL and sha256 when the name
+    is an official one), when an official file belongs to another model type, or when an official
+    file's sha256 differs from the published one.
     """
     path = directory / file_name
+    folder = model_type(model).family.checkpoint_folder
     official = official_checkpoints().get(Path(file_name).name)
-    if official is not None and official.name != model_type:
+    if official is not None and official.name != model:
         raise ConfigError(
-            f"sam_checkpoint {file_name!r} is the official {official.name} checkpoint, but model_type is {model_type!r}"
+            f"sam_checkpoint {file_name!r} is the official {official.name} checkpoint, but model_type is {model!r}"
         )
-    if not path.is_file():
+    if not (path.is_dir() if folder else path.is_file()):
         hint = where_to_get(file_name)
-        raise ConfigError(f"sam_checkpoint {file_name!r} not found in {directory}" + (f"; {hint}" if hint else ""))
+        what = f" ({model}'s checkpoint is a folder)" if folder else ""
+        raise ConfigError(
+            f"sam_checkpoint {file_name!r} not found in {directory}{what}" + (f"; {hint}" if hint else "")
+        )
     if official is not None:
         check_sha256(path, official)
     return path
@@ -76,9 +83,15 @@ def resolve_checkpoint(directory: Path, file_name: str, model_type: str) -> Path
 
 def checkpoint_sha256(path: Path) -> str:
     """The sha256 of a checkpoint `resolve_checkpoint` accepted: for an official file name the
-    published one (`resolve_checkpoint` has just checked the file against it), else computed."""
+    published one (`resolve_checkpoint` has just checked the file against it), else computed; a
+    folder's is that of its files' names and sha256s."""
     official = official_checkpoints().get(path.name)
-    return official.sha256 if official is not None and official.sha256 else file_sha256(path)
+    if official is not None and official.sha256:
+        return official.sha256
+    if path.is_dir():
+        listing = "".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in sorted(path.rglob("*")) if f.is_file())
+        return hashlib.sha256(listing.encode()).hexdigest()
+    return file_sha256(path)
 
 
 def download_checkpoint(file_name: str, dest: Path) -> Path:
@@ -90,6 +103,10 @@ def download_checkpoint(file_name: str, dest: Path) -> Path:
     official = official_checkpoints().get(file_name)
     if official is None or official.url is None:
         raise ConfigError(f"{file_name!r} is not an official checkpoint; put the file at {dest}")
+    if official.family.checkpoint_folder:
+        raise ConfigError(
+            f"{official.name}'s checkpoint is a gated folder: {where_to_get(file_name)}, then use that folder"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_suffix(dest.suffix + ".part")
     print(f"downloading {official.url} -> {dest}")

@@ -1,11 +1,12 @@
 """The engine the service talks to, whatever the model family: automatic mask generation for a group
-of images, masks for prompts on an image or on a cached image's embedding, warm-up, and what it
-keeps in the embedding store.
+of images, masks for prompts or for concepts on an image or on a cached image's embedding, warm-up,
+and what it keeps in the embedding store.
 
 A family (models/<family>/__init__.py) builds and prepares its model, says what one embedding holds
 (`embedding_layout`: the tensors the shared store checks every entry against), and gives the engine
-its predictor (the `Predictor` protocol below) and its generator (`Generator`). The engine does what
-is the same for every family: pinning a group's embeddings, timing the stages, finding a cached
+what it serves: a predictor of prompts (the `Predictor` protocol below) and a generator
+(`Generator`), or a predictor of concepts (`Conceptor`), and a tracker (`Tracker`). The engine does
+what is the same for every family: pinning a group's embeddings, timing the stages, finding a cached
 image. Inputs are decoded images (or a cached image's id) and validated settings; outputs are
 payloads of builtins, ready for the wire. Failures are exceptions: the service maps them to replies.
 """
@@ -17,11 +18,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from sam_fast_serve.common.concepts import Concepts, parse_concepts
 from sam_fast_serve.common.errors import NotFound
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.common.prompts import Prompts, parse_prompts
@@ -38,11 +40,12 @@ class Segmented:
     payload: Any
     masks: int
     seconds: dict[str, float]
+    size: tuple[int, int] = (0, 0)  # the image's (H, W)
 
 
-class Predictor(Protocol):
-    """A family's predictor: one current image (set from pixels or from an embedding), masks for
-    prompts on it, and embeddings pinned for a group of images."""
+class ImageHolder(Protocol):
+    """What every family's predictor does: one current image, set from pixels or from an embedding
+    (the store's, by key)."""
 
     clock: StageClock
     store: EmbeddingStore
@@ -54,7 +57,20 @@ class Predictor(Protocol):
 
     def set_embedding(self, embedding: ImageEmbedding) -> None: ...
 
+
+@runtime_checkable
+class Predictor(ImageHolder, Protocol):
+    """A family's predictor of prompts: masks for points, boxes and mask prompts on the current image."""
+
     def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class Conceptor(ImageHolder, Protocol):
+    """A family's predictor of concepts: every instance of each concept on the current image
+    (common.concepts' records)."""
+
+    def segment_concepts(self, concepts: Concepts) -> list[dict[str, Any]]: ...
 
 
 class Generator(Protocol):
@@ -99,17 +115,19 @@ class Engine:
     """A prepared model of one family behind one interface.
 
     model: its model type. dtype: what its encoder and decoder compute in. predictor: the family's
-    predictor (with the embedding store). make_generator: settings -> the family's generator,
-    sharing that predictor. warm_up_run: what the family runs once before serving. make_tracker:
-    the family's video tracker, made at the first video request; None for a still-image family.
+    predictor (with the embedding store): a Predictor of prompts or a Conceptor. make_generator:
+    settings -> the family's generator, sharing that predictor; None for a family without automatic
+    mask generation. warm_up_run: what the family runs once before serving. make_tracker: the
+    family's video tracker, made at the first video request; None for a still-image family. What a
+    family does not serve the service refuses before the engine runs (models.registry.Family).
     """
 
     def __init__(
         self,
         model: ModelType,
         dtype: torch.dtype,
-        predictor: Predictor,
-        make_generator: Callable[[AmgSettings], Generator],
+        predictor: ImageHolder,
+        make_generator: Callable[[AmgSettings], Generator] | None,
         warm_up_run: Callable[[], None],
         make_tracker: Callable[[], Tracker] | None = None,
     ) -> None:
@@ -134,6 +152,7 @@ class Engine:
         """Each image's mask records (coco_rle, builtins); the images go through the image encoder
         together, and share that call's seconds evenly."""
         clock = self.predictor.clock
+        assert self.generator is not None, "the service refuses automatic requests for a family without them"
         generator = self.generator(settings)
         clock.take()
         results = []
@@ -150,13 +169,11 @@ class Engine:
                 result.seconds[stage] += seconds / len(results)
         return results
 
-    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> Segmented:
-        """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
-        `image_id` when `image` is None: NotFound when no store has it, ServiceUnavailable when the
+    def _set_current(self, image: np.ndarray | None, image_id: str) -> tuple[int, int]:
+        """Make `image`, or the cached embedding of `image_id` when `image` is None, the predictor's
+        current image; its (H, W). NotFound when no store has the id, ServiceUnavailable when the
         shared store cannot answer."""
         predictor = self.predictor
-        predictor.clock.take()
-        start = time.perf_counter()
         if image is not None:
             predictor.set_image(image)
         else:
@@ -169,10 +186,33 @@ class Engine:
                 )
             predictor.set_embedding(embedding)
         assert predictor.original_size is not None
-        answers = predictor.segment_prompts(parse_prompts(prompt_fields, predictor.original_size))
+        return predictor.original_size
+
+    def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> Segmented:
+        """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
+        `image_id` when `image` is None (`_set_current`'s errors)."""
+        predictor = self.predictor
+        assert isinstance(predictor, Predictor), "the service refuses prompts for a family without them"
+        predictor.clock.take()
+        start = time.perf_counter()
+        size = self._set_current(image, image_id)
+        answers = predictor.segment_prompts(parse_prompts(prompt_fields, size))
         seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
         masks = sum(len(answer["masks"]) for answer in answers)
         return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)
+
+    def concepts(self, image: np.ndarray | None, image_id: str, concept_fields: dict[str, Any]) -> Segmented:
+        """The records of every instance of each concept (common.concepts) on `image`, or on the
+        cached embedding of `image_id` when `image` is None (`_set_current`'s errors; InvalidOption
+        when an exemplar box lies outside the cached image)."""
+        predictor = self.predictor
+        assert isinstance(predictor, Conceptor), "the service refuses concepts for a family without them"
+        predictor.clock.take()
+        start = time.perf_counter()
+        size = self._set_current(image, image_id)
+        records = predictor.segment_concepts(parse_concepts(concept_fields, size))
+        seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
+        return Segmented(records, len(records), seconds, size)
 
     def track(
         self, frames: Callable[[int], np.ndarray], count: int, request: TrackRequest

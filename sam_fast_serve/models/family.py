@@ -7,8 +7,8 @@ Torch free at run time: the types below are for the checker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -27,12 +27,12 @@ class FamilyCode(Protocol[Net]):
 
     def build(self, model: ModelType, checkpoint: str | None = None) -> Net:
         """The network of `model` in eval mode, on the CPU, in float32, with the weights of
-        `checkpoint` (loaded with weights_only=True), or random ones when it is None. Raises
-        ConfigError when the checkpoint is not one of this model type."""
+        `checkpoint` (a file loaded with weights_only=True, or safetensors in a folder), or random
+        ones when it is None. Raises ConfigError when the checkpoint is not one of this model type."""
         ...
 
-    def checkpoint_state(self, net: Net) -> Mapping[str, Any]:
-        """What `torch.save` writes for `net` in the family's official checkpoint form."""
+    def save_checkpoint(self, net: Net, path: Path) -> None:
+        """Write `net` at `path` in the family's official checkpoint form (a file, or a folder)."""
         ...
 
     def prepare(self, net: Net, device: torch.device, precision: Precision, compile_encoder: bool = False) -> Net:

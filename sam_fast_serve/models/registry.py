@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
     from sam_fast_serve.models.family import FamilyCode
+    from sam_fast_serve.models.sam3.build import Sam3Net
 
 # The automatic mask generation keys both families take (common.options.AmgSettings names them).
 _SHARED_AMG_KEYS = (
@@ -33,20 +34,31 @@ _SHARED_AMG_KEYS = (
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its name (its package under sam_fast_serve.models) and title, `code`, which
+    """A model family: its name (its package under sam_fast_serve.models), title and the model type
+    messages suggest (`example`), `code`, which
     imports that package (torch and the family's upstream code) as the family contract, the AMG keys
-    its generator takes, the defaults it changes (its reference generator's), whether it has the
-    int8 encoder (`dtype: int8`) and the compiled one (`compile: true`), and whether it follows
-    objects through video (common.tracks)."""
+    its generator takes (none: it has no automatic mask generation), the defaults it changes (its
+    reference generator's), whether it has the int8 encoder (`dtype: int8`) and the compiled one
+    (`compile: true`), what requests it serves: point, box and mask prompts (`prompts`), concepts
+    (`concepts`: common.concepts), video (`video`: common.tracks); and whether its checkpoint is a
+    folder (`checkpoint_folder`) rather than one file."""
 
     name: str
     title: str
+    example: str  # the model type messages suggest
     code: Callable[[], FamilyCode[Any]]
     amg_keys: tuple[str, ...]
     amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     int8: bool = False
     compile: bool = False
+    prompts: bool = True
+    concepts: bool = False
     video: bool = False
+    checkpoint_folder: bool = False
+
+    @property
+    def automatic(self) -> bool:
+        return bool(self.amg_keys)
 
 
 # Each family's package, checked against the contract with its own network type.
@@ -62,19 +74,27 @@ def _sam2_code() -> FamilyCode[SAM2Base]:
     return sam2
 
 
-SAM1 = Family("sam1", "Segment Anything (SAM 1)", _sam1_code, _SHARED_AMG_KEYS, int8=True, compile=True)
+def _sam3_code() -> FamilyCode[Sam3Net]:
+    from sam_fast_serve.models import sam3
+
+    return sam3
+
+
+SAM1 = Family("sam1", "Segment Anything (SAM 1)", "vit_b", _sam1_code, _SHARED_AMG_KEYS, int8=True, compile=True)
 SAM2 = Family(
     "sam2",
     "SAM 2 and SAM 2.1",
+    "sam2.1_hiera_tiny",
     _sam2_code,
     (*_SHARED_AMG_KEYS, "use_m2m", "multimask_output"),
     # SAM2AutomaticMaskGenerator's default; SAM 1's is 0.88.
     MappingProxyType({"pred_iou_thresh": 0.8}),
     video=True,
 )
+SAM3 = Family("sam3", "SAM 3", "sam3", _sam3_code, (), prompts=False, concepts=True, checkpoint_folder=True)
 
 
-FAMILIES = (SAM1, SAM2)
+FAMILIES = (SAM1, SAM2, SAM3)
 
 
 def families_that(can: Callable[[Family], bool]) -> str:
@@ -82,11 +102,22 @@ def families_that(can: Callable[[Family], bool]) -> str:
     return " and ".join(family.title for family in FAMILIES if can(family))
 
 
+def model_types_that(can: Callable[[Family], bool]) -> str:
+    """For messages: the families for which `can` holds, each with one of its model types, e.g.
+    "SAM 2 and SAM 2.1 (model_type sam2.1_hiera_tiny, ...)"."""
+    named = []
+    for family in FAMILIES:
+        if can(family):
+            named.append(f"{family.title} (model_type {family.example}, ...)")
+    return " or ".join(named)
+
+
 @dataclass(frozen=True)
 class ModelType:
     """One model type: its family, the official checkpoint (file name, URL, sha256 where the
     publisher gives one), parameters in millions, and what the family needs to build it
-    (`build`: segment_anything's registry name, or SAM 2's Hydra config)."""
+    (`build`: segment_anything's registry name, SAM 2's Hydra config, or SAM 3's architecture).
+    A family with `checkpoint_folder` names its checkpoint folder in `file_name`."""
 
     name: str
     family: Family
@@ -103,6 +134,9 @@ _SAM1_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # Meta's SAM 2 (July 2024) and SAM 2.1 (September 2024) checkpoints; no sha256 is published for them.
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
 _SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+# Meta's SAM 3 (November 2025), a gated Hugging Face repository: the folder is downloaded whole
+# (`hf download facebook/sam3 --local-dir sam3`) once its licence is accepted.
+SAM3_URL = "https://huggingface.co/facebook/sam3"
 
 
 def _sam2(version: str, size: str, short: str, parameters_m: float) -> ModelType:
@@ -157,6 +191,7 @@ MODEL_TYPES: dict[str, ModelType] = {
         _sam2("sam2.1", "small", "s", 46.1),
         _sam2("sam2.1", "base_plus", "b+", 80.9),
         _sam2("sam2.1", "large", "l", 224.4),
+        ModelType("sam3", SAM3, "sam3", SAM3_URL, None, 840.4, "sam3"),
         ModelType("test_vit", SAM1, "test_vit.pth", None, None, 5.1, "test_vit", test_only=True),
         ModelType(
             "test_sam2.1_hiera",
@@ -168,6 +203,7 @@ MODEL_TYPES: dict[str, ModelType] = {
             "configs/sam2.1/sam2.1_hiera_t.yaml",
             test_only=True,
         ),
+        ModelType("test_sam3", SAM3, "test_sam3", None, None, 0.5, "test_sam3", test_only=True),
     )
 }
 

@@ -33,7 +33,7 @@ from sam_fast_serve.server.frames import VideoLimits
 
 def _file_name(v: Any) -> str | None:
     if not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", ".."):
-        return f"must be a file name inside the model archive (no directories), got {v!r}"
+        return f"must be a file or folder name inside the model archive (no path), got {v!r}"
     return None
 
 

@@ -1,12 +1,14 @@
 """The answer formats: one table from the media type a request's Accept header names to how its
-answer is written, for an automatic answer (a list of mask records) and a prompted one
+answer is written, for an automatic or a concept answer (a list of mask records), a prompted one
 ({"image_id", "prompts": [{"masks": [...]}, ...]}), and a video answer (a record a frame, a line each).
 
     pickle  text/plain (the default)  the records, pickled, zlib-compressed, base64 (common.wire)
     json    application/json          the same records as JSON
-    png     image/png                 automatic: a uint16 instance label image (common.labels);
-                                      prompted: the mask (8-bit, 0 or 255) or, with the request
-                                      option output "cutout", the object cut out as RGBA
+    png     image/png                 automatic and concepts: a uint16 instance label image
+                                      (common.labels: label i + 1 is record i, whose `concept`
+                                      the records say); prompted: the mask (8-bit, 0 or 255) or,
+                                      with the request option output "cutout", the object cut out
+                                      as RGBA
 
 The text formats write a video answer as lines, one a frame record (pickled or JSON); PNG writes
 none (the client makes the label stack). A PNG shows one mask per prompt, the best one (highest
@@ -44,8 +46,8 @@ Body = str | bytes  # str for the text formats (ASCII), bytes for pictures
 
 @dataclass(frozen=True)
 class AnswerFormat:
-    """One answer format. `automatic` writes an automatic answer (its records, the decoded input
-    image); `prompted` a prompted answer (its payload, the decoded input image or None for a request
+    """One answer format. `automatic` writes an automatic or a concept answer (its records, the
+    image's (H, W)); `prompted` a prompted answer (its payload, the decoded input image or None for a request
     by image_id, the request's `output`). `outputs`: the `output` values a prompted answer takes, ()
     when the option does not apply. `records`: whether the answer carries the mask records (scores,
     boxes, low-res logits) rather than a picture of the masks. `line`: one record of a video answer
@@ -54,7 +56,7 @@ class AnswerFormat:
     name: str
     media_type: str
     content_type: str
-    automatic: Callable[[list[dict[str, Any]], np.ndarray], Body]
+    automatic: Callable[[list[dict[str, Any]], tuple[int, int]], Body]
     prompted: Callable[[dict[str, Any], np.ndarray | None, str], Body]
     outputs: tuple[str, ...] = ()
     records: bool = True
@@ -67,21 +69,21 @@ def _text_format(name: str, media_type: str, content_type: str, encode: Callable
         name,
         media_type,
         content_type,
-        automatic=lambda records, image: encode(records),
+        automatic=lambda records, size: encode(records),
         prompted=lambda payload, image, output: encode(payload),
         line=lambda record: encode(record) + "\n",
     )
 
 
-def label_png(records: list[dict[str, Any]], image: np.ndarray) -> bytes:
-    """An automatic answer as a 16-bit PNG the size of `image`: 0 background, mask i (answer order)
-    label i + 1, smaller masks on top of larger ones. Raises ResponseTooLarge past 65,535 masks."""
+def label_png(records: list[dict[str, Any]], size: tuple[int, int]) -> bytes:
+    """An automatic or concept answer as a 16-bit PNG of `size` (H, W): 0 background, mask i (answer
+    order) label i + 1, smaller masks on top of larger ones. Raises ResponseTooLarge past 65,535 masks."""
     if len(records) > MAX_LABELS:
         raise ResponseTooLarge(
             f"the answer has {len(records):,} masks, more than a 16-bit label image holds ({MAX_LABELS:,}): ask for "
             "fewer masks (a higher pred_iou_thresh or stability_score_thresh, fewer points_per_side)"
         )
-    return encode_labels(label_image(records, image.shape[:2]), "png")
+    return encode_labels(label_image(records, size), "png")
 
 
 def best_masks(payload: Mapping[str, Any]) -> list[dict[str, Any]]:

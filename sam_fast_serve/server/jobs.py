@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sam_fast_serve.common.concepts import has_concepts, parse_concepts, split_concept_fields
 from sam_fast_serve.common.errors import BadRequest, InvalidOption, NotAcceptable
 from sam_fast_serve.common.options import (
     AMG_RULES,
@@ -28,6 +29,7 @@ from sam_fast_serve.common.prompts import has_prompts, parse_prompts, split_prom
 from sam_fast_serve.common.tracks import TrackRequest, parse_track_request
 from sam_fast_serve.common.wire import OUTPUT_OPTION
 from sam_fast_serve.models.embedding import is_pixel_key, pixel_key
+from sam_fast_serve.models.registry import Family, model_types_that
 from sam_fast_serve.server.config import ServiceConfig
 from sam_fast_serve.server.formats import FORMATS, AnswerFormat, Body, choose_format, resolve_output
 from sam_fast_serve.server.frames import Frames, open_video
@@ -37,8 +39,8 @@ from sam_fast_serve.server.payload import ParsedVideo, parse_request, parse_vide
 
 @dataclass
 class Job:
-    """One decoded request: automatic (`settings`) or prompted (`prompt_fields`), answered in
-    `answer_format` showing `output`."""
+    """One decoded request: automatic (`settings`), prompted (`prompt_fields`) or concepts
+    (`concept_fields`), answered in `answer_format` showing `output`."""
 
     answer_format: AnswerFormat
     output: str
@@ -46,13 +48,21 @@ class Job:
     image_id: str
     settings: AmgSettings | None = None
     prompt_fields: dict[str, Any] | None = None
+    concept_fields: dict[str, Any] | None = None
 
-    def body(self, payload: Any) -> Body:
-        """The engine's answer to this job (`payload`) written in the job's format."""
-        if self.settings is None:
+    @property
+    def mode(self) -> str:
+        """What the job asks for: "automatic", "prompted" or "concepts" (a metrics label too)."""
+        return (
+            "automatic" if self.settings is not None else "prompted" if self.prompt_fields is not None else "concepts"
+        )
+
+    def body(self, payload: Any, size: tuple[int, int]) -> Body:
+        """The engine's answer to this job (`payload`, on an image of `size` (H, W)) written in the
+        job's format."""
+        if self.prompt_fields is not None:
             return self.answer_format.prompted(payload, self.image, self.output)
-        assert self.image is not None
-        return self.answer_format.automatic(payload, self.image)
+        return self.answer_format.automatic(payload, size)
 
 
 @dataclass
@@ -83,6 +93,8 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     image_id = options.pop("image_id", None)
     image_options = {key: options.pop(key) for key in list(options) if key in IMAGE_RULES}
     prompt_fields = split_prompt_fields(options)
+    concept_fields = split_concept_fields(options)
+    check_served(config.family, config.model_type, prompt_fields, concept_fields)
     output = resolve_output(
         answer_format,
         options.pop(OUTPUT_OPTION, None),
@@ -101,6 +113,16 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     elif not isinstance(image_id, str) or not is_pixel_key(image_id):
         # Checked before any store sees it: an id is also (part of) a Redis key.
         raise BadRequest("'image_id' must be the string an earlier response returned (32 hex digits)")
+    if has_concepts(concept_fields):
+        if options or prompt_fields:
+            raise InvalidOption(
+                f"option(s) {', '.join(map(repr, sorted({**options, **prompt_fields})))} do not apply to a concept "
+                "request ('text' or 'exemplar_boxes')"
+            )
+        parse_concepts(concept_fields, None if image is None else image.shape[:2])  # before the encoder runs
+        return Job(answer_format, output, image, image_id, concept_fields=concept_fields)
+    if concept_fields:
+        raise InvalidOption(f"{', '.join(map(repr, sorted(concept_fields)))} given without 'text' or 'exemplar_boxes'")
     if has_prompts(prompt_fields):
         if options:
             raise InvalidOption(
@@ -127,14 +149,36 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
     )
 
 
+def check_served(family: Family, model: str, prompt_fields: dict[str, Any], concept_fields: dict[str, Any]) -> None:
+    """Refuse (400) a request of a kind the model's family does not serve, naming the model types
+    that do: prompts, concepts, or (with neither) automatic mask generation."""
+    if has_concepts(concept_fields) and not family.concepts:
+        raise BadRequest(
+            f"{model} ({family.title}) does not answer concepts ('text', 'exemplar_boxes'): that needs "
+            f"{model_types_that(lambda f: f.concepts)}"
+        )
+    if has_prompts(prompt_fields) and not family.prompts:
+        raise BadRequest(
+            f"{model} ({family.title}) does not answer point, box or mask prompts: those need "
+            f"{model_types_that(lambda f: f.prompts)}; {family.title} answers 'text' and 'exemplar_boxes'"
+        )
+    # Concept qualifiers alone (a threshold, labels) are refused by name later.
+    if not concept_fields and not has_prompts(prompt_fields) and not family.automatic:
+        kinds = "'text' or 'exemplar_boxes'" if family.concepts else "points, boxes or a mask_input"
+        raise BadRequest(
+            f"{model} ({family.title}) has no automatic mask generation: give {kinds}, or use "
+            f"{model_types_that(lambda f: f.automatic)} for it"
+        )
+
+
 def decode_track_job(video: ParsedVideo, answer_format: AnswerFormat, config: ServiceConfig) -> TrackJob:
     """A video request's TrackJob: the model, the answer format, the limits (from the header), the
     options and prompts (against the video), then the frames, in that order, each refused with the
     ServiceError that names it."""
     if not config.family.video:
         raise BadRequest(
-            f"{config.model_type} is a still-image model ({config.family.title}): a video request needs a "
-            "SAM 2 / 2.1 model (model_type sam2.1_hiera_tiny, for one)"
+            f"{config.model_type} is a still-image model ({config.family.title}): a video request needs "
+            f"{model_types_that(lambda f: f.video)}"
         )
     if answer_format.line is None:
         lines = ", ".join(media_type for media_type, known in FORMATS.items() if known.line is not None)

@@ -139,23 +139,23 @@ class MaskService:
     def predict(
         self, decoded: Sequence[Job | TrackJob | Reply], stream: Stream | None = None
     ) -> list[Answer | Tracked | Reply]:
-        """Each Job's Answer and each TrackJob's Tracked (Replies pass through). Prompted and video
-        jobs run one at a time; automatic jobs with the same settings run through the engine
-        together. A video job's lines go to `stream` as they are made, when given."""
+        """Each Job's Answer and each TrackJob's Tracked (Replies pass through). Prompted, concept
+        and video jobs run one at a time; automatic jobs with the same settings run through the
+        engine together. A video job's lines go to `stream` as they are made, when given."""
         results: dict[int, Answer | Tracked | Reply] = {
             i: item for i, item in enumerate(decoded) if isinstance(item, Reply)
         }
         for index, item in enumerate(decoded):
             if isinstance(item, TrackJob):
                 results[index] = self._track(index, item, stream)
-        prompted: list[list[tuple[int, Job]]] = []
+        alone: list[list[tuple[int, Job]]] = []
         automatic: dict[AmgSettings, list[tuple[int, Job]]] = {}
         for index, item in enumerate(decoded):
             if isinstance(item, Job) and item.settings is None:
-                prompted.append([(index, item)])
+                alone.append([(index, item)])
             elif isinstance(item, Job) and item.settings is not None:
                 automatic.setdefault(item.settings, []).append((index, item))
-        for group in [*prompted, *automatic.values()]:
+        for group in [*alone, *automatic.values()]:
             results.update(self._run(group))
         self.recorder.store_counts(self.engine.store.counts)
         return [results[i] for i in range(len(decoded))]
@@ -178,11 +178,12 @@ class MaskService:
         start = time.perf_counter()
         try:
             job = answer.job
-            body = job.body(answer.result.payload)
+            size = answer.result.size if job.image is None else job.image.shape[:2]
+            body = job.body(answer.result.payload, size)
             reply = payload_reply(body, job.answer_format.content_type, job.image_id, self.config.max_response_bytes)
         except Exception as exc:
             return error_reply(as_service_error(exc, 1))
-        mode = "automatic" if answer.job.settings is not None else "prompted"
+        mode = answer.job.mode
         self.recorder.stages({**answer.result.seconds, "wire_encode": time.perf_counter() - start})
         self.recorder.emit(IMAGES, 1, mode=mode)
         self.recorder.emit(MASKS, answer.result.masks, mode=mode)
@@ -252,7 +253,7 @@ class MaskService:
         Reply for all of them when it fails: the other jobs of the batch go on."""
         jobs = [job for _, job in group]
         try:
-            results = self._automatic(jobs) if jobs[0].settings is not None else self._prompted(jobs)
+            results = self._automatic(jobs) if jobs[0].settings is not None else self._alone(jobs)
         except Exception as exc:
             reply = error_reply(as_service_error(exc, len(jobs)))
             return {index: reply for index, _ in group}
@@ -267,10 +268,12 @@ class MaskService:
             result.masks = len(result.payload)
         return results
 
-    def _prompted(self, jobs: list[Job]) -> list[Segmented]:
+    def _alone(self, jobs: list[Job]) -> list[Segmented]:
         (job,) = jobs
-        assert job.prompt_fields is not None
-        return [self.engine.prompted(job.image, job.image_id, job.prompt_fields)]
+        if job.prompt_fields is not None:
+            return [self.engine.prompted(job.image, job.image_id, job.prompt_fields)]
+        assert job.concept_fields is not None
+        return [self.engine.concepts(job.image, job.image_id, job.concept_fields)]
 
 
 def keep_best(records: list[dict[str, Any]], max_masks: int) -> list[dict[str, Any]]:

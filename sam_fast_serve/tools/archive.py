@@ -17,18 +17,29 @@ from sam_fast_serve import __version__
 from sam_fast_serve.common.endpoint import MODEL_NAME
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.checkpoints import where_to_get
-from sam_fast_serve.server.config import load_service_config
+from sam_fast_serve.models.registry import Family
+from sam_fast_serve.server.config import ServiceConfig, load_service_config
 
 # The package root (this module is in its tools/ subpackage).
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE = PACKAGE_DIR.name
 
 
-def config_checkpoint_file(config: Path) -> str:
-    """The checkpoint file name a model-config.yaml asks for (its `handler:` section validated)."""
+def _service_config(config: Path) -> ServiceConfig:
+    """A model-config.yaml's `handler:` section, validated."""
     with open(config) as f:
         section = (yaml.safe_load(f) or {}).get("handler")
-    return load_service_config(section).checkpoint_file
+    return load_service_config(section)
+
+
+def config_checkpoint_file(config: Path) -> str:
+    """The checkpoint file (or folder) name a model-config.yaml asks for."""
+    return _service_config(config).checkpoint_file
+
+
+def config_family(config: Path) -> Family:
+    """The model family a model-config.yaml asks for."""
+    return _service_config(config).family
 
 
 def _imported_subpackages(source: Path) -> set[str]:
@@ -61,6 +72,13 @@ def runtime_subpackages(handler: Path) -> list[str]:
     return sorted(needed)
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def _model_archiver() -> str:
     beside = Path(sys.executable).parent / "torch-model-archiver"
     found = str(beside) if beside.is_file() else shutil.which("torch-model-archiver")
@@ -75,13 +93,16 @@ def build_archive(
     """Package `handler`, the subpackages it needs, `checkpoint` and `config` into
     `<export_path>/<model_name>.tar.gz`, version `__version__`; returns that path.
 
-    The checkpoint is stored under the file name the config names. Raises ConfigError when the
-    config is invalid or the checkpoint or handler is missing.
+    The checkpoint (a file, or a folder for a family whose checkpoint is one) is stored under the
+    name the config names. Raises ConfigError when the config is invalid or the checkpoint or
+    handler is missing.
     """
     name = config_checkpoint_file(config)
-    if not checkpoint.is_file():
+    folder = config_family(config).checkpoint_folder
+    if not (checkpoint.is_dir() if folder else checkpoint.is_file()):
         hint = where_to_get(name) or "use a checkpoint you have"
-        raise ConfigError(f"no SAM checkpoint at {checkpoint}: {hint}, or random weights for a smoke test (make smoke)")
+        kind = "checkpoint folder" if folder else "checkpoint"
+        raise ConfigError(f"no SAM {kind} at {checkpoint}: {hint}, or random weights for a smoke test (make smoke)")
     if not handler.is_file():
         raise ConfigError(f"no handler file at {handler} (custom_handler.py of the sam-fast-serve repository)")
     export_path.mkdir(parents=True, exist_ok=True)
@@ -96,15 +117,21 @@ def build_archive(
             shutil.copytree(
                 PACKAGE_DIR / subpackage, package / subpackage, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
             )
-        weights = staging / name
-        weights.symlink_to(checkpoint.resolve())
+        if folder:
+            # A folder travels with the extra files (the archiver takes one serialized file), its
+            # files hard-linked where the file system allows: a SAM 3 folder is 3.4 GB.
+            shutil.copytree(checkpoint, package.parent / name, copy_function=_link_or_copy)
+            weights = []
+        else:
+            (staging / name).symlink_to(checkpoint.resolve())
+            weights = ["--serialized-file", str(staging / name)]
         subprocess.run(
             [
                 _model_archiver(),
                 "--model-name", model_name,
                 "--version", __version__,
                 "--handler", str(handler),
-                "--serialized-file", str(weights),
+                *weights,
                 "--extra-files", str(package.parent),
                 "--config-file", str(config),
                 "--archive-format", "tgz",

@@ -8,7 +8,7 @@
     sam-fast-serve wait-ready [--management-url URL] [--model NAME] [--key-file PATH] [--run-dir DIR] [--timeout S]
     sam-fast-serve team --listen HOST:PORT [--inference-url URL] [--key-file PATH] [--dir DIR] ...
     sam-fast-serve team-stop [--dir DIR]
-    sam-fast-serve random-checkpoint PATH [--model-type vit_b|sam2.1_hiera_tiny|...]
+    sam-fast-serve random-checkpoint PATH [--model-type vit_b|sam2.1_hiera_tiny|sam3|...]
     sam-fast-serve models
     sam-fast-serve docs DIR
     sam-fast-serve samples DIR
@@ -47,15 +47,15 @@ EXTRA_OF = {
 
 
 def save_random_checkpoint(path: Path, name: str = "vit_b", seed: int = 0) -> Path:
-    """Write a checkpoint of random weights in the official form of `model_type`'s family (for smoke
-    runs and tests only: its masks mean nothing)."""
+    """Write a checkpoint of random weights in the official form of `model_type`'s family, a file or
+    a folder (for smoke runs and tests only: its masks mean nothing)."""
     import torch
 
     model = model_type(name)
     family = model.family.code()
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(family.checkpoint_state(family.build(model)), path)
+    family.save_checkpoint(family.build(model), path)
     return path
 
 

@@ -25,9 +25,9 @@ from sam_fast_serve.models.registry import MODEL_TYPES, Family
 # default and valid values come from the code; a key with no meaning fails config_tables (and its test).
 KEY_MEANINGS = {
     "model_type": "the model, and with it the family whose code serves it ([models.md](models.md))",
-    "sam_checkpoint": "the checkpoint's file name inside the archive; none: the official file name of "
-    "`model_type`. An official file is sha256-checked at load; every checkpoint is read by "
-    "`torch.load` with `weights_only=True` (tensors only, no code)",
+    "sam_checkpoint": "the checkpoint's name inside the archive (SAM 3's is a folder); none: the official "
+    "name of `model_type`. An official file is sha256-checked at load; a checkpoint file is read by "
+    "`torch.load` with `weights_only=True`, a SAM 3 folder's weights from safetensors (tensors only, no code)",
     "process_batch_size": "images (or crops) per image-encoder call when TorchServe hands the worker a "
     "batch of requests",
     "dtype": "`auto`: bf16 on CUDA and on CPUs with native bf16, else fp32. `bfloat16` on a CPU without "
@@ -121,8 +121,9 @@ def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], fami
             ]
             if changed:
                 cells[1] = f"{default} ({'; '.join(changed)})"
-            taking = [family.title for family in _families() if f.name in family.amg_keys]
-            cells.append("all" if len(taking) == len(_families()) else ", ".join(taking) + " only")
+            generating = [family for family in _families() if family.automatic]
+            taking = [family.title for family in generating if f.name in family.amg_keys]
+            cells.append("all" if len(taking) == len(generating) else ", ".join(taking) + " only")
         cells.append(_meaning(f))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -148,6 +149,12 @@ def config_tables() -> str:
         *notes,
         "",
         "### Automatic mask generation (a config default; a request may send each)",
+        "",
+        '"all": every family with automatic mask generation ('
+        + ", ".join(f.title for f in _families() if f.automatic)
+        + "); "
+        + ", ".join(f.title for f in _families() if not f.automatic)
+        + " has none and refuses these keys.",
         "",
         *_rows(AmgSettings, AMG_RULES, families=True),
         "",

@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 import sam_fast_serve
+from harness.archives import random_checkpoint_name, smoke_config
 from harness.servers import REPO, free_port
-from sam_fast_serve.models.registry import official_checkpoints
+from sam_fast_serve.models.registry import model_type, official_checkpoints
+from sam_fast_serve.models.sam3.build import CHECKPOINT_FILES
 from sam_fast_serve.tools.archive import PACKAGE_DIR, runtime_subpackages
 
 BIN = Path(sys.executable).parent
@@ -30,17 +32,15 @@ def serve_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.
     )
 
 
-@pytest.fixture(scope="module", params=["test_vit", "test_sam2.1_hiera"])
+@pytest.fixture(scope="module", params=["test_vit", "test_sam2.1_hiera", "test_sam3"])
 def archive(request, tmp_path_factory) -> Path:
     """An archive of each family's test architecture, built the way the Makefile builds it: both
     steps through the console command, the smoke config naming the model type."""
     work = tmp_path_factory.mktemp("archive")
-    checkpoint = work / f"random_{request.param}.pth"
+    checkpoint = work / random_checkpoint_name(request.param)
     made = serve_cli("random-checkpoint", str(checkpoint), "--model-type", request.param)
     assert made.returncode == 0, made.stderr
-    config = yaml.safe_load((REPO / "tests" / "smoke-config.yaml").read_text())
-    config["handler"].update(model_type=request.param, sam_checkpoint=checkpoint.name)
-    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    (work / "config.yaml").write_text(yaml.safe_dump(smoke_config(request.param, checkpoint.name)))
     built = serve_cli(
         "archive", "--checkpoint", str(checkpoint), "--config", str(work / "config.yaml"),
         "--handler", "custom_handler.py", "--export-path", str(work / "store"),
@@ -75,7 +75,13 @@ def test_archive_holds_only_what_the_handler_imports(archive, tmp_path):
     model_dir = tmp_path / "sam-fast"  # TorchServe unpacks the archive into a directory of this name
     config = yaml.safe_load((model_dir / "config.yaml").read_text())["handler"]
     modules = _package_files(runtime_subpackages(HANDLER))
-    assert names == {"MAR-INF/MANIFEST.json", "custom_handler.py", "config.yaml", config["sam_checkpoint"], *modules}
+    family = model_type(config["model_type"]).family
+    weights = (
+        {f"{config['sam_checkpoint']}/{name}" for name in CHECKPOINT_FILES}
+        if family.checkpoint_folder
+        else {config["sam_checkpoint"]}
+    )
+    assert names == {"MAR-INF/MANIFEST.json", "custom_handler.py", "config.yaml", *weights, *modules}
     assert not any(name.startswith(("sam_fast_serve/client/", "sam_fast_serve/tools/")) for name in names)
     # Load the model as a worker does, with the archive directory alone on the path (the site's
     # packages aside): every package module it loads comes from the archive.
@@ -91,11 +97,13 @@ def test_archive_holds_only_what_the_handler_imports(archive, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(model_dir)}
     loaded = subprocess.run([sys.executable, "-c", script], cwd=model_dir, env=env, capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
-    family, *files = loaded.stdout.split()
-    assert family == ("sam2" if "sam2" in config["model_type"] else "sam1")
+    loaded_family, *files = loaded.stdout.split()
+    assert loaded_family == family.name
     assert {Path(line).resolve().is_relative_to(model_dir.resolve()) for line in files} == {True}
     assert {str(Path(line).relative_to(model_dir)) for line in files} <= modules
-    assert f"sam_fast_serve/models/{family}/engine.py" in {str(Path(line).relative_to(model_dir)) for line in files}
+    assert f"sam_fast_serve/models/{family.name}/engine.py" in {
+        str(Path(line).relative_to(model_dir)) for line in files
+    }
 
 
 def test_runtime_excludes_tooling_and_client():

@@ -148,7 +148,7 @@ def test_every_family_keeps_the_contract():
     from sam_fast_serve.models.registry import FAMILIES
 
     contract = [name for name in vars(FamilyCode) if not name.startswith("_")]
-    assert contract == ["build", "checkpoint_state", "prepare", "embedding_layout", "engine"]
+    assert contract == ["build", "save_checkpoint", "prepare", "embedding_layout", "engine"]
     for family in FAMILIES:
         code = family.code()
         assert code.__name__ == f"sam_fast_serve.models.{family.name}"

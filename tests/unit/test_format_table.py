@@ -134,14 +134,14 @@ def test_a_prompted_png_is_the_union_of_each_prompts_best_mask():
 
 def test_an_automatic_png_is_the_label_image_and_has_a_limit():
     records = [record(box(0, 0, 40, 60)), record(box(5, 5, 20, 20)), record(box(10, 10, 30, 50))]
-    mode, labels = pixels(label_png(records, np.zeros((*SIZE, 3), np.uint8)))
+    mode, labels = pixels(label_png(records, SIZE))
     assert mode == "I;16"
     np.testing.assert_array_equal(labels, label_image(records, SIZE))
     assert set(np.unique(labels)) == {1, 2, 3}
     # an answer without masks is all background, the size of the image
-    assert not pixels(label_png([], np.zeros((*SIZE, 3), np.uint8)))[1].any()
+    assert not pixels(label_png([], SIZE))[1].any()
     with pytest.raises(ResponseTooLarge, match="65,535"):
-        label_png([records[0]] * (MAX_LABELS + 1), np.zeros((*SIZE, 3), np.uint8))
+        label_png([records[0]] * (MAX_LABELS + 1), SIZE)
 
 
 def test_max_response_bytes_bounds_text_and_picture_bodies():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from segment_anything.build_sam import _build_sam, sam_model_registry
@@ -43,9 +44,9 @@ def build(model: ModelType, checkpoint: str | None = None) -> Sam:
     return sam.eval()
 
 
-def checkpoint_state(sam: Sam) -> dict[str, torch.Tensor]:
-    """What an official SAM 1 checkpoint file holds for `sam`: its state dict."""
-    return sam.state_dict()
+def save_checkpoint(sam: Sam, path: Path) -> None:
+    """Write `sam` as an official SAM 1 checkpoint file: its state dict."""
+    torch.save(sam.state_dict(), path)
 
 
 def prepare_model(

@@ -2,15 +2,15 @@
 large models of both, and the test architecture test_sam2.1_hiera.
 
 The family contract (models/family.py, which the type checker holds this package to): `build`,
-`checkpoint_state`, `prepare`, `embedding_layout` and `engine`. Nothing here needs sam2's compiled
+`save_checkpoint`, `prepare`, `embedding_layout` and `engine`. Nothing here needs sam2's compiled
 `_C` extension: its connected components (hole filling) are components.py's.
 """
 
 from __future__ import annotations
 
-from sam_fast_serve.models.sam2.build import build, checkpoint_state
+from sam_fast_serve.models.sam2.build import build, save_checkpoint
 from sam_fast_serve.models.sam2.build import prepare_model as prepare
 from sam_fast_serve.models.sam2.engine import engine
 from sam_fast_serve.models.sam2.predictor import embedding_layout
 
-__all__ = ["build", "checkpoint_state", "embedding_layout", "engine", "prepare"]
+__all__ = ["build", "embedding_layout", "engine", "prepare", "save_checkpoint"]

@@ -10,6 +10,7 @@ otherwise stay float32.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,9 +85,9 @@ def _memory_in_frame_dtype(
     return args, kwargs
 
 
-def checkpoint_state(net: SAM2Base) -> dict[str, dict[str, torch.Tensor]]:
-    """What an official SAM 2 checkpoint file holds for `net`: {"model": its state dict}."""
-    return {"model": net.state_dict()}
+def save_checkpoint(net: SAM2Base, path: Path) -> None:
+    """Write `net` as an official SAM 2 checkpoint file: {"model": its state dict}."""
+    torch.save({"model": net.state_dict()}, path)
 
 
 def faster_encoders(net: SAM2Base) -> None:

@@ -1,0 +1,246 @@
+"""SAM 3's concept predictor: an image's features once, then every instance of each concept on it.
+
+The same computation as transformers' Sam3Model + Sam3Processor (resize to the model's square,
+the vision trunk and neck, the text encoder, the DETR encoder and decoder, the mask decoder,
+`post_process_instance_segmentation`), arranged so that nothing per concept depends on the image
+alone, and nothing is computed that no answer uses:
+
+- the image's part is computed once and kept in the embedding store (`embedding_layout`): the
+  neck's three levels the detector reads, with the pixel decoder's convolutions of the two finer
+  levels already applied (pixel.py), so a concept on a cached image runs no image-sized work
+  that the image alone decides;
+- the neck's fourth level (scale 0.5), which the detector never reads, is not computed;
+- a phrase's text features are computed from its real tokens only (the text encoder is causal:
+  the padding changes none of them) and kept per phrase;
+- all the concepts of a request go through the detector as one batch;
+- masks are made for the instances kept only, with the instance projection folded into the
+  queries' mask embeddings; the semantic head, which no answer uses, is not run.
+
+Inputs are RGB uint8 images and validated Concepts (common.concepts); outputs are the records.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+
+from sam_fast_serve.common.concepts import Concepts
+from sam_fast_serve.common.errors import InvalidOption
+from sam_fast_serve.common.records import concept_record, rle_to_builtins
+from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
+from sam_fast_serve.models.rle import encode_masks, rle_areas
+from sam_fast_serve.models.sam3.build import Sam3Net
+from sam_fast_serve.models.sam3.pixel import PixelDecoder
+from sam_fast_serve.models.timing import StageClock
+from sam_fast_serve.models.upsampling import resized
+
+# The detector reads the neck's first three levels (Sam3Model.forward drops the last).
+LEVELS = 3
+# Sam3Processor's text length: phrases are tokenized to at most this many tokens, ends included.
+TEXT_TOKENS = 32
+# Phrases whose features are kept (a few KB each).
+TEXT_CACHE = 256
+# Bytes of float32 mask probabilities resized at once (a 12-megapixel image: 5 masks a chunk).
+UPSAMPLE_BYTES = 256 << 20
+
+
+def embedding_layout(net: Sam3Net) -> dict[str, tuple[int, ...]]:
+    """The tensors of one image's embedding: the neck's levels 0-2 as the detector takes them
+    (pixel.py: levels 0 and 1 with the pixel decoder's convolutions applied)."""
+    config: Any = net.model.config.vision_config
+    side = config.image_size // config.backbone_config.patch_size
+    channels = config.fpn_hidden_size
+    return {f"level_{i}": (1, channels, side * 4 >> i, side * 4 >> i) for i in range(LEVELS)}
+
+
+class ConceptPredictor(EmbeddingKeeper):
+    """The current image's features and every instance of each concept on it.
+
+    `dtype` is what the model computes in (autocast off float32) and what embeddings are kept in;
+    `store`, `pinned` and `clock` as in EmbeddingKeeper.
+    """
+
+    def __init__(self, net: Sam3Net, dtype: torch.dtype, store: EmbeddingStore | None = None) -> None:
+        self.net = net
+        self.model = net.model
+        self.dtype = dtype
+        self.device = net.device
+        self.store = store if store is not None else EmbeddingStore(EmbeddingCache(0))
+        self.pinned: dict[str, ImageEmbedding] = {}
+        self.clock = StageClock(self.device)
+        self.pixels = PixelDecoder(self.model.mask_decoder.pixel_decoder)
+        self.texts: OrderedDict[str, Tensor] = OrderedDict()
+        self.levels: list[Tensor] | None = None
+        self.original_size: tuple[int, int] | None = None
+        config: Any = self.model.config.vision_config
+        self.side = config.image_size
+        self.patch = config.backbone_config.patch_size
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.inference_mode()
+    def encode_images(self, images: list[np.ndarray], batch_size: int) -> list[ImageEmbedding]:
+        vision = self.model.vision_encoder
+        results: list[ImageEmbedding] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = self.net.processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
+            with self._autocast():
+                trunk = vision.backbone(pixels.to(self.device)).last_hidden_state
+                grid = pixels.shape[-1] // self.patch
+                spatial = trunk.view(len(chunk), grid, grid, -1).permute(0, 3, 1, 2)
+                levels = [vision.neck.fpn_layers[i](spatial) for i in range(LEVELS)]
+                levels[:2] = self.pixels.image_part(levels[:2])
+            for i, image in enumerate(chunk):
+                kept = {f"level_{k}": t[i : i + 1].to(self.dtype).clone() for k, t in enumerate(levels)}
+                results.append(ImageEmbedding(kept, (self.side, self.side), (image.shape[0], image.shape[1])))
+        return results
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Make the RGB uint8 `image` current, reusing a pinned or cached embedding."""
+        self.set_pixels(image)
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        self.levels = [embedding[f"level_{i}"] for i in range(LEVELS)]
+        self.original_size = embedding.original_size
+
+    def _tokens(self, phrase: str) -> Tensor:
+        ids = self.net.processor.tokenizer(phrase)["input_ids"]
+        if len(ids) > TEXT_TOKENS:
+            raise InvalidOption(
+                f"'text' phrase {phrase[:40]!r} is {len(ids)} tokens; SAM 3's text encoder takes at most "
+                f"{TEXT_TOKENS} (its two ends included): shorten it"
+            )
+        return torch.tensor([ids], device=self.device)
+
+    def text_features(self, phrases: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """(K, L, C) projected text features of the phrases, padded to the longest, and their (K, L)
+        validity mask. Every phrase is checked before any is encoded (InvalidOption)."""
+        tokens = {phrase: self._tokens(phrase) for phrase in phrases if phrase not in self.texts}
+        for phrase, ids in tokens.items():
+            with self._autocast():
+                hidden = self.model.text_encoder(input_ids=ids).last_hidden_state
+                self.texts[phrase] = self.model.text_projection(hidden)[0]
+            while len(self.texts) > TEXT_CACHE:
+                self.texts.popitem(last=False)
+        features = [self.texts[phrase] for phrase in phrases]
+        for phrase in phrases:
+            self.texts.move_to_end(phrase)
+        longest = max(len(f) for f in features)
+        padded = features[0].new_zeros(len(features), longest, features[0].shape[-1])
+        mask = torch.zeros(len(features), longest, dtype=torch.bool, device=self.device)
+        for k, f in enumerate(features):
+            padded[k, : len(f)] = f
+            mask[k, : len(f)] = True
+        return padded, mask
+
+    def _exemplars(
+        self, concepts: Concepts, count: int, levels: list[Tensor], positions: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The geometry encoder's features (K, B + 1, C) and mask of the exemplar boxes, for each
+        of `count` concepts (the same boxes join every phrase)."""
+        assert concepts.boxes is not None and concepts.labels is not None and self.original_size is not None
+        height, width = self.original_size
+        boxes = torch.tensor(concepts.boxes, dtype=torch.float32, device=self.device) / torch.tensor(
+            [width, height, width, height], dtype=torch.float32, device=self.device
+        )
+        x0, y0, x1, y1 = boxes.unbind(-1)
+        cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        labels = torch.tensor(concepts.labels, device=self.device)
+        geometry = self.model.geometry_encoder(
+            box_embeddings=cxcywh.expand(count, -1, -1),
+            box_mask=torch.ones(count, len(labels), dtype=torch.bool, device=self.device),
+            box_labels=labels.expand(count, -1),
+            img_feats=tuple(level.expand(count, -1, -1, -1) for level in levels),
+            img_pos_embeds=tuple(p.expand(count, -1, -1, -1) for p in positions),
+        )
+        return geometry.last_hidden_state, geometry.attention_mask
+
+    @torch.inference_mode()
+    def segment_concepts(self, concepts: Concepts) -> list[dict[str, Any]]:
+        """The records of every instance of each of `concepts` on the current image (module doc)."""
+        if self.levels is None or self.original_size is None:
+            raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
+        model = self.model
+        count = len(concepts.texts)
+        with self.clock.stage("mask_decoder"), self._autocast():
+            levels = [level.to(self.dtype) for level in self.levels]
+            positions = [
+                model.vision_encoder.neck.position_encoding(level.shape, self.device, level.dtype) for level in levels
+            ]
+            prompt, mask = self.text_features(concepts.texts)
+            if concepts.boxes is not None:
+                geometry, geometry_mask = self._exemplars(concepts, count, levels, positions)
+                prompt = torch.cat([prompt, geometry.to(prompt.dtype)], dim=1)
+                mask = torch.cat([mask, geometry_mask.bool()], dim=1)
+            encoded = model.detr_encoder(
+                vision_features=[levels[-1].expand(count, -1, -1, -1)],
+                text_features=prompt,
+                vision_pos_embeds=[positions[-1].expand(count, -1, -1, -1)],
+                text_mask=mask,
+            )
+            decoded = model.detr_decoder(
+                vision_features=encoded.last_hidden_state,
+                text_features=encoded.text_features,
+                vision_pos_encoding=encoded.pos_embeds_flattened,
+                text_mask=mask,
+                spatial_shapes=encoded.spatial_shapes,
+            )
+            queries = decoded.intermediate_hidden_states[-1:]
+            offsets = model.detr_decoder.box_head(queries)
+            boxes = box_cxcywh_to_xyxy((inverse_sigmoid(decoded.reference_boxes[-1:]) + offsets).sigmoid())[0]
+            logits = model.dot_product_scoring(
+                decoder_hidden_states=queries, text_features=encoded.text_features, text_mask=mask
+            )[0, ..., 0]
+            scores = (logits.sigmoid() * decoded.presence_logits[-1].sigmoid()).float()
+            kept = [self._kept(scores[k], concepts) for k in range(count)]
+            pixel_embed = (
+                self.pixels.concept_part(model.mask_decoder, encoded.last_hidden_state, levels, prompt, mask)
+                if any(len(k) for k in kept)
+                else None
+            )
+        records: list[dict[str, Any]] = []
+        for k, phrase in enumerate(concepts.texts):
+            if not len(kept[k]):
+                continue
+            assert pixel_embed is not None
+            with self.clock.stage("mask_decoder"), self._autocast():
+                logits_k = self.pixels.masks(model.mask_decoder, queries[0, k, kept[k]], pixel_embed[k])
+            records.extend(self._records(phrase, logits_k, scores[k, kept[k]], boxes[k, kept[k]], concepts))
+        return records
+
+    @staticmethod
+    def _kept(scores: Tensor, concepts: Concepts) -> Tensor:
+        """The indices of the queries kept for one concept: above the threshold, best first, capped."""
+        order = torch.argsort(scores, descending=True, stable=True)
+        order = order[scores[order] > concepts.threshold]
+        return order if concepts.max_instances is None else order[: concepts.max_instances]
+
+    def _records(
+        self, phrase: str, logits: Tensor, scores: Tensor, boxes: Tensor, concepts: Concepts
+    ) -> list[dict[str, Any]]:
+        """One concept's kept instances as records: mask probabilities resized to the image (as
+        Sam3Processor does: bilinear, then > mask_threshold), COCO RLE, area, the predicted box as
+        XYWH in image pixels, the score."""
+        assert self.original_size is not None
+        height, width = self.original_size
+        per_chunk = max(1, UPSAMPLE_BYTES // (4 * height * width))
+        rles: list[dict[str, Any]] = []
+        with self.clock.stage("postprocess"):
+            for start in range(0, len(logits), per_chunk):
+                probabilities = logits[start : start + per_chunk].float().sigmoid()
+                rles.extend(encode_masks(resized(probabilities, (height, width)) > concepts.mask_threshold))
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        pixels_xyxy = boxes.float().cpu() * scale
+        return [
+            concept_record(phrase, rle_to_builtins(rle), area, [x0, y0, x1 - x0, y1 - y0], score)
+            for rle, area, score, (x0, y0, x1, y1) in zip(
+                rles, rle_areas(rles), scores.tolist(), pixels_xyxy.tolist(), strict=True
+            )
+        ]
