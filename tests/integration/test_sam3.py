@@ -20,8 +20,10 @@ from harness.sam3 import reference_concepts
 from sam_fast_serve.common.concepts import EXEMPLAR_CONCEPT, parse_concepts
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.common.wire import decode_pickled
+from sam_fast_serve.models.precision import resolve_precision
 from sam_fast_serve.models.registry import model_type
-from sam_fast_serve.models.sam3 import build
+from sam_fast_serve.models.sam3 import build, prepare
+from sam_fast_serve.models.sam3.build import Sam3Net
 from sam_fast_serve.models.sam3.concepts import ConceptPredictor
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
@@ -40,9 +42,18 @@ REQUESTS = {
 }
 
 
+CPU = torch.device("cpu")
+
+
+def prepared(name: str, checkpoint) -> Sam3Net:
+    """The net as the service serves it (float32): our faster trunk over the checkpoint's weights,
+    which transformers' own modules, the reference, keep reading."""
+    return prepare(build(model_type(name), str(checkpoint)), CPU, resolve_precision("float32", CPU))
+
+
 @pytest.fixture(scope="module")
 def test_net(random_sam3_checkpoint):
-    return build(model_type("test_sam3"), str(random_sam3_checkpoint))
+    return prepared("test_sam3", random_sam3_checkpoint)
 
 
 def agree(reference: list[dict], ours: list[dict]) -> None:
@@ -73,7 +84,7 @@ def test_concepts_match_transformers_one_to_one(request, test_net, request_name,
 
 def test_full_size_sam3_matches_transformers(tmp_path, astronaut):
     checkpoint = save_random_checkpoint(tmp_path / "sam3", "sam3", seed=0)
-    net = build(model_type("sam3"), str(checkpoint))
+    net = prepared("sam3", checkpoint)
     concepts = parse_concepts({"text": "person", **KEEP_ALL}, astronaut.shape[:2])
     predictor = ConceptPredictor(net, torch.float32)
     predictor.set_image(astronaut)

@@ -24,6 +24,8 @@ test_every_curl_line_is_run_or_excluded):
   that names either sends a video, and its `sam-fast` is a SAM 2.1 model (test_sam2.1_hiera,
   random weights) of the same TorchServe: its `/predictions/sam-fast` and its sam-fast-client
   commands (`--model sam2-fast`) go there.
+- The same TorchServe serves `sam3` (test_sam3, random weights), which the docs' concept examples
+  name themselves (`/predictions/sam3`, `--model sam3`).
 - A block fenced `sh not-run` is never run: it needs what this test does not start (a gateway,
   another host, a cluster); the text around it says what.
 - A line starting with `curl` or `sam-fast-client` in any other fenced block (`bash`, `console`, no
@@ -100,16 +102,20 @@ def test_block_extraction(tmp_path):
 
 
 VIDEO_SAMPLES, VIDEO_MODEL = ("samples/clip.mp4", "samples/stack.tif"), "sam2-fast"
+# The name docs/concepts.md serves SAM 3 under (make ... MODEL_NAME=sam3).
+CONCEPT_MODEL = "sam3"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, random_checkpoint, random_sam2_checkpoint):
+def server(tmp_path_factory, random_checkpoint, random_sam2_checkpoint, random_sam3_checkpoint):
     # The default thresholds: the smoke config keeps every mask, which the docs' examples do not expect.
     thresholds = {key: getattr(AmgSettings(), key) for key in KEEP_ALL}
     workdir = tmp_path_factory.mktemp("torchserve")
     image = smoke_archive(workdir, random_checkpoint, handler=thresholds)
     video = smoke_archive(workdir, random_sam2_checkpoint, model_name=VIDEO_MODEL)
-    ts = TorchServe(workdir, image.parent, {"sam-fast": image.name, VIDEO_MODEL: video.name})
+    concepts = smoke_archive(workdir, random_sam3_checkpoint, model_name=CONCEPT_MODEL)
+    models = {"sam-fast": image.name, VIDEO_MODEL: video.name, CONCEPT_MODEL: concepts.name}
+    ts = TorchServe(workdir, image.parent, models)
     ts.start()
     try:
         yield ts

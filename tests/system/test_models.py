@@ -80,3 +80,52 @@ def check_side_by_side(server: TorchServe, store: redis.Redis, chelsea: np.ndarr
     # Each model has its own workers and its own metrics.
     for model, count in {"sam-fast": 4, "sam-accurate": 2, "sam2": 2}.items():
         assert server.metric("sam_answers_total", ModelName=model, status="200") == count, model
+
+
+def test_sam3_beside_sam2_in_one_torchserve_each_refusing_the_others_requests(request, tmp_path, chelsea):
+    """SAM 3 (concepts) and SAM 2.1 (automatic, prompts) side by side, sharing one Redis store: each
+    answers its own kind of request and refuses the other's naming the model types that take it,
+    and their store entries never mix."""
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    try:
+        archives = {
+            name: smoke_archive(
+                tmp_path, request.getfixturevalue(checkpoint), name, handler={"embedding_store": redis_server.url}
+            )
+            for name, checkpoint in {"sam2": "random_sam2_checkpoint", "sam3": "random_sam3_checkpoint"}.items()
+        }
+        (tmp_path / "torchserve").mkdir()
+        server = TorchServe(tmp_path / "torchserve", tmp_path / "model_store", {n: a.name for n, a in archives.items()})
+        server.start()
+        try:
+            check_sam3_beside_sam2(server, redis.Redis.from_url(redis_server.url), chelsea)
+        finally:
+            server.stop()
+    finally:
+        redis_server.stop()
+
+
+def check_sam3_beside_sam2(server: TorchServe, store: redis.Redis, chelsea: np.ndarray) -> None:
+    def ask(model: str, document: dict) -> requests.Response:
+        headers = {**server.auth(), "Accept": "application/json"}
+        return requests.post(f"{server.inference_url}/predictions/{model}", json=document, headers=headers, timeout=300)
+
+    image = base64.b64encode(encode(chelsea)).decode()
+    found = ask("sam3", {"image": image, "text": ["cat", "dog"], "threshold": 0.0, "max_instances": 3})
+    assert found.status_code == 200, found.text
+    assert [record["concept"] for record in found.json()] == ["cat"] * 3 + ["dog"] * 3
+    image_id = found.headers["X-Image-Id"]
+    again = ask("sam3", {"image_id": image_id, "text": "cat", "threshold": 0.0, "max_instances": 3})
+    assert again.status_code == 200 and [r["score"] for r in again.json()] == [r["score"] for r in found.json()[:3]]
+    assert len(ask("sam2", {"image": image}).json()) == 3 * 3 * 3  # the smoke grid, every mask kept
+    prefixes = {key.decode().rsplit(":", 1)[0] for key in store.keys("sam-fast:emb:*")}
+    assert len(prefixes) == 2  # one identity per model, one image each
+    refused = ask("sam2", {"image": image, "text": "cat"})
+    assert refused.status_code == 400 and "SAM 3 (model_type sam3" in refused.json()["message"]
+    refused = ask("sam3", {"image": image, "points": [[10, 10]]})
+    assert refused.status_code == 400 and "sam2.1_hiera_tiny" in refused.json()["message"]
+    unknown = ask("sam2", {"image_id": image_id, "points": [[10.0, 10.0]]})
+    assert unknown.status_code == 404
+    assert server.metric("sam_answers_total", ModelName="sam3", status="200") == 2
+    assert server.metric("sam_answers_total", ModelName="sam3", status="400") == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import CLIPTokenizer, Sam3Config, Sam3Model, Sam3Processor
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
@@ -22,6 +23,7 @@ from transformers.utils.logging import disable_progress_bar
 from sam_fast_serve.common.errors import ConfigError
 from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
+from sam_fast_serve.models.sam3.vision import faster_trunk
 
 # The architectures by ModelType.build: the published one (transformers' defaults, 840M parameters,
 # 1008 x 1008 input) and the test one, whose every stage runs at a small fraction of the FLOPs
@@ -77,10 +79,12 @@ CHECKPOINT_FILES = (
 
 @dataclass
 class Sam3Net:
-    """SAM 3's detector (`model`) and what prepares its inputs (`processor`)."""
+    """SAM 3's detector (`model`) and what prepares its inputs (`processor`); once prepared, the
+    vision trunk it serves with (`trunk`: vision.py's, over the model's own weights)."""
 
     model: Sam3Model
     processor: Sam3Processor
+    trunk: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -141,9 +145,10 @@ def save_checkpoint(net: Sam3Net, path: Path) -> None:
 
 
 def prepare(net: Sam3Net, device: torch.device, precision: Precision, compile_encoder: bool = False) -> Sam3Net:
-    """`net` on `device`; its dtype is applied at run time (autocast: the norms and softmax stay
+    """`net` on `device` with its faster vision trunk (vision.py); its dtype is applied at run time (autocast: the norms and softmax stay
     float32 where torch deems it needed). int8 and compile are SAM 1's (the config refuses them)."""
     assert not precision.int8 and not compile_encoder, "SAM 3 has no int8 encoder and no compiled one"
     model: Any = net.model  # transformers' typed `to` wraps the module's own
     model.to(device)
+    net.trunk = faster_trunk(net.model.vision_encoder.backbone)
     return net

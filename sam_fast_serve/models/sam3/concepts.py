@@ -34,7 +34,9 @@ from sam_fast_serve.common.errors import InvalidOption
 from sam_fast_serve.common.records import concept_record, rle_to_builtins
 from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.rle import encode_masks, rle_areas
+from sam_fast_serve.models.sam3 import detr
 from sam_fast_serve.models.sam3.build import Sam3Net
+from sam_fast_serve.models.sam3.detr import flattened
 from sam_fast_serve.models.sam3.pixel import PixelDecoder
 from sam_fast_serve.models.timing import StageClock
 from sam_fast_serve.models.upsampling import resized
@@ -51,11 +53,17 @@ UPSAMPLE_BYTES = 256 << 20
 
 def embedding_layout(net: Sam3Net) -> dict[str, tuple[int, ...]]:
     """The tensors of one image's embedding: the neck's levels 0-2 as the detector takes them
-    (pixel.py: levels 0 and 1 with the pixel decoder's convolutions applied)."""
+    (pixel.py: levels 0 and 1 with the pixel decoder's convolutions applied), and the DETR
+    encoder's first self-attention of level 2's tokens (detr.py)."""
     config: Any = net.model.config.vision_config
     side = config.image_size // config.backbone_config.patch_size
     channels = config.fpn_hidden_size
-    return {f"level_{i}": (1, channels, side * 4 >> i, side * 4 >> i) for i in range(LEVELS)}
+    layout: dict[str, tuple[int, ...]] = {
+        f"level_{i}": (1, channels, side * 4 >> i, side * 4 >> i) for i in range(LEVELS)
+    }
+    detr_config: Any = net.model.config.detr_encoder_config
+    layout["detr_first"] = (1, side * side, detr_config.hidden_size)
+    return layout
 
 
 class ConceptPredictor(EmbeddingKeeper):
@@ -66,8 +74,10 @@ class ConceptPredictor(EmbeddingKeeper):
     """
 
     def __init__(self, net: Sam3Net, dtype: torch.dtype, store: EmbeddingStore | None = None) -> None:
+        assert net.trunk is not None, "a prepared net (sam3.build.prepare)"
         self.net = net
         self.model = net.model
+        self.trunk = net.trunk
         self.dtype = dtype
         self.device = net.device
         self.store = store if store is not None else EmbeddingStore(EmbeddingCache(0))
@@ -76,6 +86,7 @@ class ConceptPredictor(EmbeddingKeeper):
         self.pixels = PixelDecoder(self.model.mask_decoder.pixel_decoder)
         self.texts: OrderedDict[str, Tensor] = OrderedDict()
         self.levels: list[Tensor] | None = None
+        self.first: Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         config: Any = self.model.config.vision_config
         self.side = config.image_size
@@ -92,13 +103,16 @@ class ConceptPredictor(EmbeddingKeeper):
             chunk = images[start : start + batch_size]
             pixels = self.net.processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
             with self._autocast():
-                trunk = vision.backbone(pixels.to(self.device)).last_hidden_state
+                trunk = self.trunk(pixels.to(self.device))
                 grid = pixels.shape[-1] // self.patch
                 spatial = trunk.view(len(chunk), grid, grid, -1).permute(0, 3, 1, 2)
                 levels = [vision.neck.fpn_layers[i](spatial) for i in range(LEVELS)]
                 levels[:2] = self.pixels.image_part(levels[:2])
+                positions = vision.neck.position_encoding(levels[2].shape, self.device, levels[2].dtype)
+                first = detr.image_part(self.model.detr_encoder, flattened(levels[2]), flattened(positions))
             for i, image in enumerate(chunk):
                 kept = {f"level_{k}": t[i : i + 1].to(self.dtype).clone() for k, t in enumerate(levels)}
+                kept["detr_first"] = first[i : i + 1].to(self.dtype).clone()
                 results.append(ImageEmbedding(kept, (self.side, self.side), (image.shape[0], image.shape[1])))
         return results
 
@@ -108,6 +122,7 @@ class ConceptPredictor(EmbeddingKeeper):
 
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         self.levels = [embedding[f"level_{i}"] for i in range(LEVELS)]
+        self.first = embedding["detr_first"]
         self.original_size = embedding.original_size
 
     def _tokens(self, phrase: str) -> Tensor:
@@ -165,7 +180,7 @@ class ConceptPredictor(EmbeddingKeeper):
     @torch.inference_mode()
     def segment_concepts(self, concepts: Concepts) -> list[dict[str, Any]]:
         """The records of every instance of each of `concepts` on the current image (module doc)."""
-        if self.levels is None or self.original_size is None:
+        if self.levels is None or self.first is None or self.original_size is None:
             raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
         model = self.model
         count = len(concepts.texts)
@@ -179,29 +194,26 @@ class ConceptPredictor(EmbeddingKeeper):
                 geometry, geometry_mask = self._exemplars(concepts, count, levels, positions)
                 prompt = torch.cat([prompt, geometry.to(prompt.dtype)], dim=1)
                 mask = torch.cat([mask, geometry_mask.bool()], dim=1)
-            encoded = model.detr_encoder(
-                vision_features=[levels[-1].expand(count, -1, -1, -1)],
-                text_features=prompt,
-                vision_pos_embeds=[positions[-1].expand(count, -1, -1, -1)],
-                text_mask=mask,
-            )
+            tokens = flattened(positions[-1]).expand(count, -1, -1)
+            first = self.first.to(self.dtype).expand(count, -1, -1)
+            encoded = detr.concept_part(model.detr_encoder, first, tokens, prompt, mask)
             decoded = model.detr_decoder(
-                vision_features=encoded.last_hidden_state,
-                text_features=encoded.text_features,
-                vision_pos_encoding=encoded.pos_embeds_flattened,
+                vision_features=encoded,
+                text_features=prompt,
+                vision_pos_encoding=tokens,
                 text_mask=mask,
-                spatial_shapes=encoded.spatial_shapes,
+                spatial_shapes=torch.tensor([levels[-1].shape[-2:]], device=self.device),
             )
             queries = decoded.intermediate_hidden_states[-1:]
             offsets = model.detr_decoder.box_head(queries)
             boxes = box_cxcywh_to_xyxy((inverse_sigmoid(decoded.reference_boxes[-1:]) + offsets).sigmoid())[0]
-            logits = model.dot_product_scoring(
-                decoder_hidden_states=queries, text_features=encoded.text_features, text_mask=mask
-            )[0, ..., 0]
+            logits = model.dot_product_scoring(decoder_hidden_states=queries, text_features=prompt, text_mask=mask)[
+                0, ..., 0
+            ]
             scores = (logits.sigmoid() * decoded.presence_logits[-1].sigmoid()).float()
             kept = [self._kept(scores[k], concepts) for k in range(count)]
             pixel_embed = (
-                self.pixels.concept_part(model.mask_decoder, encoded.last_hidden_state, levels, prompt, mask)
+                self.pixels.concept_part(model.mask_decoder, encoded, levels, prompt, mask)
                 if any(len(k) for k in kept)
                 else None
             )
