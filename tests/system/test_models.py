@@ -118,14 +118,17 @@ def check_sam3_beside_sam2(server: TorchServe, store: redis.Redis, chelsea: np.n
     image_id = found.headers["X-Image-Id"]
     again = ask("sam3", {"image_id": image_id, "text": "cat", "threshold": 0.0, "max_instances": 3})
     assert again.status_code == 200 and [r["score"] for r in again.json()] == [r["score"] for r in found.json()[:3]]
-    assert len(ask("sam2", {"image": image}).json()) == 3 * 3 * 3  # the smoke grid, every mask kept
+    assert len(ask("sam2", {"image": image}).json()) == 4 * 4 * 3  # the smoke grid, every mask kept
     prefixes = {key.decode().rsplit(":", 1)[0] for key in store.keys("sam-fast:emb:*")}
     assert len(prefixes) == 2  # one identity per model, one image each
     refused = ask("sam2", {"image": image, "text": "cat"})
     assert refused.status_code == 400 and "SAM 3 (model_type sam3" in refused.json()["message"]
     refused = ask("sam3", {"image": image, "points": [[10, 10]]})
     assert refused.status_code == 400 and "sam2.1_hiera_tiny" in refused.json()["message"]
-    unknown = ask("sam2", {"image_id": image_id, "points": [[10.0, 10.0]]})
+    # An image only SAM 3 has seen: its id means nothing to SAM 2.1, whatever the shared store holds.
+    flipped = base64.b64encode(encode(np.ascontiguousarray(chelsea[::-1]))).decode()
+    only = ask("sam3", {"image": flipped, "text": "cat"}).headers["X-Image-Id"]
+    unknown = ask("sam2", {"image_id": only, "points": [[10.0, 10.0]]})
     assert unknown.status_code == 404
-    assert server.metric("sam_answers_total", ModelName="sam3", status="200") == 2
+    assert server.metric("sam_answers_total", ModelName="sam3", status="200") == 3
     assert server.metric("sam_answers_total", ModelName="sam3", status="400") == 1
