@@ -133,19 +133,21 @@ def reference_runs(net: Sam3Net, image: np.ndarray, threshold: float) -> dict[st
 def our_runs(service: MaskService, images: list[np.ndarray], threshold: float) -> dict[str, Any]:
     """(b): each image's first concept (a new image), then a concept by image_id (cached), and
     eight phrases on a new image (the first image flipped) in one request."""
-    engine = service.engine
+    engine, cap = service.engine, service.config.max_masks
     rows: dict[str, Any] = {"first": [], "first_encoder": [], "cached": [], "records": []}
     for image in images:
         image_id = pixel_key(image)
-        seconds, result = timed(lambda: engine.concepts(image, image_id, {"text": PHRASES[0], "threshold": threshold}))
+        seconds, result = timed(
+            lambda: engine.concepts(image, image_id, {"text": PHRASES[0], "threshold": threshold}, cap)
+        )
         rows["first"].append(seconds)
         rows["first_encoder"].append(result.seconds["image_encoder"])
         rows["records"].append(result.payload)
-        seconds, _ = timed(lambda: engine.concepts(None, image_id, {"text": PHRASES[1], "threshold": threshold}))
+        seconds, _ = timed(lambda: engine.concepts(None, image_id, {"text": PHRASES[1], "threshold": threshold}, cap))
         rows["cached"].append(seconds)
     flipped = np.ascontiguousarray(images[0][:, ::-1])
     fields = {"text": list(PHRASES), "threshold": threshold}
-    rows["eight"], _ = timed(lambda: engine.concepts(flipped, pixel_key(flipped), fields))
+    rows["eight"], _ = timed(lambda: engine.concepts(flipped, pixel_key(flipped), fields, cap))
     return rows
 
 

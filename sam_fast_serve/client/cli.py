@@ -223,15 +223,13 @@ def add_concept_options(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=fraction,
         metavar="X",
-        help=with_default("keep the instances whose score is at least this", f"the server's, {THRESHOLD}"),
+        help=with_default("keep the instances whose score is above this", f"the server's, {THRESHOLD}"),
     )
     concepts.add_argument(
         "--mask-threshold",
         type=fraction,
         metavar="X",
-        help=with_default(
-            "a pixel is in a mask when its probability is at least this", f"the server's, {MASK_THRESHOLD}"
-        ),
+        help=with_default("a pixel is in a mask when its probability is above this", f"the server's, {MASK_THRESHOLD}"),
     )
     concepts.add_argument(
         "--max-instances",

@@ -38,7 +38,9 @@ def where_to_get(file_name: str) -> str:
     if official is None:
         return ""
     if official.family.checkpoint_folder and official.url:
-        return f"download the whole folder from {official.url} (hf download {official.url.split('.co/')[-1]} --local-dir {official.file_name})"
+        repository = official.url.split(".co/")[-1]
+        files = " ".join(official.family.checkpoint_files)
+        return f"download its folder from {official.url} (hf download {repository} {files} --local-dir {official.file_name})"
     return f"download it from {official.url}" + (f" (sha256 {official.sha256})" if official.sha256 else "")
 
 
@@ -81,17 +83,29 @@ def resolve_checkpoint(directory: Path, file_name: str, model: str) -> Path:
     return path
 
 
-def checkpoint_sha256(path: Path) -> str:
+def checkpoint_sha256(path: Path, files: tuple[str, ...] = ()) -> str:
     """The sha256 of a checkpoint `resolve_checkpoint` accepted: for an official file name the
     published one (`resolve_checkpoint` has just checked the file against it), else computed; a
-    folder's is that of its files' names and sha256s."""
+    folder's is that of its `files`' names and sha256s (what a download adds beside them is not
+    the checkpoint)."""
     official = official_checkpoints().get(path.name)
     if official is not None and official.sha256:
         return official.sha256
     if path.is_dir():
-        listing = "".join(f"{f.relative_to(path)}\0{file_sha256(f)}\n" for f in sorted(path.rglob("*")) if f.is_file())
+        listing = "".join(f"{name}\0{file_sha256(path / name)}\n" for name in files)
         return hashlib.sha256(listing.encode()).hexdigest()
     return file_sha256(path)
+
+
+def check_folder(folder: Path, model: ModelType) -> None:
+    """Raise ConfigError naming the files of `model`'s checkpoint folder that `folder` lacks."""
+    files = model.family.checkpoint_files
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{folder} is not a {model.family.title} checkpoint folder: it lacks {', '.join(missing)} (the folder "
+            f"holds {', '.join(files)})"
+        )
 
 
 def download_checkpoint(file_name: str, dest: Path) -> Path:

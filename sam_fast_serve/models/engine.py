@@ -70,7 +70,7 @@ class Conceptor(ImageHolder, Protocol):
     """A family's predictor of concepts: every instance of each concept on the current image
     (common.concepts' records)."""
 
-    def segment_concepts(self, concepts: Concepts) -> list[dict[str, Any]]: ...
+    def segment_concepts(self, concepts: Concepts, max_masks: int) -> list[dict[str, Any]]: ...
 
 
 class Generator(Protocol):
@@ -201,16 +201,19 @@ class Engine:
         masks = sum(len(answer["masks"]) for answer in answers)
         return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)
 
-    def concepts(self, image: np.ndarray | None, image_id: str, concept_fields: dict[str, Any]) -> Segmented:
+    def concepts(
+        self, image: np.ndarray | None, image_id: str, concept_fields: dict[str, Any], max_masks: int
+    ) -> Segmented:
         """The records of every instance of each concept (common.concepts) on `image`, or on the
-        cached embedding of `image_id` when `image` is None (`_set_current`'s errors; InvalidOption
-        when an exemplar box lies outside the cached image)."""
+        cached embedding of `image_id` when `image` is None, at most `max_masks` in all (the best by
+        score); `_set_current`'s errors, InvalidOption when an exemplar box lies outside the cached
+        image."""
         predictor = self.predictor
         assert isinstance(predictor, Conceptor), "the service refuses concepts for a family without them"
         predictor.clock.take()
         start = time.perf_counter()
         size = self._set_current(image, image_id)
-        records = predictor.segment_concepts(parse_concepts(concept_fields, size))
+        records = predictor.segment_concepts(parse_concepts(concept_fields, size), max_masks)
         seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
         return Segmented(records, len(records), seconds, size)
 

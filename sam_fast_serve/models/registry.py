@@ -40,8 +40,8 @@ class Family:
     its generator takes (none: it has no automatic mask generation), the defaults it changes (its
     reference generator's), whether it has the int8 encoder (`dtype: int8`) and the compiled one
     (`compile: true`), what requests it serves: point, box and mask prompts (`prompts`), concepts
-    (`concepts`: common.concepts), video (`video`: common.tracks); and whether its checkpoint is a
-    folder (`checkpoint_folder`) rather than one file."""
+    (`concepts`: common.concepts), video (`video`: common.tracks); and, where its checkpoint is a
+    folder rather than one file, that folder's files (`checkpoint_files`)."""
 
     name: str
     title: str
@@ -54,7 +54,12 @@ class Family:
     prompts: bool = True
     concepts: bool = False
     video: bool = False
-    checkpoint_folder: bool = False
+    # The files of a checkpoint folder (empty: the checkpoint is one file); what the archive takes of it.
+    checkpoint_files: tuple[str, ...] = ()
+
+    @property
+    def checkpoint_folder(self) -> bool:
+        return bool(self.checkpoint_files)
 
     @property
     def automatic(self) -> bool:
@@ -91,7 +96,24 @@ SAM2 = Family(
     MappingProxyType({"pred_iou_thresh": 0.8}),
     video=True,
 )
-SAM3 = Family("sam3", "SAM 3", "sam3", _sam3_code, (), prompts=False, concepts=True, checkpoint_folder=True)
+SAM3 = Family(
+    "sam3",
+    "SAM 3",
+    "sam3",
+    _sam3_code,
+    (),
+    prompts=False,
+    concepts=True,
+    # The facebook/sam3 form, which transformers' from_pretrained reads (the repository holds more:
+    # Meta's own sam3.pt, a pickle, is neither read nor archived).
+    checkpoint_files=(
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ),
+)
 
 
 FAMILIES = (SAM1, SAM2, SAM3)

@@ -57,6 +57,17 @@ def by_products(masks: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
     return torch.matmul(resized_columns.transpose(-1, -2), rows.t()).transpose(-1, -2)
 
 
+def bilinear(masks: Tensor, size: Sequence[int]) -> Tensor:
+    """(..., h, w) float32 masks resized to (..., H, W) `size` (bilinear, align_corners=False): by
+    the two products on the CPU where they pay, else F.interpolate (on a GPU, always)."""
+    if masks.device.type == "cpu" and resize_products_pay(masks.shape[-2:], size):
+        return resized(masks, size)
+    flat = masks.reshape(-1, 1, *masks.shape[-2:])
+    return F.interpolate(flat, tuple(int(s) for s in size), mode="bilinear", align_corners=False).view(
+        *masks.shape[:-2], int(size[0]), int(size[1])
+    )
+
+
 def resized(masks: Tensor, size: Sequence[int]) -> Tensor:
     """`F.interpolate(masks, size, mode="bilinear", align_corners=False)` by the two products."""
     h, w = masks.shape[-2:]

@@ -206,7 +206,7 @@ def resolve_output(
         if not prompted:
             raise InvalidOption(
                 f"request option {OUTPUT_OPTION!r} applies to prompted requests (points, boxes or a mask_input); "
-                f"an automatic answer as {answer.media_type} is the instance label image"
+                f"an automatic or concept answer as {answer.media_type} is the instance label image"
             )
     output = DEFAULT_OUTPUT if requested is None else requested
     if output == "cutout" and not image_sent:

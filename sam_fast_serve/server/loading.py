@@ -59,5 +59,6 @@ def _embedding_store(
     if config.embedding_store == "memory":
         return EmbeddingStore(local)
     quantization = precision.name if precision.int8 else None
-    identity = ModelIdentity(config.model_type, checkpoint_sha256(checkpoint), precision.dtype, quantization)
+    files = model_type(config.model_type).family.checkpoint_files
+    identity = ModelIdentity(config.model_type, checkpoint_sha256(checkpoint, files), precision.dtype, quantization)
     return EmbeddingStore(local, RedisEmbeddings(config.embedding_store, identity, layout, config.embedding_ttl_s))

@@ -33,7 +33,7 @@ class Metric:
 # Stages of a request, in order: decode once per request, the engine's once per answered image,
 # wire once per answer.
 STAGES = ("decode", *ENGINE_STAGES, "wire_encode")
-MODES = ("automatic", "prompted")
+MODES = ("automatic", "prompted", "concepts")
 TIERS = ("local", "shared")
 
 STAGE_SECONDS = Metric(

@@ -273,7 +273,7 @@ class MaskService:
         if job.prompt_fields is not None:
             return [self.engine.prompted(job.image, job.image_id, job.prompt_fields)]
         assert job.concept_fields is not None
-        return [self.engine.concepts(job.image, job.image_id, job.concept_fields)]
+        return [self.engine.concepts(job.image, job.image_id, job.concept_fields, self.config.max_masks)]
 
 
 def keep_best(records: list[dict[str, Any]], max_masks: int) -> list[dict[str, Any]]:

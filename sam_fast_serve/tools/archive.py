@@ -98,7 +98,8 @@ def build_archive(
     handler is missing.
     """
     name = config_checkpoint_file(config)
-    folder = config_family(config).checkpoint_folder
+    family = config_family(config)
+    folder = family.checkpoint_folder
     if not (checkpoint.is_dir() if folder else checkpoint.is_file()):
         hint = where_to_get(name) or "use a checkpoint you have"
         kind = "checkpoint folder" if folder else "checkpoint"
@@ -118,9 +119,14 @@ def build_archive(
                 PACKAGE_DIR / subpackage, package / subpackage, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
             )
         if folder:
-            # A folder travels with the extra files (the archiver takes one serialized file), its
-            # files hard-linked where the file system allows: a SAM 3 folder is 3.4 GB.
-            shutil.copytree(checkpoint, package.parent / name, copy_function=_link_or_copy)
+            # A folder's files travel with the extra files (the archiver takes one serialized file),
+            # hard-linked where the file system allows (a SAM 3 folder is 3.4 GB); only its own files.
+            missing = [f for f in family.checkpoint_files if not (checkpoint / f).is_file()]
+            if missing:
+                raise ConfigError(f"{checkpoint} lacks {', '.join(missing)}: not a {family.title} checkpoint folder")
+            (package.parent / name).mkdir()
+            for file_name in family.checkpoint_files:
+                _link_or_copy(str(checkpoint / file_name), str(package.parent / name / file_name))
             weights = []
         else:
             (staging / name).symlink_to(checkpoint.resolve())

@@ -45,12 +45,13 @@ KEY_MEANINGS = {
     "more prompted ones are a 422; automatic mask generation keeps the best by predicted IoU",
     "max_video_pixels": "a video request with more pixels in all its frames is refused with a 413, from the "
     "file's header: a video file's frames are decoded once to a temporary file, 3 bytes a pixel",
-    "max_masks": "masks returned per image at most: the best by predicted IoU, in their original order",
+    "max_masks": "masks returned per image at most: the best by predicted IoU (by score for concepts, chosen "
+    "before any mask is made), in their original order",
     "max_response_bytes": "longest answer body; a longer one is a 422 `response_too_large` giving its size. "
     "Keep it at most `max_response_size` of config.properties: over that TorchServe's frontend drops "
     "the worker's connection and the worker's whole batch is lost",
     "embedding_cache_bytes": "image embeddings kept in the worker across requests (per image: vit_b 2 MiB "
-    "in bf16, 4 MiB in fp32; SAM 2 8 MiB in bf16); 0 turns the cache off",
+    "in bf16, 4 MiB in fp32; SAM 2 8 MiB in bf16; SAM 3 117 MB in fp32, 58 MB in bf16); 0 turns the cache off",
     "embedding_store": "`memory` (each worker its own cache) or a Redis URL shared by every worker and "
     "replica; its password in the URL or in `$SAM_FAST_REDIS_PASSWORD` ([serving.md](serving.md#the-embedding-store))",
     "embedding_ttl_s": "seconds a Redis entry lives",

@@ -28,6 +28,7 @@ from sam_fast_serve.models.sam3.concepts import ConceptPredictor
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
+MAX_MASKS = 1000  # the service's default cap
 # Random weights score every query about 0.25: threshold 0 keeps them all (20 in the test architecture).
 KEEP_ALL = {"threshold": 0.0}
 REQUESTS = {
@@ -74,7 +75,7 @@ def test_concepts_match_transformers_one_to_one(request, test_net, request_name,
     concepts = parse_concepts({**REQUESTS[request_name], **KEEP_ALL}, image.shape[:2])
     predictor = ConceptPredictor(test_net, torch.float32)
     predictor.set_image(image)
-    ours = predictor.segment_concepts(concepts)
+    ours = predictor.segment_concepts(concepts, MAX_MASKS)
     reference = reference_concepts(test_net, image, concepts)
     assert len(reference) == 20 * len(concepts.texts)
     agree(reference, ours)
@@ -88,7 +89,7 @@ def test_full_size_sam3_matches_transformers(tmp_path, astronaut):
     concepts = parse_concepts({"text": "person", **KEEP_ALL}, astronaut.shape[:2])
     predictor = ConceptPredictor(net, torch.float32)
     predictor.set_image(astronaut)
-    ours = predictor.segment_concepts(concepts)
+    ours = predictor.segment_concepts(concepts, MAX_MASKS)
     reference = reference_concepts(net, astronaut, concepts)
     assert len(reference) == 200
     agree(reference, ours)
@@ -97,14 +98,14 @@ def test_full_size_sam3_matches_transformers(tmp_path, astronaut):
 def test_thresholds_and_the_cap_pick_the_best_instances(test_net, chelsea):
     predictor = ConceptPredictor(test_net, torch.float32)
     predictor.set_image(chelsea)
-    every = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL}))
+    every = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL}), MAX_MASKS)
     scores = sorted((r["score"] for r in every), reverse=True)
     middle = (scores[4] + scores[5]) / 2
-    kept = predictor.segment_concepts(parse_concepts({"text": "cat", "threshold": middle}))
+    kept = predictor.segment_concepts(parse_concepts({"text": "cat", "threshold": middle}), MAX_MASKS)
     assert [r["score"] for r in kept] == scores[:5]
-    capped = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL, "max_instances": 3}))
+    capped = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL, "max_instances": 3}), MAX_MASKS)
     assert [r["score"] for r in capped] == scores[:3]
-    tighter = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL, "mask_threshold": 0.9}))
+    tighter = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL, "mask_threshold": 0.9}), MAX_MASKS)
     assert sum(r["area"] for r in tighter) < sum(r["area"] for r in every)
 
 
@@ -197,3 +198,34 @@ def test_a_checkpoint_folder_missing_files_is_named(random_sam3_checkpoint, tmp_
         build(model_type("test_sam3"), str(partial))
     with pytest.raises(ConfigError, match=r"'sam3' not found in .* \(sam3's checkpoint is a folder\)"):
         MaskService.load({"model_type": "sam3"}, tmp_path / "empty", None)
+
+
+def test_the_masks_of_a_request_are_capped_across_concepts_by_score(test_net, chelsea):
+    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor.set_image(chelsea)
+    concepts = parse_concepts({"text": ["cat", "dog", "fur"], **KEEP_ALL})
+    every = predictor.segment_concepts(concepts, MAX_MASKS)
+    capped = predictor.segment_concepts(concepts, 7)
+    best = sorted(every, key=lambda r: -r["score"])[:7]
+    assert len(capped) == 7 and sorted(r["score"] for r in capped) == sorted(r["score"] for r in best)
+    # Still each concept's best first, the concepts in the request's order.
+    assert [r["concept"] for r in capped] == sorted((r["concept"] for r in capped), key=concepts.texts.index)
+
+
+def test_phrases_past_the_text_cache_are_encoded_again_and_answered(test_net, chelsea, monkeypatch):
+    monkeypatch.setattr("sam_fast_serve.models.sam3.concepts.TEXT_CACHE", 1)
+    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor.set_image(chelsea)
+    first = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL}), MAX_MASKS)
+    predictor.segment_concepts(parse_concepts({"text": "dog", **KEEP_ALL}), MAX_MASKS)
+    both = predictor.segment_concepts(parse_concepts({"text": ["cat", "fur"], **KEEP_ALL}), MAX_MASKS)
+    assert [r["score"] for r in both if r["concept"] == "cat"] == [r["score"] for r in first]
+    assert list(predictor.texts) == ["cat", "fur"]
+
+
+def test_an_image_one_or_three_pixels_tall_is_read_channels_last(test_net):
+    strip = np.random.default_rng(0).integers(0, 256, (3, 40, 3), dtype=np.uint8)
+    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor.set_image(strip)
+    records = predictor.segment_concepts(parse_concepts({"text": "line", **KEEP_ALL}), MAX_MASKS)
+    assert records and records[0]["segmentation"]["size"] == [3, 40]

@@ -19,7 +19,6 @@ import sam_fast_serve
 from harness.archives import random_checkpoint_name, smoke_config
 from harness.servers import REPO, free_port
 from sam_fast_serve.models.registry import model_type, official_checkpoints
-from sam_fast_serve.models.sam3.build import CHECKPOINT_FILES
 from sam_fast_serve.tools.archive import PACKAGE_DIR, runtime_subpackages
 
 BIN = Path(sys.executable).parent
@@ -77,7 +76,7 @@ def test_archive_holds_only_what_the_handler_imports(archive, tmp_path):
     modules = _package_files(runtime_subpackages(HANDLER))
     family = model_type(config["model_type"]).family
     weights = (
-        {f"{config['sam_checkpoint']}/{name}" for name in CHECKPOINT_FILES}
+        {f"{config['sam_checkpoint']}/{name}" for name in family.checkpoint_files}
         if family.checkpoint_folder
         else {config["sam_checkpoint"]}
     )

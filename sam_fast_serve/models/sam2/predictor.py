@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.utils.transforms import SAM2Transforms
 
@@ -22,7 +21,7 @@ from sam_fast_serve.models.fast_decoder import DecodedTokens, FastMaskDecoder, I
 from sam_fast_serve.models.prompted import segment_prompts
 from sam_fast_serve.models.sam2.components import fill_holes_and_sprinkles
 from sam_fast_serve.models.timing import StageClock
-from sam_fast_serve.models.upsampling import resize_products_pay, resized
+from sam_fast_serve.models.upsampling import bilinear
 
 # The low-res logits a mask prompt carries are clamped like SAM2ImagePredictor's.
 LOGIT_CLAMP = 32.0
@@ -203,9 +202,7 @@ class Sam2Predictor(EmbeddingKeeper):
         masks = low_res.float()
         if fill_area > 0:
             masks = fill_holes_and_sprinkles(masks, self.mask_threshold, fill_area, fill_area)
-        if masks.device.type == "cpu" and resize_products_pay(masks.shape[-2:], self.original_size):
-            return resized(masks, self.original_size)
-        return F.interpolate(masks, self.original_size, mode="bilinear", align_corners=False)
+        return bilinear(masks, self.original_size)
 
     def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]:
         """The answer to `prompts` on the current image (models.prompted.segment_prompts)."""

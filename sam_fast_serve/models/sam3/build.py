@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPTokenizer, Sam3Config, Sam3Model, Sam3Processor
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -21,6 +22,7 @@ from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 from transformers.utils.logging import disable_progress_bar
 
 from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.models.checkpoints import check_folder
 from sam_fast_serve.models.precision import Precision
 from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.sam3.vision import faster_trunk
@@ -50,6 +52,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "projection_dim": 64,
+            # SAM 3's text length (Sam3Config's own text config has it; a config given replaces it).
+            "max_position_embeddings": 32,
         },
         "geometry_encoder_config": {
             "hidden_size": 32,
@@ -68,13 +72,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "mask_decoder_config": {"hidden_size": 32, "num_attention_heads": 2},
     },
 }
-CHECKPOINT_FILES = (
-    "config.json",
-    "model.safetensors",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
 
 
 @dataclass
@@ -121,18 +118,13 @@ def build(model: ModelType, checkpoint: str | None = None) -> Sam3Net:
         net = _random(model)
     else:
         folder = Path(checkpoint)
-        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-        if missing:
-            raise ConfigError(
-                f"{folder} is not a SAM 3 checkpoint folder: it lacks {', '.join(missing)} (a SAM 3 checkpoint "
-                f"is the folder facebook/sam3 ships: {', '.join(CHECKPOINT_FILES)})"
-            )
+        check_folder(folder, model)
         try:
             net = Sam3Net(
                 Sam3Model.from_pretrained(folder, local_files_only=True, dtype=torch.float32),
                 Sam3Processor.from_pretrained(folder, local_files_only=True),
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
             raise ConfigError(f"{folder} does not load as {model.name}: {str(exc).splitlines()[0][:300]}") from None
     net.model.eval()
     return net

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+from transformers.models.sam3.processing_sam3 import box_xyxy_to_cxcywh
 
 from sam_fast_serve.common.concepts import Concepts
 from sam_fast_serve.common.errors import InvalidOption
@@ -39,12 +40,10 @@ from sam_fast_serve.models.sam3.build import Sam3Net
 from sam_fast_serve.models.sam3.detr import flattened
 from sam_fast_serve.models.sam3.pixel import PixelDecoder
 from sam_fast_serve.models.timing import StageClock
-from sam_fast_serve.models.upsampling import resized
+from sam_fast_serve.models.upsampling import bilinear
 
 # The detector reads the neck's first three levels (Sam3Model.forward drops the last).
 LEVELS = 3
-# Sam3Processor's text length: phrases are tokenized to at most this many tokens, ends included.
-TEXT_TOKENS = 32
 # Phrases whose features are kept (a few KB each).
 TEXT_CACHE = 256
 # Bytes of float32 mask probabilities resized at once (a 12-megapixel image: 5 masks a chunk).
@@ -88,9 +87,11 @@ class ConceptPredictor(EmbeddingKeeper):
         self.levels: list[Tensor] | None = None
         self.first: Tensor | None = None
         self.original_size: tuple[int, int] | None = None
-        config: Any = self.model.config.vision_config
-        self.side = config.image_size
-        self.patch = config.backbone_config.patch_size
+        config: Any = self.model.config
+        self.side = config.vision_config.image_size
+        self.patch = config.vision_config.backbone_config.patch_size
+        # The text encoder's positions: the most tokens a phrase may have, its two ends included.
+        self.text_tokens = config.text_config.max_position_embeddings
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -101,7 +102,10 @@ class ConceptPredictor(EmbeddingKeeper):
         results: list[ImageEmbedding] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = self.net.processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
+            # Channels last, said: the processor guesses the layout, wrongly for an image 1 or 3 pixels tall.
+            pixels = self.net.processor.image_processor(
+                images=chunk, return_tensors="pt", input_data_format="channels_last"
+            )["pixel_values"]
             with self._autocast():
                 trunk = self.trunk(pixels.to(self.device))
                 grid = pixels.shape[-1] // self.patch
@@ -127,10 +131,10 @@ class ConceptPredictor(EmbeddingKeeper):
 
     def _tokens(self, phrase: str) -> Tensor:
         ids = self.net.processor.tokenizer(phrase)["input_ids"]
-        if len(ids) > TEXT_TOKENS:
+        if len(ids) > self.text_tokens:
             raise InvalidOption(
                 f"'text' phrase {phrase[:40]!r} is {len(ids)} tokens; SAM 3's text encoder takes at most "
-                f"{TEXT_TOKENS} (its two ends included): shorten it"
+                f"{self.text_tokens} (its two ends included): shorten it"
             )
         return torch.tensor([ids], device=self.device)
 
@@ -138,15 +142,17 @@ class ConceptPredictor(EmbeddingKeeper):
         """(K, L, C) projected text features of the phrases, padded to the longest, and their (K, L)
         validity mask. Every phrase is checked before any is encoded (InvalidOption)."""
         tokens = {phrase: self._tokens(phrase) for phrase in phrases if phrase not in self.texts}
+        for phrase in phrases:
+            if phrase in self.texts:
+                self.texts.move_to_end(phrase)
         for phrase, ids in tokens.items():
             with self._autocast():
                 hidden = self.model.text_encoder(input_ids=ids).last_hidden_state
                 self.texts[phrase] = self.model.text_projection(hidden)[0]
-            while len(self.texts) > TEXT_CACHE:
-                self.texts.popitem(last=False)
         features = [self.texts[phrase] for phrase in phrases]
-        for phrase in phrases:
-            self.texts.move_to_end(phrase)
+        # Evicted after the lookup: a request's own phrases are the newest, and all of them are read.
+        while len(self.texts) > max(TEXT_CACHE, len(phrases)):
+            self.texts.popitem(last=False)
         longest = max(len(f) for f in features)
         padded = features[0].new_zeros(len(features), longest, features[0].shape[-1])
         mask = torch.zeros(len(features), longest, dtype=torch.bool, device=self.device)
@@ -155,46 +161,41 @@ class ConceptPredictor(EmbeddingKeeper):
             mask[k, : len(f)] = True
         return padded, mask
 
-    def _exemplars(
-        self, concepts: Concepts, count: int, levels: list[Tensor], positions: list[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """The geometry encoder's features (K, B + 1, C) and mask of the exemplar boxes, for each
-        of `count` concepts (the same boxes join every phrase)."""
+    def _exemplars(self, concepts: Concepts, level: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The geometry encoder's features (1, B + 1, C) and mask of the exemplar boxes, from the
+        neck's level 2 and its positions (the only level it reads), boxes normalized as
+        Sam3Processor normalizes them (cx, cy, w, h in fractions of the image)."""
         assert concepts.boxes is not None and concepts.labels is not None and self.original_size is not None
         height, width = self.original_size
-        boxes = torch.tensor(concepts.boxes, dtype=torch.float32, device=self.device) / torch.tensor(
-            [width, height, width, height], dtype=torch.float32, device=self.device
-        )
-        x0, y0, x1, y1 = boxes.unbind(-1)
-        cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+        boxes = box_xyxy_to_cxcywh(torch.tensor(concepts.boxes, dtype=torch.float32, device=self.device) / scale)
         labels = torch.tensor(concepts.labels, device=self.device)
         geometry = self.model.geometry_encoder(
-            box_embeddings=cxcywh.expand(count, -1, -1),
-            box_mask=torch.ones(count, len(labels), dtype=torch.bool, device=self.device),
-            box_labels=labels.expand(count, -1),
-            img_feats=tuple(level.expand(count, -1, -1, -1) for level in levels),
-            img_pos_embeds=tuple(p.expand(count, -1, -1, -1) for p in positions),
+            box_embeddings=boxes[None],
+            box_mask=torch.ones(1, len(labels), dtype=torch.bool, device=self.device),
+            box_labels=labels[None],
+            img_feats=(level,),
+            img_pos_embeds=(positions,),
         )
         return geometry.last_hidden_state, geometry.attention_mask
 
     @torch.inference_mode()
-    def segment_concepts(self, concepts: Concepts) -> list[dict[str, Any]]:
-        """The records of every instance of each of `concepts` on the current image (module doc)."""
+    def segment_concepts(self, concepts: Concepts, max_masks: int) -> list[dict[str, Any]]:
+        """The records of every instance of each of `concepts` on the current image (module doc), at
+        most `max_masks` in all (the best by score, chosen before any mask is made)."""
         if self.levels is None or self.first is None or self.original_size is None:
             raise RuntimeError("An image must be set with .set_image(...) or .set_embedding(...) first.")
         model = self.model
         count = len(concepts.texts)
         with self.clock.stage("mask_decoder"), self._autocast():
             levels = [level.to(self.dtype) for level in self.levels]
-            positions = [
-                model.vision_encoder.neck.position_encoding(level.shape, self.device, level.dtype) for level in levels
-            ]
+            positions = model.vision_encoder.neck.position_encoding(levels[2].shape, self.device, levels[2].dtype)
             prompt, mask = self.text_features(concepts.texts)
             if concepts.boxes is not None:
-                geometry, geometry_mask = self._exemplars(concepts, count, levels, positions)
-                prompt = torch.cat([prompt, geometry.to(prompt.dtype)], dim=1)
-                mask = torch.cat([mask, geometry_mask.bool()], dim=1)
-            tokens = flattened(positions[-1]).expand(count, -1, -1)
+                geometry, geometry_mask = self._exemplars(concepts, levels[2], positions)
+                prompt = torch.cat([prompt, geometry.to(prompt.dtype).expand(count, -1, -1)], dim=1)
+                mask = torch.cat([mask, geometry_mask.bool().expand(count, -1)], dim=1)
+            tokens = flattened(positions).expand(count, -1, -1)
             first = self.first.to(self.dtype).expand(count, -1, -1)
             encoded = detr.concept_part(model.detr_encoder, first, tokens, prompt, mask)
             decoded = model.detr_decoder(
@@ -202,37 +203,44 @@ class ConceptPredictor(EmbeddingKeeper):
                 text_features=prompt,
                 vision_pos_encoding=tokens,
                 text_mask=mask,
-                spatial_shapes=torch.tensor([levels[-1].shape[-2:]], device=self.device),
+                spatial_shapes=torch.tensor([levels[2].shape[-2:]], device=self.device),
             )
             queries = decoded.intermediate_hidden_states[-1:]
             offsets = model.detr_decoder.box_head(queries)
             boxes = box_cxcywh_to_xyxy((inverse_sigmoid(decoded.reference_boxes[-1:]) + offsets).sigmoid())[0]
-            logits = model.dot_product_scoring(decoder_hidden_states=queries, text_features=prompt, text_mask=mask)[
-                0, ..., 0
-            ]
-            scores = (logits.sigmoid() * decoded.presence_logits[-1].sigmoid()).float()
-            kept = [self._kept(scores[k], concepts) for k in range(count)]
-            pixel_embed = (
-                self.pixels.concept_part(model.mask_decoder, encoded, levels, prompt, mask)
-                if any(len(k) for k in kept)
-                else None
-            )
+            logits = model.dot_product_scoring(decoder_hidden_states=queries, text_features=prompt, text_mask=mask)
+            scores = (logits[0, ..., 0].sigmoid() * decoded.presence_logits[-1].sigmoid()).float()
         records: list[dict[str, Any]] = []
-        for k, phrase in enumerate(concepts.texts):
-            if not len(kept[k]):
+        for k, kept in enumerate(self._kept(scores, concepts, max_masks)):
+            if not len(kept):
                 continue
-            assert pixel_embed is not None
+            # One concept's pixel embedding at a time: 85 MB each at full size in float32.
             with self.clock.stage("mask_decoder"), self._autocast():
-                logits_k = self.pixels.masks(model.mask_decoder, queries[0, k, kept[k]], pixel_embed[k])
-            records.extend(self._records(phrase, logits_k, scores[k, kept[k]], boxes[k, kept[k]], concepts))
+                pixel_embed = self.pixels.concept_part(
+                    model.mask_decoder, encoded[k : k + 1], levels, prompt[k : k + 1], mask[k : k + 1]
+                )
+                masks = self.pixels.masks(model.mask_decoder, queries[0, k, kept], pixel_embed[0])
+            records.extend(self._records(concepts.texts[k], masks, scores[k, kept], boxes[k, kept], concepts))
         return records
 
     @staticmethod
-    def _kept(scores: Tensor, concepts: Concepts) -> Tensor:
-        """The indices of the queries kept for one concept: above the threshold, best first, capped."""
-        order = torch.argsort(scores, descending=True, stable=True)
-        order = order[scores[order] > concepts.threshold]
-        return order if concepts.max_instances is None else order[: concepts.max_instances]
+    def _kept(scores: Tensor, concepts: Concepts, max_masks: int) -> list[Tensor]:
+        """Each concept's kept queries, best first: above the threshold, at most max_instances of
+        each, and at most `max_masks` in all (the best across concepts)."""
+        kept = []
+        for row in scores:
+            order = torch.argsort(row, descending=True, stable=True)
+            order = order[row[order] > concepts.threshold]
+            kept.append(order if concepts.max_instances is None else order[: concepts.max_instances])
+        if sum(len(order) for order in kept) > max_masks:
+            ranked = sorted(
+                (-float(scores[k, query]), k, i)
+                for k, order in enumerate(kept)
+                for i, query in enumerate(order.tolist())
+            )
+            chosen = {(k, i) for _, k, i in ranked[:max_masks]}
+            kept = [order[[i for i in range(len(order)) if (k, i) in chosen]] for k, order in enumerate(kept)]
+        return kept
 
     def _records(
         self, phrase: str, logits: Tensor, scores: Tensor, boxes: Tensor, concepts: Concepts
@@ -247,7 +255,7 @@ class ConceptPredictor(EmbeddingKeeper):
         with self.clock.stage("postprocess"):
             for start in range(0, len(logits), per_chunk):
                 probabilities = logits[start : start + per_chunk].float().sigmoid()
-                rles.extend(encode_masks(resized(probabilities, (height, width)) > concepts.mask_threshold))
+                rles.extend(encode_masks(bilinear(probabilities, (height, width)) > concepts.mask_threshold))
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         pixels_xyxy = boxes.float().cpu() * scale
         return [

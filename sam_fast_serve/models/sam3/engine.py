@@ -3,6 +3,7 @@ generation, no point or box prompts, no video: the service refuses them for this
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sam_fast_serve.common.concepts import Concepts
@@ -12,9 +13,11 @@ from sam_fast_serve.models.registry import ModelType
 from sam_fast_serve.models.sam3.build import Sam3Net
 from sam_fast_serve.models.sam3.concepts import ConceptPredictor
 
-# What the warm-up asks: two phrases with one exemplar box, every query kept (threshold 0), so that
-# every stage runs at the shapes a request has, masks included.
-WARM_UP_CONCEPTS = Concepts(("warm", "up"), None, None, threshold=0.0, mask_threshold=0.5, max_instances=4)
+# What the warm-up asks: two phrases with an exemplar box (the geometry encoder's pooling too), every
+# query kept (threshold 0), so that every stage runs at the shapes a request has, masks included.
+WARM_UP_CONCEPTS = Concepts(
+    ("warm", "up"), np.array([[64.0, 64.0, 320.0, 320.0]]), np.array([1]), threshold=0.0, max_instances=4
+)
 
 
 def engine(
@@ -27,6 +30,6 @@ def engine(
         # A predictor of its own, which keeps nothing in the store (see the SAM 1 engine).
         own = ConceptPredictor(net, dtype)
         own.set_image(warm_up_image())
-        own.segment_concepts(WARM_UP_CONCEPTS)
+        own.segment_concepts(WARM_UP_CONCEPTS, 2 * 4)
 
     return Engine(model, dtype, predictor, None, warm_up)

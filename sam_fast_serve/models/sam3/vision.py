@@ -9,8 +9,8 @@ encoding, computed once per layer instead of per call, rotates each (even, odd) 
 one complex product; the MLP's GELU and the residual adds go into oneDNN's linear where it pays
 (models.onednn).
 
-The window order needs windows that tile the grid: a trunk whose grid they do not tile keeps the
-reference's forward (`faster_trunk` leaves it).
+The window order needs windows that tile the grid, and the fused MLP the exact GELU: a trunk
+without them keeps the reference's forward (`faster_trunk`).
 """
 
 from __future__ import annotations
@@ -105,10 +105,22 @@ class FastTrunk(nn.Module):
         return x.reshape(batch, grid * grid, channels)
 
 
+class ReferenceTrunk(nn.Module):
+    """Sam3ViTModel's own forward, answering tokens as FastTrunk does."""
+
+    def __init__(self, trunk: Sam3ViTModel) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.trunk(pixel_values).last_hidden_state
+
+
 def faster_trunk(trunk: Sam3ViTModel) -> nn.Module:
-    """A FastTrunk over `trunk`'s weights, or `trunk` itself where the windows do not tile its grid."""
+    """A FastTrunk over `trunk`'s weights, or its own forward (ReferenceTrunk) where the windows do not tile its grid
+    or its MLP's activation is not the exact GELU the fast layers fuse."""
     config: Any = trunk.config
     grid = config.image_size // config.patch_size
-    if grid % config.window_size:
-        return trunk
+    if grid % config.window_size or config.hidden_act != "gelu":
+        return ReferenceTrunk(trunk)
     return FastTrunk(trunk, grid)
