@@ -5,8 +5,12 @@ embedding store shares what is interchangeable (one checkpoint in one dtype) and
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 import requests
 
@@ -25,7 +29,12 @@ MODELS = {
 GRIDS = {"sam-fast": 4 * 4 * 3, "sam-accurate": 2 * 2 * 3, "sam2": 3 * 3 * 3}
 
 
-def test_models_of_both_families_each_with_its_own_config_url_and_store_keys(request, tmp_path, chelsea):
+@contextlib.contextmanager
+def served_with_a_store(
+    request: pytest.FixtureRequest, tmp_path: Path, models: dict[str, tuple[str, dict]]
+) -> Iterator[tuple[TorchServe, redis.Redis]]:
+    """One TorchServe serving each of `models` (name -> (its checkpoint fixture, handler keys)),
+    all sharing one Redis embedding store; both stopped in every case."""
     redis_server = RedisServer(tmp_path)
     redis_server.start()
     try:
@@ -36,17 +45,22 @@ def test_models_of_both_families_each_with_its_own_config_url_and_store_keys(req
                 name,
                 handler={**handler, "embedding_store": redis_server.url},
             )
-            for name, (checkpoint, handler) in MODELS.items()
+            for name, (checkpoint, handler) in models.items()
         }
         (tmp_path / "torchserve").mkdir()
         server = TorchServe(tmp_path / "torchserve", tmp_path / "model_store", {n: a.name for n, a in archives.items()})
         server.start()
         try:
-            check_side_by_side(server, redis.Redis.from_url(redis_server.url), chelsea)
+            yield server, redis.Redis.from_url(redis_server.url)
         finally:
             server.stop()
     finally:
         redis_server.stop()
+
+
+def test_models_of_both_families_each_with_its_own_config_url_and_store_keys(request, tmp_path, chelsea):
+    with served_with_a_store(request, tmp_path, MODELS) as (server, store):
+        check_side_by_side(server, store, chelsea)
 
 
 def check_side_by_side(server: TorchServe, store: redis.Redis, chelsea: np.ndarray) -> None:
@@ -86,24 +100,9 @@ def test_sam3_beside_sam2_in_one_torchserve_each_refusing_the_others_requests(re
     """SAM 3 (concepts) and SAM 2.1 (automatic, prompts) side by side, sharing one Redis store: each
     answers its own kind of request and refuses the other's naming the model types that take it,
     and their store entries never mix."""
-    redis_server = RedisServer(tmp_path)
-    redis_server.start()
-    try:
-        archives = {
-            name: smoke_archive(
-                tmp_path, request.getfixturevalue(checkpoint), name, handler={"embedding_store": redis_server.url}
-            )
-            for name, checkpoint in {"sam2": "random_sam2_checkpoint", "sam3": "random_sam3_checkpoint"}.items()
-        }
-        (tmp_path / "torchserve").mkdir()
-        server = TorchServe(tmp_path / "torchserve", tmp_path / "model_store", {n: a.name for n, a in archives.items()})
-        server.start()
-        try:
-            check_sam3_beside_sam2(server, redis.Redis.from_url(redis_server.url), chelsea)
-        finally:
-            server.stop()
-    finally:
-        redis_server.stop()
+    models = {"sam2": ("random_sam2_checkpoint", {}), "sam3": ("random_sam3_checkpoint", {})}
+    with served_with_a_store(request, tmp_path, models) as (server, store):
+        check_sam3_beside_sam2(server, store, chelsea)
 
 
 def check_sam3_beside_sam2(server: TorchServe, store: redis.Redis, chelsea: np.ndarray) -> None:
