@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -58,14 +58,12 @@ class ImageHolder(Protocol):
     def set_embedding(self, embedding: ImageEmbedding) -> None: ...
 
 
-@runtime_checkable
 class Predictor(ImageHolder, Protocol):
     """A family's predictor of prompts: masks for points, boxes and mask prompts on the current image."""
 
     def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]: ...
 
 
-@runtime_checkable
 class Conceptor(ImageHolder, Protocol):
     """A family's predictor of concepts: every instance of each concept on the current image
     (common.concepts' records)."""
@@ -191,8 +189,10 @@ class Engine:
     def prompted(self, image: np.ndarray | None, image_id: str, prompt_fields: dict[str, Any]) -> Segmented:
         """{"image_id", "prompts": [...]} for the prompts on `image`, or on the cached embedding of
         `image_id` when `image` is None (`_set_current`'s errors)."""
-        predictor = self.predictor
-        assert isinstance(predictor, Predictor), "the service refuses prompts for a family without them"
+        # The family says what its predictor answers (an isinstance check of a protocol with data
+        # members would ask for attributes a predictor sets only once an image is set).
+        assert self.model.family.prompts, "the service refuses prompts for a family without them"
+        predictor = cast(Predictor, self.predictor)
         predictor.clock.take()
         start = time.perf_counter()
         size = self._set_current(image, image_id)
@@ -208,8 +208,8 @@ class Engine:
         cached embedding of `image_id` when `image` is None, at most `max_masks` in all (the best by
         score); `_set_current`'s errors, InvalidOption when an exemplar box lies outside the cached
         image."""
-        predictor = self.predictor
-        assert isinstance(predictor, Conceptor), "the service refuses concepts for a family without them"
+        assert self.model.family.concepts, "the service refuses concepts for a family without them"
+        predictor = cast(Conceptor, self.predictor)
         predictor.clock.take()
         start = time.perf_counter()
         size = self._set_current(image, image_id)

@@ -13,8 +13,9 @@ import sys
 import pytest
 import requests
 
+from harness.archives import smoke_archive
 from harness.files import encode
-from harness.servers import REPO
+from harness.servers import REPO, TorchServe
 from sam_fast_serve.client import (
     Annotations,
     BadRequestError,
@@ -101,9 +102,12 @@ def test_each_http_failure_is_its_typed_error(server, sam, astronaut, tmp_path):
         sam.segment(tmp_path / "missing.png")
 
 
+def python_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "docs" / "client.md").read_text(), re.S)
+
+
 def test_the_python_example_of_the_docs_runs(server):
-    page = (REPO / "docs" / "client.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    (example,) = [example for example in python_examples() if ".concepts(" not in example]
     environment = {**os.environ, "SAM_FAST_URL": server.inference_url, "TS_INFERENCE_TOKEN": server.token()}
     run = subprocess.run(
         [sys.executable, "-c", example], capture_output=True, text=True, cwd=REPO, env=environment, timeout=600
@@ -113,3 +117,21 @@ def test_the_python_example_of_the_docs_runs(server):
     assert lines[0].startswith(f"{8 * 8 * 3} masks, the first covers ")
     assert lines[1].startswith("the click's best mask: [")
     assert lines[2].startswith("refused: 415 ") and len(lines) == 3
+
+
+def test_the_concepts_example_of_the_docs_runs_against_sam3(tmp_path_factory, random_sam3_checkpoint):
+    (example,) = [example for example in python_examples() if ".concepts(" in example]
+    workdir = tmp_path_factory.mktemp("sam3")
+    archive = smoke_archive(workdir, random_sam3_checkpoint, model_name="sam3")
+    sam3 = TorchServe(workdir, archive.parent, {"sam3": archive.name})
+    sam3.start()
+    try:
+        environment = {**os.environ, "SAM_FAST_URL": sam3.inference_url, "TS_INFERENCE_TOKEN": sam3.token()}
+        # Keep-all thresholds, so that the example's records (random weights score about 0.25) are printed.
+        kept = example.replace("max_instances=5)", "max_instances=5, threshold=0.0)")
+        run = subprocess.run([sys.executable, "-c", kept], capture_output=True, text=True, cwd=REPO, env=environment)
+    finally:
+        sam3.stop()
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 10 and {line.split()[0] for line in lines} == {"person", "flag"}
