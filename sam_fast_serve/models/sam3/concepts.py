@@ -33,6 +33,7 @@ from transformers.models.sam3.processing_sam3 import box_xyxy_to_cxcywh
 from sam_fast_serve.common.concepts import Concepts
 from sam_fast_serve.common.errors import InvalidOption
 from sam_fast_serve.common.records import concept_record, rle_to_builtins
+from sam_fast_serve.models.amg import upsample_chunk
 from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.rle import encode_masks, rle_areas
 from sam_fast_serve.models.sam3 import detr
@@ -46,8 +47,6 @@ from sam_fast_serve.models.upsampling import bilinear
 LEVELS = 3
 # Phrases whose features are kept (a few KB each).
 TEXT_CACHE = 256
-# Bytes of float32 mask probabilities resized at once (a 12-megapixel image: 5 masks a chunk).
-UPSAMPLE_BYTES = 256 << 20
 
 
 def embedding_layout(net: Sam3Net) -> dict[str, tuple[int, ...]]:
@@ -250,7 +249,7 @@ class ConceptPredictor(EmbeddingKeeper):
         XYWH in image pixels, the score."""
         assert self.original_size is not None
         height, width = self.original_size
-        per_chunk = max(1, UPSAMPLE_BYTES // (4 * height * width))
+        per_chunk = upsample_chunk(self.device, height * width)
         rles: list[dict[str, Any]] = []
         with self.clock.stage("postprocess"):
             for start in range(0, len(logits), per_chunk):
