@@ -1,5 +1,5 @@
 """The client's concept requests (SAM 3, common/concepts.py) against a real HTTP server on 127.0.0.1
-(http.server in a thread) that records what it is sent: the fields and forms of SamClient.concepts
+(harness/recording.py) that records what it is sent: the fields and forms of SamClient.concepts
 (multipart with the image, a JSON body by image_id), the checks that refuse a bad phrase, box or
 threshold before anything is sent, the command line's options and the combinations it refuses, a
 run's results with the concepts as the COCO file's categories, and the answers the client refuses."""
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import email
 import email.policy
-import http.server
 import io
 import json
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -24,6 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from harness.files import encode
+from harness.recording import Reply, Sent, recording
 from sam_fast_serve.client import BadAnswer, SamClient
 from sam_fast_serve.client.cli import EXIT_FAILED, EXIT_OK, build_parser, concept_fields, main, parse_exemplar_box
 from sam_fast_serve.client.coco import CocoImage, categories, mask_size, write_coco
@@ -74,42 +73,23 @@ def parsed(content_type: str, body: bytes) -> tuple[dict, bytes | None]:
 Answerer = Callable[[Request], tuple[int, object]]
 
 
-@contextmanager
-def serving(answer: Answerer, wire: str = "json") -> Iterator[tuple[str, list[Request]]]:
-    """A server on a free loopback port that answers each POST with `answer(request)`: (status,
-    payload), a 200's payload as the `wire` asks (JSON or the pickle), an error's as JSON, with
-    the image id header as the server sends it; its URL, and the requests it got."""
-    requests: list[Request] = []
+def serving(answer: Answerer, wire: str = "json") -> AbstractContextManager[tuple[str, list[Request]]]:
+    """A recording server that answers each POST with `answer(request)`: (status, payload), a 200's
+    payload as the `wire` asks (JSON or the pickle), an error's as JSON, with the image id header as
+    the server sends it; its URL, and the requests it got."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            content_type = self.headers.get("Content-Type", "")
-            fields, image = parsed(content_type, body)
-            request = Request(self.path, content_type, fields, image)
-            requests.append(request)
-            status, payload = answer(request)
-            pickled = status == 200 and wire == "pickle"
-            content = encode_pickled(payload).encode() if pickled else json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain" if pickled else JSON_MEDIA_TYPE)
-            self.send_header(IMAGE_ID_HEADER, IMAGE_ID)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
+    def read(sent: Sent) -> Request:
+        content_type = sent.headers.get("Content-Type", "")
+        return Request(sent.path, content_type, *parsed(content_type, sent.body))
 
-        def log_message(self, *args: object) -> None:
-            pass
+    def reply(request: Request) -> Reply:
+        status, payload = answer(request)
+        pickled = status == 200 and wire == "pickle"
+        content = encode_pickled(payload).encode() if pickled else json.dumps(payload).encode()
+        headers = {"Content-Type": "text/plain" if pickled else JSON_MEDIA_TYPE, IMAGE_ID_HEADER: IMAGE_ID}
+        return Reply(status, content, headers)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # A short poll: shutdown() waits for it, in every test.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    return recording(read, reply)
 
 
 def record(concept: str, box: tuple[int, int, int, int], score: float, size: tuple[int, int] = (HEIGHT, WIDTH)) -> dict:

@@ -1,19 +1,17 @@
-"""The client against a real HTTP server on 127.0.0.1 that stands in for a gateway (http.server in
-a thread): a 401 or 403 stops the run at the first answer with exit status 3, after one request,
-and says where the client looked when it had no token; a 503 is retried, then one failure; an
+"""The client against a real HTTP server on 127.0.0.1 that stands in for a gateway
+(harness/recording.py): a 401 or 403 stops the run at the first answer with exit status 3, after one
+request, and says where the client looked when it had no token; a 503 is retried, then one failure; an
 answer without a reason gets one; an empty file is not sent."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import pytest
 
 from harness.files import encode
+from harness.recording import Reply, recording
 from sam_fast_serve.client import BadRequestError, NotAuthorized, SamClient, ServerBusy, ServerError
 from sam_fast_serve.client.batch import EMPTY_FILE
 from sam_fast_serve.client.cli import EXIT_FAILED, EXIT_NOT_AUTHORIZED, main
@@ -22,34 +20,13 @@ from sam_fast_serve.common.endpoint import TOKEN_ENV, record_server, state_dir
 from sam_fast_serve.common.wire import MAX_REQUEST_SIZE
 
 
-@contextmanager
-def answering(status: int, body: dict | bytes) -> Iterator[tuple[str, list[str]]]:
-    """A server on a free loopback port answering every POST with `status` and `body` (a dict as
-    JSON, bytes as they are); its URL, and the paths it was sent, one per request."""
-    paths: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            paths.append(self.path)
-            content = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json" if isinstance(body, dict) else "text/plain")
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", paths
-    finally:
-        server.shutdown()
-        server.server_close()
+def answering(status: int, body: dict | bytes) -> AbstractContextManager[tuple[str, list[str]]]:
+    """A recording server answering every POST with `status` and `body` (a dict as JSON, bytes as
+    they are); its URL, and the paths it was sent, one per request."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    content_type = "application/json" if isinstance(body, dict) else "text/plain"
+    reply = Reply(status, content, {"Content-Type": content_type})
+    return recording(lambda sent: sent.path, lambda path: reply)
 
 
 @pytest.fixture
