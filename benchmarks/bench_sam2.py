@@ -65,7 +65,7 @@ from harness.archives import smoke_archive
 from harness.files import encode
 from harness.servers import TorchServe
 from sam_fast_serve.common.options import AmgSettings, apply_request_options
-from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
+from sam_fast_serve.models.engine import Engine, warm_up_image, warm_up_settings
 from sam_fast_serve.models.precision import resolve_precision
 from sam_fast_serve.models.registry import SAM2, ModelType, model_type
 from sam_fast_serve.models.timing import ENGINE_STAGES
@@ -178,7 +178,7 @@ def measure_model(
     ious = [predicted_ious(net, image, args.points_per_side) for image in images]
     services = load_services(name, checkpoint, ours, args.points_per_side)
     base = next(iter(services.values())).config.amg
-    reference_generator(model, net, WARM_UP_SETTINGS).generate(warm_up_image())
+    reference_generator(model, net, warm_up_settings(model.family)).generate(warm_up_image())
     variants: list[tuple[str, Callable[[AmgSettings], Any], Any]] = [
         (REFERENCE, lambda settings: reference_generator(model, net, settings), reference_clock)
     ]

@@ -18,6 +18,9 @@ threshold 0.3 keeps none ("none kept": the model's work alone) and threshold 0 k
 ("all kept": 200 masks upsampled and encoded a concept). The first request after the load and the
 second (another new image) show whether READY means ready; the process's peak RSS is the worker's.
 Each stage's FLOPs (counted from the architecture) against this CPU's measured product peak.
+Prompts (a click with a box, three masks): (a) transformers' Sam3TrackerProcessor + Sam3TrackerModel
+(the same weights) + post_process_masks on a new image, then on its cached `get_image_embeddings`;
+(b) Engine.prompted on a new image (the photos turned half a turn), then by image_id.
 --server: the first concept of each photo through a real TorchServe against the same request in
 this process, alternately (measure.request_overhead).
 """
@@ -31,11 +34,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from skimage import data as sample_images
+from transformers import Sam3TrackerProcessor
 
 from benchmarks.measure import (
     PeakRss,
@@ -48,16 +52,19 @@ from benchmarks.measure import (
 )
 from harness.agreement import match_instances
 from harness.archives import smoke_archive
-from harness.sam3 import reference_concepts
+from harness.sam3 import reference_concepts, reference_prompts, reference_tracker
 from harness.servers import TorchServe
 from sam_fast_serve.common.concepts import parse_concepts
+from sam_fast_serve.common.prompts import parse_prompts
 from sam_fast_serve.models.embedding import pixel_key
 from sam_fast_serve.models.precision import cpu_has_native_bf16
 from sam_fast_serve.models.sam3.build import Sam3Net
+from sam_fast_serve.models.sam3.predictor import Sam3Predictor
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
 PHRASES = ("person", "cat", "scratch", "nucleus", "debris", "car", "tree", "cup")
+CLICK = {"points": [[150, 120]], "boxes": [[40, 30, 300, 280]], "multimask": True}
 SHARES = {"none kept": 0.3, "all kept": 0.0}
 
 
@@ -151,6 +158,49 @@ def our_runs(service: MaskService, images: list[np.ndarray], threshold: float) -
     return rows
 
 
+def predictor_of(service: MaskService) -> Sam3Predictor:
+    return cast(Sam3Predictor, service.engine.predictor)
+
+
+def prompt_runs(service: MaskService, images: list[np.ndarray]) -> list[dict[str, float]]:
+    """Per image: (a) the reference's click on it new and on its cached embeddings, (b) ours."""
+    engine = service.engine
+    net = predictor_of(service).net
+    tracker = reference_tracker(net)
+    rows = []
+    for image in images:
+        prompts = parse_prompts(CLICK, image.shape[:2], engine.model.mask_input_side)
+        with torch.inference_mode():
+            first, _ = timed(lambda: reference_prompts(net, tracker, image, prompts))
+            processor = Sam3TrackerProcessor(image_processor=net.processor.image_processor)
+            batch = processor(
+                images=image,
+                input_points=[[CLICK["points"]]],
+                input_labels=[[[1]]],
+                input_boxes=[CLICK["boxes"]],
+                return_tensors="pt",
+            )
+            embeddings = tracker.get_image_embeddings(batch["pixel_values"])
+
+            def cached_click() -> Any:
+                outputs = tracker(
+                    image_embeddings=embeddings,
+                    input_points=batch["input_points"],
+                    input_labels=batch["input_labels"],
+                    input_boxes=batch["input_boxes"],
+                    multimask_output=True,
+                )
+                return processor.post_process_masks(outputs.pred_masks, batch["original_sizes"])
+
+            cached, _ = timed(cached_click)
+        image_id = pixel_key(image)
+        ours_first, _ = timed(lambda: engine.prompted(image, image_id, CLICK))
+        ours_cached, _ = timed(lambda: engine.prompted(None, image_id, CLICK))
+        rows.append({"first": first, "cached": cached, "ours_first": ours_first, "ours_cached": ours_cached})
+        gc.collect()
+    return rows
+
+
 def agreement(reference: list[dict], ours: list[dict]) -> str:
     if not reference:
         return "none to match" if not ours else f"{len(ours)} extra"
@@ -193,7 +243,7 @@ def main() -> None:
             )
             for dtype in args.dtypes.split(",")
         }
-        net = next(iter(services.values())).engine.predictor.net
+        net = predictor_of(next(iter(services.values()))).net
         flops = stage_flops(net)
         print(f"\nFLOPs: vision {flops['vision'] / 1e12:.2f} T, a concept {flops['concept'] / 1e9:.0f} G\n")
         results = []
@@ -214,8 +264,20 @@ def main() -> None:
                 results.append((share, dtype, ours))
                 times = {key: value for key, value in ours.items() if key != "records"}
                 print(f"{share} (b) {dtype}: {times}", file=sys.stderr, flush=True)
+        service = services[args.dtypes.split(",")[0]]
+        turned = [np.ascontiguousarray(image[::-1, ::-1]) for image in images]
+        prompts = prompt_runs(service, turned) if predictor_of(service).tracker is not None else []
     print(f"\npeak RSS of this process (both pipelines, {len(services)} service(s)): {rss.peak / 2**30:.1f} GiB\n")
-    report(results, args, flops, peak_for(services[args.dtypes.split(",")[0]].dtype, peaks))
+    report(results, args, flops, peak_for(service.dtype, peaks))
+    print(
+        "\n| prompts | image | (a) first | (b) first | ratio | (a) cached | (b) cached | ratio |\n|---|---|---|---|---|---|---|---|"
+    )
+    for name, row in zip(args.images.split(","), prompts, strict=False):
+        print(
+            f"| a click and a box | {name} (turned) | {row['first']:.2f} | {row['ours_first']:.2f} | "
+            f"{row['first'] / row['ours_first']:.2f}x | {row['cached']:.3f} | {row['ours_cached']:.3f} | "
+            f"{row['cached'] / row['ours_cached']:.2f}x |"
+        )
     if args.server:
         server_rows(checkpoint, images, services[args.dtypes.split(",")[0]])
 

@@ -37,7 +37,6 @@ the failures report) and the run goes on. A refused token stops the run at the f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import signal
@@ -67,7 +66,7 @@ from sam_fast_serve.client.video import (
 from sam_fast_serve.common.concepts import EXEMPLAR_CONCEPT, MASK_THRESHOLD, THRESHOLD
 from sam_fast_serve.common.endpoint import INFERENCE_URL, KEY_FILE, MODEL_NAME, TOKEN_ENV
 from sam_fast_serve.common.labels import LABEL_FORMATS
-from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
+from sam_fast_serve.common.options import AMG_RULES, AMG_SETTINGS, IMAGE_RULES, ImageSettings, fields_of
 from sam_fast_serve.common.tracks import DEFAULT_DIRECTION, DIRECTIONS
 
 PROG = "sam-fast-client"
@@ -172,12 +171,12 @@ def _server_value(kind: Any, check: Callable[[Any], str | None]) -> Callable[[st
     return parse
 
 
-def add_server_options(parser: argparse.ArgumentParser, settings: type, title: str) -> None:
-    """One option per field of the dataclass `settings` (AmgSettings, ImageSettings): named after
-    the server's key (--points-per-side), with its check, help and default from the field."""
+def add_server_options(parser: argparse.ArgumentParser, settings: tuple[type, ...], title: str) -> None:
+    """One option per field of the dataclasses `settings` (every family's AMG settings, ImageSettings):
+    named after the server's key (--points-per-side), with its check, help and default from the field."""
     group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(settings)
-    for option in dataclasses.fields(settings):
+    hints = {name: hint for cls in settings for name, hint in typing.get_type_hints(cls).items()}
+    for option in fields_of(*settings):
         flag = "--" + option.name.replace("_", "-")
         default = option.default if option.default is not None else "none"
         help_text = with_default(
@@ -187,7 +186,7 @@ def add_server_options(parser: argparse.ArgumentParser, settings: type, title: s
             group.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         if hints[option.name] not in _METAVARS:
-            raise TypeError(f"{settings.__name__}.{option.name}: no command-line form for {hints[option.name]}")
+            raise TypeError(f"{option.name}: no command-line form for {hints[option.name]}")
         group.add_argument(
             flag,
             dest=option.name,
@@ -407,15 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
             "none",
         ),
     )
-    add_server_options(parser, AmgSettings, "automatic mask generation (the server's keys, sent when given)")
-    add_server_options(parser, ImageSettings, "image decoding (the server's keys, sent when given)")
+    add_server_options(parser, AMG_SETTINGS, "automatic mask generation (the server's keys, sent when given)")
+    add_server_options(parser, (ImageSettings,), "image decoding (the server's keys, sent when given)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The server options the command line gives (the others are not sent)."""
-    names = [option.name for settings in (AmgSettings, ImageSettings) for option in dataclasses.fields(settings)]
+    names = [option.name for option in fields_of(*AMG_SETTINGS, ImageSettings)]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -70,7 +70,7 @@ def checked_prompts(
     given = {"points": points, "labels": labels, "boxes": boxes, "multimask": multimask}
     fields = {name: _plain(value) for name, value in given.items() if value is not None}
     try:
-        parse_prompts(fields, _NO_BOUNDS)
+        parse_prompts(fields, _NO_BOUNDS, None)
     except InvalidOption as exc:
         raise ValueError(exc.message) from None
     return fields

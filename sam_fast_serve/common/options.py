@@ -67,8 +67,9 @@ def option(default: Any, check: Check, help: str = "") -> Any:
 @dataclass(frozen=True)
 class AmgSettings:
     """Automatic mask generation settings: the generator arguments a config or a request may set,
-    with segment_anything's names and defaults. A model family takes the keys it knows
-    (models.registry.Family.amg_keys) and may change a default (Family.amg_defaults)."""
+    with segment_anything's names and defaults; every automatic family takes these keys. A family
+    whose generator takes more has a subclass with them (models.registry.Family.amg_settings), and
+    may change a default (Family.amg_defaults)."""
 
     points_per_side: int = option(
         32, int_in(1, 128), "points per side of the grid of point prompts (more finds smaller objects, slower)"
@@ -91,16 +92,23 @@ class AmgSettings:
         int_in(0, 10_000_000),
         "remove holes and islands smaller than this many pixels (0: none; SAM 2: in the low-res logits, as SAM 2 does)",
     )
-    # SAM2AutomaticMaskGenerator's own keys.
-    use_m2m: bool = option(False, boolean, "SAM 2 only: refine each mask with its own logits as a mask prompt")
-    multimask_output: bool = option(
-        True, boolean, "SAM 2 only: three masks per grid point (else one, chosen by stability as SAM 2 does)"
-    )
 
     def generator_arguments(self, keys: Iterable[str]) -> dict[str, Any]:
         """The settings named by `keys` as keyword arguments of a generator."""
         values = dataclasses.asdict(self)
         return {key: values[key] for key in keys}
+
+
+# Here rather than in models/sam2, whose package imports torch: the client's command line and config
+# validation need these keys without it.
+@dataclass(frozen=True)
+class Sam2AmgSettings(AmgSettings):
+    """SAM 2's settings: the shared keys and SAM2AutomaticMaskGenerator's own."""
+
+    use_m2m: bool = option(False, boolean, "SAM 2 only: refine each mask with its own logits as a mask prompt")
+    multimask_output: bool = option(
+        True, boolean, "SAM 2 only: three masks per grid point (else one, chosen by stability as SAM 2 does)"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,11 +154,20 @@ class ImageSettings:
         return None
 
 
-def rules_of(cls: type) -> dict[str, Check]:
-    return {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
+def fields_of(*classes: type) -> list[dataclasses.Field[Any]]:
+    """The fields of the dataclasses `classes`, in order, each name once (a subclass repeats its base's)."""
+    return list({f.name: f for cls in classes for f in dataclasses.fields(cls)}.values())
 
 
-AMG_RULES: dict[str, Check] = rules_of(AmgSettings)
+def rules_of(*classes: type) -> dict[str, Check]:
+    """Each key of the dataclasses `classes` -> its check."""
+    return {f.name: f.metadata["check"] for f in fields_of(*classes) if "check" in f.metadata}
+
+
+# Every family's AMG settings type: a config, a request or the client's command line may give any of
+# their keys, and a model refuses those its family's type lacks (foreign_keys).
+AMG_SETTINGS: tuple[type[AmgSettings], ...] = (AmgSettings, Sam2AmgSettings)
+AMG_RULES: dict[str, Check] = rules_of(*AMG_SETTINGS)
 IMAGE_RULES: dict[str, Check] = rules_of(ImageSettings)
 
 

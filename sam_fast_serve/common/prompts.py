@@ -22,9 +22,10 @@ from sam_fast_serve.common.errors import InvalidOption
 PROMPT_FIELDS = ("points", "labels", "boxes", "mask_input", "multimask", "return_logits")
 # Which of them ask for prompted masks (the others qualify a prompt).
 PROMPT_KINDS = ("points", "boxes", "mask_input")
-# A mask prompt is low-resolution logits, as an answer's `low_res_logits` carries them: this side
-# (both families' models take 1024 x 1024 input, a quarter of it per side).
-MASK_INPUT_SIDE = 256
+# A mask prompt is low-resolution logits, as an answer's `low_res_logits` carries them, of the
+# model's side (models.registry.ModelType.mask_input_side: 256 for SAM 1 and SAM 2.1, 288 for
+# SAM 3). Where the model is not known (the client's checks), any side up to this.
+MAX_MASK_INPUT_SIDE = 1024
 MAX_POINTS = 64
 MAX_BOXES = 64
 
@@ -38,7 +39,7 @@ class Prompts:
     boxes: np.ndarray | None
     multimask: bool
     return_logits: bool
-    # (256, 256) float32 logits: a mask prompt, e.g. one mask of an earlier answer's low_res_logits.
+    # (side, side) float32 logits: a mask prompt, e.g. one mask of an earlier answer's low_res_logits.
     mask_input: np.ndarray | None = None
 
     @property
@@ -77,18 +78,21 @@ def logits_payload(array: np.ndarray) -> dict[str, Any]:
     return {"shape": list(data.shape), "dtype": "float32", "data": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
-def _mask_input(value: Any) -> np.ndarray:
-    """The (256, 256) float32 logits of a `mask_input` field in `logits_payload` form, shape
-    [256, 256] or [1, 256, 256]."""
-    side = MASK_INPUT_SIDE
+def _mask_input(value: Any, side: int | None) -> np.ndarray:
+    """The (side, side) float32 logits of a `mask_input` field in `logits_payload` form, shape
+    [side, side] or [1, side, side]; any square side up to MAX_MASK_INPUT_SIDE when `side` is None."""
+    shape = value.get("shape") if isinstance(value, dict) else None
+    if side is None and isinstance(shape, list) and shape and isinstance(shape[-1], int):
+        side = shape[-1] if 0 < shape[-1] <= MAX_MASK_INPUT_SIDE else None
+    named = "side" if side is None else str(side)
     usage = (
-        f"'mask_input' must be {{'shape': [1, {side}, {side}], 'dtype': 'float32', 'data': <base64>}}, "
+        f"'mask_input' must be {{'shape': [1, {named}, {named}], 'dtype': 'float32', 'data': <base64>}}, "
         "one mask of an answer's low_res_logits"
     )
     if not isinstance(value, dict) or value.get("dtype") != "float32" or not isinstance(value.get("data"), str):
         raise InvalidOption(usage)
-    if value.get("shape") not in ([side, side], [1, side, side]):
-        raise InvalidOption(f"{usage}; got shape {value.get('shape')!r}")
+    if side is None or shape not in ([side, side], [1, side, side]):
+        raise InvalidOption(f"{usage}; got shape {shape!r}")
     expected = side * side * 4
     if len(value["data"]) > 4 * (expected // 3 + 1):  # checked before decoding: no large allocation
         raise InvalidOption(
@@ -111,8 +115,9 @@ def split_prompt_fields(options: dict[str, Any]) -> dict[str, Any]:
     return {name: options.pop(name) for name in PROMPT_FIELDS if name in options}
 
 
-def parse_prompts(fields: Mapping[str, Any], image_size: tuple[int, int]) -> Prompts:
-    """Validate prompt fields for an image of `image_size` (H, W).
+def parse_prompts(fields: Mapping[str, Any], image_size: tuple[int, int], mask_side: int | None) -> Prompts:
+    """Validate prompt fields for an image of `image_size` (H, W) and a model whose mask prompts
+    are `mask_side` logits a side (None: any square side, for checks made without the model).
 
     Raises InvalidOption (422) naming the field: points outside the image, labels that do not
     match the points or are not 0/1, degenerate or outside boxes, too many prompts.
@@ -144,7 +149,7 @@ def parse_prompts(fields: Mapping[str, Any], image_size: tuple[int, int]) -> Pro
                 f"'boxes' has {bad}: each box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, "
                 f"inside the {width}x{height} image"
             )
-    mask_input = _mask_input(fields["mask_input"]) if "mask_input" in fields else None
+    mask_input = _mask_input(fields["mask_input"], mask_side) if "mask_input" in fields else None
     if points is None and boxes is None and mask_input is None:
         raise InvalidOption("a prompted request needs 'points', 'boxes' or 'mask_input'")
     if mask_input is not None and boxes is not None and len(boxes) > 1:

@@ -119,7 +119,7 @@ def _object_prompt(value: Any, frames: range, size: tuple[int, int], index: int)
     if "points" not in marks and "boxes" not in marks:
         raise InvalidOption(f"{where} needs 'points', 'boxes' or 'mask'")
     try:
-        prompts = parse_prompts(marks, size)
+        prompts = parse_prompts(marks, size, None)  # no mask_input among them
     except InvalidOption as error:
         raise InvalidOption(f"{where}: {error.message}") from None
     if prompts.boxes is not None and len(prompts.boxes) > 1:

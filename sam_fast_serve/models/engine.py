@@ -29,7 +29,7 @@ from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.common.prompts import Prompts, parse_prompts
 from sam_fast_serve.common.tracks import TrackRequest
 from sam_fast_serve.models.embedding import EmbeddingStore, ImageEmbedding
-from sam_fast_serve.models.registry import ModelType
+from sam_fast_serve.models.registry import Family, ModelType
 from sam_fast_serve.models.timing import ENGINE_STAGES, StageClock
 
 
@@ -92,7 +92,18 @@ class Tracker(Protocol):
 # decoder's largest activations and the upsampling weights of that size are paid before READY,
 # not by the first request (a blank 64 x 64 image with 4 prompts left most of that to it).
 WARM_UP_SIZE = (512, 512)
-WARM_UP_SETTINGS = AmgSettings(points_per_side=8, points_per_batch=64, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+WARM_UP_AMG: dict[str, Any] = {
+    "points_per_side": 8,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+}
+
+
+def warm_up_settings(family: Family) -> AmgSettings:
+    """The warm-up's AMG settings in `family`'s own settings type (its other keys at their defaults)."""
+    assert family.amg_settings is not None, "a family with automatic mask generation"
+    return family.amg_settings(**WARM_UP_AMG)
 
 
 def warm_up_image() -> np.ndarray:
@@ -117,7 +128,8 @@ class Engine:
     settings -> the family's generator, sharing that predictor; None for a family without automatic
     mask generation. warm_up_run: what the family runs once before serving. make_tracker: the
     family's video tracker, made at the first video request; None for a still-image family. What a
-    family does not serve the service refuses before the engine runs (models.registry.Family).
+    family does not serve the service refuses before the engine runs (models.registry.Family), and
+    what this model's checkpoint cannot (`unserved`: a request mode, server.jobs.Job.mode, and why).
     """
 
     def __init__(
@@ -128,6 +140,7 @@ class Engine:
         make_generator: Callable[[AmgSettings], Generator] | None,
         warm_up_run: Callable[[], None],
         make_tracker: Callable[[], Tracker] | None = None,
+        unserved: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.dtype = dtype
@@ -136,6 +149,7 @@ class Engine:
         self._warm_up = warm_up_run
         self._make_tracker = make_tracker
         self._tracker: Tracker | None = None
+        self.unserved: Mapping[str, str] = unserved or {}
 
     @property
     def store(self) -> EmbeddingStore:
@@ -196,7 +210,7 @@ class Engine:
         predictor.clock.take()
         start = time.perf_counter()
         size = self._set_current(image, image_id)
-        answers = predictor.segment_prompts(parse_prompts(prompt_fields, size))
+        answers = predictor.segment_prompts(parse_prompts(prompt_fields, size, self.model.mask_input_side))
         seconds = _stage_seconds(predictor.clock.take(), time.perf_counter() - start)
         masks = sum(len(answer["masks"]) for answer in answers)
         return Segmented({"image_id": image_id, "prompts": answers}, masks, seconds)

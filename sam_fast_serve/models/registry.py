@@ -8,10 +8,13 @@ contract (models/family.py).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from sam_fast_serve.common.options import AmgSettings, Sam2AmgSettings
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -20,34 +23,23 @@ if TYPE_CHECKING:
     from sam_fast_serve.models.family import FamilyCode
     from sam_fast_serve.models.sam3.build import Sam3Net
 
-# The automatic mask generation keys both families take (common.options.AmgSettings names them).
-_SHARED_AMG_KEYS = (
-    "points_per_side",
-    "points_per_batch",
-    "pred_iou_thresh",
-    "stability_score_thresh",
-    "box_nms_thresh",
-    "crop_n_layers",
-    "min_mask_region_area",
-)
-
 
 @dataclass(frozen=True)
 class Family:
     """A model family: its name (its package under sam_fast_serve.models), title and the model type
-    messages suggest (`example`), `code`, which
-    imports that package (torch and the family's upstream code) as the family contract, the AMG keys
-    its generator takes (none: it has no automatic mask generation), the defaults it changes (its
-    reference generator's), whether it has the int8 encoder (`dtype: int8`) and the compiled one
-    (`compile: true`), what requests it serves: point, box and mask prompts (`prompts`), concepts
-    (`concepts`: common.concepts), video (`video`: common.tracks); and, where its checkpoint is a
-    folder rather than one file, that folder's files (`checkpoint_files`)."""
+    messages suggest (`example`), `code`, which imports that package (torch and the family's
+    upstream code) as the family contract, its AMG settings type (`amg_settings`, common.options:
+    its fields are the keys its generator takes; none: it has no automatic mask generation), the
+    defaults it changes (its reference generator's), whether it has the int8 encoder (`dtype: int8`)
+    and the compiled one (`compile: true`), what requests it serves: point, box and mask prompts
+    (`prompts`), concepts (`concepts`: common.concepts), video (`video`: common.tracks); and, where
+    its checkpoint is a folder rather than one file, that folder's files (`checkpoint_files`)."""
 
     name: str
     title: str
     example: str  # the model type messages suggest
     code: Callable[[], FamilyCode[Any]]
-    amg_keys: tuple[str, ...]
+    amg_settings: type[AmgSettings] | None
     amg_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     int8: bool = False
     compile: bool = False
@@ -62,8 +54,13 @@ class Family:
         return bool(self.checkpoint_files)
 
     @property
+    def amg_keys(self) -> tuple[str, ...]:
+        """The AMG keys its generator takes: its settings type's fields."""
+        return tuple(f.name for f in dataclasses.fields(self.amg_settings)) if self.amg_settings else ()
+
+    @property
     def automatic(self) -> bool:
-        return bool(self.amg_keys)
+        return self.amg_settings is not None
 
 
 # Each family's package, checked against the contract with its own network type.
@@ -85,13 +82,13 @@ def _sam3_code() -> FamilyCode[Sam3Net]:
     return sam3
 
 
-SAM1 = Family("sam1", "Segment Anything (SAM 1)", "vit_b", _sam1_code, _SHARED_AMG_KEYS, int8=True, compile=True)
+SAM1 = Family("sam1", "Segment Anything (SAM 1)", "vit_b", _sam1_code, AmgSettings, int8=True, compile=True)
 SAM2 = Family(
     "sam2",
     "SAM 2 and SAM 2.1",
     "sam2.1_hiera_tiny",
     _sam2_code,
-    (*_SHARED_AMG_KEYS, "use_m2m", "multimask_output"),
+    Sam2AmgSettings,
     # SAM2AutomaticMaskGenerator's default; SAM 1's is 0.88.
     MappingProxyType({"pred_iou_thresh": 0.8}),
     video=True,
@@ -101,8 +98,7 @@ SAM3 = Family(
     "SAM 3",
     "sam3",
     _sam3_code,
-    (),
-    prompts=False,
+    None,
     concepts=True,
     # The facebook/sam3 form, which transformers' from_pretrained reads (the repository holds more:
     # Meta's own sam3.pt, a pickle, is neither read nor archived).
@@ -150,6 +146,10 @@ class ModelType:
     build: str
     # A random-weight test architecture: the family's code paths at a small fraction of the FLOPs.
     test_only: bool = False
+    # The side of the square the model sees an image at, and of its low-resolution mask logits (an
+    # answer's `low_res_logits`, a `mask_input`): four per patch of its image embedding.
+    input_side: int = 1024
+    mask_input_side: int = 256
 
 
 _SAM1_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -213,7 +213,7 @@ MODEL_TYPES: dict[str, ModelType] = {
         _sam2("sam2.1", "small", "s", 46.1),
         _sam2("sam2.1", "base_plus", "b+", 80.9),
         _sam2("sam2.1", "large", "l", 224.4),
-        ModelType("sam3", SAM3, "sam3", SAM3_URL, None, 840.4, "sam3"),
+        ModelType("sam3", SAM3, "sam3", SAM3_URL, None, 859.9, "sam3", input_side=1008, mask_input_side=288),
         ModelType("test_vit", SAM1, "test_vit.pth", None, None, 5.1, "test_vit", test_only=True),
         ModelType(
             "test_sam2.1_hiera",
@@ -225,7 +225,18 @@ MODEL_TYPES: dict[str, ModelType] = {
             "configs/sam2.1/sam2.1_hiera_t.yaml",
             test_only=True,
         ),
-        ModelType("test_sam3", SAM3, "test_sam3", None, None, 0.5, "test_sam3", test_only=True),
+        ModelType(
+            "test_sam3",
+            SAM3,
+            "test_sam3",
+            None,
+            None,
+            0.8,
+            "test_sam3",
+            test_only=True,
+            input_side=336,
+            mask_input_side=96,
+        ),
     )
 }
 

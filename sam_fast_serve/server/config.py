@@ -71,6 +71,7 @@ class ServiceConfig:
     embedding_store: str = option("memory", _store)
     # Seconds a Redis entry lives.
     embedding_ttl_s: int = option(3600, int_in(1, 30 * 24 * 3600))
+    # Of the model family's settings type (Family.amg_settings), which a request's options replace.
     amg: AmgSettings = field(default_factory=AmgSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
 
@@ -111,7 +112,9 @@ def load_service_config(handler_section: Mapping[str, Any] | None) -> ServiceCon
             raise ConfigError(
                 f"handler key {key} applies to {families_that(can)} models only, and {model} is {family.title}'s"
             )
-    amg = AmgSettings(**{**family.amg_defaults, **{k: section.pop(k) for k in list(section) if k in AMG_RULES}})
+    # A family without automatic mask generation refused every AMG key above: it keeps the shared defaults.
+    settings = family.amg_settings or AmgSettings
+    amg = settings(**{**family.amg_defaults, **{k: section.pop(k) for k in list(section) if k in AMG_RULES}})
     image = ImageSettings(**{k: section.pop(k) for k in list(section) if k in IMAGE_RULES})
     if image.problem():
         raise ConfigError(f"handler keys: {image.problem()}")

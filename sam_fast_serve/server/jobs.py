@@ -29,7 +29,7 @@ from sam_fast_serve.common.prompts import has_prompts, parse_prompts, split_prom
 from sam_fast_serve.common.tracks import TrackRequest, parse_track_request
 from sam_fast_serve.common.wire import OUTPUT_OPTION
 from sam_fast_serve.models.embedding import is_pixel_key, pixel_key
-from sam_fast_serve.models.registry import Family, model_types_that
+from sam_fast_serve.models.registry import Family, model_type, model_types_that
 from sam_fast_serve.server.config import ServiceConfig
 from sam_fast_serve.server.formats import FORMATS, AnswerFormat, Body, choose_format, resolve_output
 from sam_fast_serve.server.frames import Frames, open_video
@@ -130,7 +130,9 @@ def decode_job(fields: Mapping[str, Any], headers: Mapping[str, Any], config: Se
                 "not to a request with points, boxes or a mask_input"
             )
         if image is not None:
-            parse_prompts(prompt_fields, image.shape[:2])  # refuse bad prompts before the encoder runs
+            parse_prompts(
+                prompt_fields, image.shape[:2], model_type(config.model_type).mask_input_side
+            )  # refuse bad prompts before the encoder runs
         return Job(answer_format, output, image, image_id, prompt_fields=prompt_fields)
     if prompt_fields:
         raise InvalidOption(
@@ -160,11 +162,18 @@ def check_served(family: Family, model: str, prompt_fields: dict[str, Any], conc
     if has_prompts(prompt_fields) and not family.prompts:
         raise BadRequest(
             f"{model} ({family.title}) does not answer point, box or mask prompts: those need "
-            f"{model_types_that(lambda f: f.prompts)}; {family.title} answers 'text' and 'exemplar_boxes'"
+            f"{model_types_that(lambda f: f.prompts)}"
         )
     # Concept qualifiers alone (a threshold, labels) are refused by name later.
     if not concept_fields and not has_prompts(prompt_fields) and not family.automatic:
-        kinds = "'text' or 'exemplar_boxes'" if family.concepts else "points, boxes or a mask_input"
+        kinds = " or ".join(
+            kind
+            for kind, served in (
+                ("'text' or 'exemplar_boxes'", family.concepts),
+                ("points, boxes or a mask_input", family.prompts),
+            )
+            if served
+        )
         raise BadRequest(
             f"{model} ({family.title}) has no automatic mask generation: give {kinds}, or use "
             f"{model_types_that(lambda f: f.automatic)} for it"

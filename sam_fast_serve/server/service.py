@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sam_fast_serve.common.errors import InternalError, InvalidOption, OutOfMemory, ServiceError
+from sam_fast_serve.common.errors import BadRequest, InternalError, InvalidOption, OutOfMemory, ServiceError
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.common.tracks import TrackRequest
 from sam_fast_serve.models.engine import Engine, Segmented
@@ -127,6 +127,8 @@ class MaskService:
             start = time.perf_counter()
             try:
                 job = decode_job(fields, headers, self.config)
+                if isinstance(job, Job) and job.mode in self.engine.unserved:
+                    raise BadRequest(self.engine.unserved[job.mode])
             except ServiceError as error:
                 decoded.append(error_reply(error))
             else:

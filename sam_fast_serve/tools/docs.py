@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,12 @@ def _meaning(f: dataclasses.Field[Any]) -> str:
     return help_line or KEY_MEANINGS[f.name]
 
 
-def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], families: bool) -> list[str]:
+def _rows(
+    fields: Iterable[dataclasses.Field[Any]], rules: Mapping[str, Callable[[Any], str | None]], families: bool
+) -> list[str]:
     columns = ["key", "default", "valid values", *(["models"] if families else []), "meaning"]
     rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for f in dataclasses.fields(settings):
+    for f in fields:
         if f.name not in rules:
             continue
         default = _value(f.default)
@@ -133,7 +135,7 @@ def _rows(settings: type, rules: Mapping[str, Callable[[Any], str | None]], fami
 def config_tables() -> str:
     """Markdown: the server's keys, then the automatic mask generation and image keys (which a request
     may also send), each with its default, valid values and meaning."""
-    from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
+    from sam_fast_serve.common.options import AMG_RULES, AMG_SETTINGS, IMAGE_RULES, ImageSettings, fields_of
     from sam_fast_serve.server.config import SERVICE_RULES, ServiceConfig
 
     only = {"`compile: true`": "compile", "`dtype: int8`": "int8"}
@@ -145,7 +147,7 @@ def config_tables() -> str:
     sections = [
         "### Server keys (model-config.yaml only)",
         "",
-        *_rows(ServiceConfig, SERVICE_RULES, families=False),
+        *_rows(fields_of(ServiceConfig), SERVICE_RULES, families=False),
         "",
         *notes,
         "",
@@ -157,11 +159,11 @@ def config_tables() -> str:
         + ", ".join(f.title for f in _families() if not f.automatic)
         + " has none and refuses these keys.",
         "",
-        *_rows(AmgSettings, AMG_RULES, families=True),
+        *_rows(fields_of(*AMG_SETTINGS), AMG_RULES, families=True),
         "",
         "### Image decoding (a config default; a request may send each)",
         "",
-        *_rows(ImageSettings, IMAGE_RULES, families=False),
+        *_rows(fields_of(ImageSettings), IMAGE_RULES, families=False),
     ]
     unknown = set(KEY_MEANINGS) - {*SERVICE_RULES, *AMG_RULES, *IMAGE_RULES}
     if unknown:

@@ -143,7 +143,7 @@ def _rles(masks: np.ndarray) -> list[dict]:
 def test_prompts_match_sam2_image_predictor(reference_predictor, our_predictor, prompt, multimask):
     from sam_fast_serve.common.prompts import parse_prompts
 
-    parsed = parse_prompts({**prompt, "multimask": multimask}, our_predictor.original_size)
+    parsed = parse_prompts({**prompt, "multimask": multimask}, our_predictor.original_size, 256)
     box = np.asarray(prompt["boxes"][0]) if "boxes" in prompt else None
     points = np.asarray(prompt["points"]) if "points" in prompt else None
     labels = np.asarray(prompt["labels"]) if "labels" in prompt else None
@@ -162,7 +162,7 @@ def test_a_mask_prompt_matches_sam2_image_predictor(reference_predictor, our_pre
     _, _, first = reference_predictor.predict(np.array([[120.0, 80.0]]), np.array([1]), multimask_output=True)
     mask = first[:1]
     for prompt in ({"points": [[120.0, 80.0], [30.0, 200.0]], "labels": [1, 0]}, {}):
-        parsed = parse_prompts({**prompt, "mask_input": logits_payload(mask)}, our_predictor.original_size)
+        parsed = parse_prompts({**prompt, "mask_input": logits_payload(mask)}, our_predictor.original_size, 256)
         points = np.asarray(prompt["points"]) if prompt else None
         labels = np.asarray(prompt["labels"]) if prompt else None
         ref_masks, ref_iou, _ = reference_predictor.predict(points, labels, mask_input=mask, multimask_output=False)

@@ -1,7 +1,9 @@
 """SAM 3's concept path against transformers' own pipeline (Sam3Processor + Sam3Model +
 post_process_instance_segmentation, fp32): every instance matched one to one at IoU >= 0.99 with
-its score within 1e-3, on the test architecture for each kind of request and on the full-size
-model once; the service's concept requests, cache, answer formats and refusals."""
+its score within 1e-3; its prompt path against Sam3TrackerProcessor + Sam3TrackerModel +
+post_process_masks: every mask at IoU >= 0.99, its predicted IoU within 1e-3. Each on the test
+architecture for each kind of request and on the full-size model once; the service's concept and
+prompt requests, cache, answer formats and refusals, and a checkpoint without the tracker."""
 
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ from PIL import Image
 
 from harness.agreement import match_instances
 from harness.files import encode
-from harness.sam3 import reference_concepts
+from harness.sam3 import reference_concepts, reference_prompts, reference_tracker
 from sam_fast_serve.common.concepts import EXEMPLAR_CONCEPT, parse_concepts
 from sam_fast_serve.common.errors import ConfigError
+from sam_fast_serve.common.prompts import logits_payload, parse_prompts
 from sam_fast_serve.common.wire import decode_pickled
 from sam_fast_serve.models.precision import resolve_precision
 from sam_fast_serve.models.registry import model_type
 from sam_fast_serve.models.sam3 import build, prepare
-from sam_fast_serve.models.sam3.build import Sam3Net
-from sam_fast_serve.models.sam3.concepts import ConceptPredictor
+from sam_fast_serve.models.sam3.build import Sam3Net, save_checkpoint
+from sam_fast_serve.models.sam3.predictor import Sam3Predictor
 from sam_fast_serve.server.service import MaskService
 from sam_fast_serve.tools.cli import save_random_checkpoint
 
@@ -42,6 +45,17 @@ REQUESTS = {
     "exemplars": {"exemplar_boxes": [[40, 30, 200, 180]]},
 }
 
+LOW_RES = model_type("test_sam3").mask_input_side
+MASK = np.random.default_rng(0).normal(size=(LOW_RES, LOW_RES)).astype(np.float32)
+PROMPTS = {
+    "a click": {"points": [[200, 150]]},
+    "a click and a negative": {"points": [[200, 150], [300, 300]], "labels": [1, 0]},
+    "a box": {"boxes": [[40, 30, 300, 280]]},
+    "two boxes and a click": {"boxes": [[40, 30, 300, 280], [100, 100, 400, 500]], "points": [[200, 150]]},
+    "one mask": {"points": [[200, 150]], "multimask": False},
+    "a mask prompt": {"mask_input": logits_payload(MASK)},
+    "a mask prompt and a click": {"mask_input": logits_payload(MASK), "points": [[100, 50]]},
+}
 
 CPU = torch.device("cpu")
 
@@ -73,7 +87,7 @@ def agree(reference: list[dict], ours: list[dict]) -> None:
 def test_concepts_match_transformers_one_to_one(request, test_net, request_name, photo):
     image = request.getfixturevalue(photo)
     concepts = parse_concepts({**REQUESTS[request_name], **KEEP_ALL}, image.shape[:2])
-    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor = Sam3Predictor(test_net, torch.float32)
     predictor.set_image(image)
     ours = predictor.segment_concepts(concepts, MAX_MASKS)
     reference = reference_concepts(test_net, image, concepts)
@@ -83,20 +97,53 @@ def test_concepts_match_transformers_one_to_one(request, test_net, request_name,
         assert {r["concept"] for r in ours} == {EXEMPLAR_CONCEPT}
 
 
+def same_masks(reference: tuple[torch.Tensor, ...], ours: tuple[torch.Tensor, ...]) -> None:
+    """Prompt answers equal: every mask at IoU >= 0.99, predicted IoUs within 1e-3, the low-res
+    logits (clamped as answers carry them) within 1e-3."""
+    (their_masks, their_iou, their_logits), (masks, iou, logits) = reference, ours
+    assert masks.shape == their_masks.shape and masks.any()
+    inter = (masks & their_masks).flatten(2).sum(-1)
+    union = (masks | their_masks).flatten(2).sum(-1)
+    assert (inter / union.clamp(min=1)).min() >= 0.99
+    assert (iou - their_iou).abs().max() <= 1e-3
+    assert (logits - their_logits.clamp(-32, 32)).abs().max() <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def test_reference_tracker(test_net):
+    return reference_tracker(test_net)
+
+
+@pytest.mark.parametrize("prompt_name", PROMPTS)
+def test_prompts_match_transformers_tracker(test_net, test_reference_tracker, astronaut, prompt_name):
+    prompts = parse_prompts(PROMPTS[prompt_name], astronaut.shape[:2], LOW_RES)
+    predictor = Sam3Predictor(test_net, torch.float32)
+    predictor.set_image(astronaut)
+    ours = predictor.predict_prompts(prompts)
+    assert ours[0].shape[:2] == (prompts.count, 3 if prompts.multimask else 1)
+    same_masks(reference_prompts(test_net, test_reference_tracker, astronaut, prompts), ours)
+
+
 def test_full_size_sam3_matches_transformers(tmp_path, astronaut):
     checkpoint = save_random_checkpoint(tmp_path / "sam3", "sam3", seed=0)
     net = prepared("sam3", checkpoint)
     concepts = parse_concepts({"text": "person", **KEEP_ALL}, astronaut.shape[:2])
-    predictor = ConceptPredictor(net, torch.float32)
+    predictor = Sam3Predictor(net, torch.float32)
     predictor.set_image(astronaut)
     ours = predictor.segment_concepts(concepts, MAX_MASKS)
     reference = reference_concepts(net, astronaut, concepts)
     assert len(reference) == 200
     agree(reference, ours)
+    prompts = parse_prompts(
+        {"points": [[200, 150], [260, 90]], "labels": [1, 0], "boxes": [[40, 30, 300, 280]]},
+        astronaut.shape[:2],
+        model_type("sam3").mask_input_side,
+    )
+    same_masks(reference_prompts(net, reference_tracker(net), astronaut, prompts), predictor.predict_prompts(prompts))
 
 
 def test_thresholds_and_the_cap_pick_the_best_instances(test_net, chelsea):
-    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor = Sam3Predictor(test_net, torch.float32)
     predictor.set_image(chelsea)
     every = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL}), MAX_MASKS)
     scores = sorted((r["score"] for r in every), reverse=True)
@@ -164,8 +211,9 @@ def test_a_label_png_numbers_the_instances_in_answer_order(sam3_service, chelsea
         ({"exemplar_boxes": [[0, 0, 9, 10]], "exemplar_labels": [2]}, 422, "'exemplar_labels'"),
         ({"exemplar_labels": [1]}, 422, "given without 'text' or 'exemplar_boxes'"),
         ({"text": "cat", "points_per_side": 4}, 422, "do not apply to a concept request"),
-        ({"points": [[10, 10]]}, 400, "does not answer point, box or mask prompts"),
-        ({}, 400, "has no automatic mask generation: give 'text' or 'exemplar_boxes'"),
+        ({"points": [[10, 10]], "text": "cat"}, 422, "'points' do not apply to a concept request"),
+        ({"points": [[10, 10]], "mask_input": logits_payload(np.zeros((256, 256), np.float32))}, 422, "[1, 96, 96]"),
+        ({}, 400, "has no automatic mask generation: give 'text' or 'exemplar_boxes' or points, boxes or a mask_input"),
     ],
 )
 def test_bad_concept_requests_are_refused_with_the_reason(sam3_service, chelsea, document, status, words):
@@ -201,7 +249,7 @@ def test_a_checkpoint_folder_missing_files_is_named(random_sam3_checkpoint, tmp_
 
 
 def test_the_masks_of_a_request_are_capped_across_concepts_by_score(test_net, chelsea):
-    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor = Sam3Predictor(test_net, torch.float32)
     predictor.set_image(chelsea)
     concepts = parse_concepts({"text": ["cat", "dog", "fur"], **KEEP_ALL})
     every = predictor.segment_concepts(concepts, MAX_MASKS)
@@ -213,8 +261,8 @@ def test_the_masks_of_a_request_are_capped_across_concepts_by_score(test_net, ch
 
 
 def test_phrases_past_the_text_cache_are_encoded_again_and_answered(test_net, chelsea, monkeypatch):
-    monkeypatch.setattr("sam_fast_serve.models.sam3.concepts.TEXT_CACHE", 1)
-    predictor = ConceptPredictor(test_net, torch.float32)
+    monkeypatch.setattr("sam_fast_serve.models.sam3.predictor.TEXT_CACHE", 1)
+    predictor = Sam3Predictor(test_net, torch.float32)
     predictor.set_image(chelsea)
     first = predictor.segment_concepts(parse_concepts({"text": "cat", **KEEP_ALL}), MAX_MASKS)
     predictor.segment_concepts(parse_concepts({"text": "dog", **KEEP_ALL}), MAX_MASKS)
@@ -225,7 +273,39 @@ def test_phrases_past_the_text_cache_are_encoded_again_and_answered(test_net, ch
 
 def test_an_image_one_or_three_pixels_tall_is_read_channels_last(test_net):
     strip = np.random.default_rng(0).integers(0, 256, (3, 40, 3), dtype=np.uint8)
-    predictor = ConceptPredictor(test_net, torch.float32)
+    predictor = Sam3Predictor(test_net, torch.float32)
     predictor.set_image(strip)
     records = predictor.segment_concepts(parse_concepts({"text": "line", **KEEP_ALL}), MAX_MASKS)
     assert records and records[0]["segmentation"]["size"] == [3, 40]
+
+
+def test_prompts_by_image_id_after_a_concept_reuse_its_vision_pass(sam3_service, chelsea):
+    image = {"image": base64.b64encode(encode(chelsea)).decode()}
+    found = ask(sam3_service, {**image, "text": "cat", **KEEP_ALL})
+    calls = sam3_service.engine.predictor.encoder_calls
+    clicked = ask(
+        sam3_service, {"image_id": found.headers["X-Image-Id"], "points": [[200, 150]], "return_logits": True}
+    )
+    assert clicked.status == 200 and sam3_service.engine.predictor.encoder_calls == calls, clicked.body
+    (answer,) = json.loads(clicked.body)["prompts"]
+    assert len(answer["masks"]) == 3 and answer["low_res_logits"]["shape"] == [3, LOW_RES, LOW_RES]
+    assert answer["masks"][0]["segmentation"]["size"] == [300, 451]
+    # An answer's low-res logits are a mask prompt of the right side.
+    logits = np.frombuffer(base64.b64decode(answer["low_res_logits"]["data"]), "<f4").reshape(3, LOW_RES, LOW_RES)
+    again = {"shape": [1, LOW_RES, LOW_RES], "dtype": "float32", "data": base64.b64encode(logits[0].tobytes()).decode()}
+    refined = ask(
+        sam3_service, {"image_id": found.headers["X-Image-Id"], "mask_input": again, "boxes": [[40, 30, 300, 280]]}
+    )
+    assert refined.status == 200 and len(json.loads(refined.body)["prompts"][0]["masks"]) == 1
+
+
+def test_a_detector_alone_answers_concepts_and_refuses_prompts_saying_why(test_net, tmp_path, chelsea):
+    save_checkpoint(Sam3Net(test_net.model, test_net.processor), tmp_path / "detector")
+    assert json.loads((tmp_path / "detector" / "config.json").read_text())["model_type"] == "sam3"
+    service = MaskService.load({"model_type": "test_sam3", "sam_checkpoint": "detector"}, tmp_path, None)
+    image = base64.b64encode(encode(chelsea)).decode()
+    calls = service.engine.predictor.encoder_calls
+    reply = ask(service, {"image": image, "points": [[10, 10]]})
+    assert reply.status == 400 and "no tracker weights" in json.loads(reply.body)["message"], reply.body
+    assert service.engine.predictor.encoder_calls == calls  # refused before the vision pass
+    assert ask(service, {"image": image, "text": "cat"}).status == 200

@@ -4,7 +4,6 @@ of docs/client.md made from the parser; the run's summary line."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import pytest
 from harness.servers import REPO
 from sam_fast_serve.client import SamClient
 from sam_fast_serve.client.cli import build_parser, exit_codes_table, main, options_table, server_options, summary
-from sam_fast_serve.common.options import AMG_RULES, IMAGE_RULES, AmgSettings, ImageSettings
+from sam_fast_serve.common.options import AMG_RULES, AMG_SETTINGS, IMAGE_RULES, ImageSettings, fields_of
 
-SERVER_FIELDS = [*dataclasses.fields(AmgSettings), *dataclasses.fields(ImageSettings)]
+SERVER_FIELDS = fields_of(*AMG_SETTINGS, ImageSettings)
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -9,9 +10,9 @@ import yaml
 
 from harness.servers import REPO
 from sam_fast_serve.common.errors import ConfigError, InvalidOption
-from sam_fast_serve.common.options import AmgSettings, apply_request_options
+from sam_fast_serve.common.options import AMG_RULES, AMG_SETTINGS, AmgSettings, Sam2AmgSettings, apply_request_options
 from sam_fast_serve.models.checkpoints import resolve_checkpoint
-from sam_fast_serve.models.registry import SAM1, official_checkpoints
+from sam_fast_serve.models.registry import FAMILIES, SAM1, SAM2, SAM3, model_type, official_checkpoints
 from sam_fast_serve.server.config import ServiceConfig, load_service_config
 
 
@@ -128,6 +129,51 @@ def test_each_family_gets_its_generators_defaults():
     assert load_service_config({"model_type": "sam2.1_hiera_tiny", "pred_iou_thresh": 0.5}).amg.pred_iou_thresh == 0.5
     with pytest.raises(ConfigError, match="'use_m2m'.*vit_b"):
         load_service_config({"model_type": "vit_b", "use_m2m": True})
+
+
+SAM2_OWN = {"use_m2m": True, "multimask_output": False}
+SAM1_KEYS = (
+    "box_nms_thresh, crop_n_layers, min_mask_region_area, points_per_batch, points_per_side, "
+    "pred_iou_thresh, stability_score_thresh"
+)
+
+
+def test_sam2s_own_keys_are_its_familys_settings_not_the_shared_ones():
+    assert not set(SAM2_OWN) & {f.name for f in dataclasses.fields(AmgSettings)}
+    assert SAM2.amg_settings is Sam2AmgSettings and SAM2.amg_keys == (*SAM1.amg_keys, *SAM2_OWN)
+    assert SAM3.amg_keys == () and set(SAM2_OWN) <= set(AMG_RULES)
+    # A request or config may name every family's keys, so each family's type is one of AMG_SETTINGS.
+    assert {family.amg_settings for family in FAMILIES if family.automatic} == set(AMG_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("model", "refusal"),
+    [
+        ("vit_b", f"do(es) not apply to vit_b; its automatic options: {SAM1_KEYS}"),
+        ("sam3", "do(es) not apply to sam3, which has no automatic mask generation"),
+    ],
+)
+@pytest.mark.parametrize("key", sorted(SAM2_OWN))
+def test_sam2s_own_keys_are_refused_by_the_other_families(model, refusal, key):
+    option = {key: SAM2_OWN[key]}
+    with pytest.raises(ConfigError) as at_load:
+        load_service_config({"model_type": model, **option})
+    assert str(at_load.value) == f"handler key(s) {key!r} {refusal}"
+    amg = load_service_config({"model_type": model}).amg
+    with pytest.raises(InvalidOption) as in_request:
+        apply_request_options(amg, option, model_type(model).family.amg_keys, model)
+    assert in_request.value.status == 422 and str(in_request.value) == f"request option(s) {key!r} {refusal}"
+
+
+def test_sam2_models_take_their_own_keys():
+    config = load_service_config({"model_type": "sam2.1_hiera_tiny", **SAM2_OWN})
+    assert config.amg == Sam2AmgSettings(pred_iou_thresh=0.8, **SAM2_OWN)
+    default = load_service_config({"model_type": "sam2.1_hiera_tiny"}).amg
+    asked = apply_request_options(default, SAM2_OWN, SAM2.amg_keys, "sam2.1_hiera_tiny")
+    # The service groups requests by their settings: equal settings, one group.
+    assert asked == config.amg and hash(asked) == hash(config.amg)
+    shared = dataclasses.asdict(AmgSettings(pred_iou_thresh=0.8))
+    assert default.generator_arguments(SAM2.amg_keys) == {**shared, "use_m2m": False, "multimask_output": True}
 
 
 @pytest.mark.parametrize(("key", "value"), [("dtype", "int8"), ("compile", True)])

@@ -7,7 +7,7 @@ from segment_anything.modeling import Sam
 
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.models.embedding import EmbeddingStore
-from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
+from sam_fast_serve.models.engine import Engine, warm_up_image, warm_up_settings
 from sam_fast_serve.models.fast_decoder import FastMaskDecoder
 from sam_fast_serve.models.registry import SAM1, ModelType
 from sam_fast_serve.models.sam1.automatic import SamAutomaticMaskGenerator
@@ -37,6 +37,6 @@ def engine(model: ModelType, sam: Sam, dtype: torch.dtype, store: EmbeddingStore
     def warm_up() -> None:
         # Its predictor shares the decoder but keeps nothing: the warm-up image has no place in the
         # embedding store, and a shared store that is down must not slow or log a worker's start.
-        generator(WARM_UP_SETTINGS, FastSamPredictor(sam, predictor.decoder)).generate(warm_up_image())
+        generator(warm_up_settings(SAM1), FastSamPredictor(sam, predictor.decoder)).generate(warm_up_image())
 
     return Engine(model, dtype, predictor, generator, warm_up)

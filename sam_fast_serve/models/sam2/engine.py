@@ -7,7 +7,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.models.embedding import EmbeddingStore
-from sam_fast_serve.models.engine import WARM_UP_SETTINGS, Engine, warm_up_image
+from sam_fast_serve.models.engine import Engine, warm_up_image, warm_up_settings
 from sam_fast_serve.models.registry import SAM2, ModelType
 from sam_fast_serve.models.sam2.automatic import Sam2AutomaticMaskGenerator
 from sam_fast_serve.models.sam2.predictor import Sam2Predictor
@@ -33,7 +33,9 @@ def engine(
 
     def warm_up() -> None:
         # A predictor of its own sharing the decoder, which keeps nothing (see the SAM 1 engine).
-        generator(WARM_UP_SETTINGS, Sam2Predictor(net, dtype, decoder=predictor.decoder)).generate(warm_up_image())
+        generator(warm_up_settings(SAM2), Sam2Predictor(net, dtype, decoder=predictor.decoder)).generate(
+            warm_up_image()
+        )
 
     def tracker() -> Sam2Tracker:
         return Sam2Tracker(video_predictor(model, net), dtype)

@@ -1,4 +1,5 @@
-"""SAM 3's concept predictor: an image's features once, then every instance of each concept on it.
+"""SAM 3's predictor: an image's features once, then every instance of each concept on it, and
+the masks of point, box and mask prompts on it (tracker.py, where the checkpoint has the tracker).
 
 The same computation as transformers' Sam3Model + Sam3Processor (resize to the model's square,
 the vision trunk and neck, the text encoder, the DETR encoder and decoder, the mask decoder,
@@ -16,7 +17,9 @@ alone, and nothing is computed that no answer uses:
 - masks are made for the instances kept only, with the instance projection folded into the
   queries' mask embeddings; the semantic head, which no answer uses, is not run.
 
-Inputs are RGB uint8 images and validated Concepts (common.concepts); outputs are the records.
+The tracker's image part (tracker.py) is computed with the detector's from the same trunk tokens
+and kept in the same embedding. Inputs are RGB uint8 images and validated Concepts
+(common.concepts) or Prompts (common.prompts); outputs are the records.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ from transformers.models.sam3.processing_sam3 import box_xyxy_to_cxcywh
 
 from sam_fast_serve.common.concepts import Concepts
 from sam_fast_serve.common.errors import InvalidOption
+from sam_fast_serve.common.prompts import Prompts
 from sam_fast_serve.common.records import concept_record, rle_to_builtins
 from sam_fast_serve.models.amg import upsample_chunk
 from sam_fast_serve.models.embedding import EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
+from sam_fast_serve.models.prompted import segment_prompts
 from sam_fast_serve.models.rle import encode_masks, rle_areas
-from sam_fast_serve.models.sam3 import detr
+from sam_fast_serve.models.sam3 import detr, tracker
 from sam_fast_serve.models.sam3.build import Sam3Net
 from sam_fast_serve.models.sam3.detr import flattened
 from sam_fast_serve.models.sam3.pixel import PixelDecoder
+from sam_fast_serve.models.sam3.tracker import TrackerHead
 from sam_fast_serve.models.timing import StageClock
 from sam_fast_serve.models.upsampling import bilinear
 
@@ -51,8 +57,9 @@ TEXT_CACHE = 256
 
 def embedding_layout(net: Sam3Net) -> dict[str, tuple[int, ...]]:
     """The tensors of one image's embedding: the neck's levels 0-2 as the detector takes them
-    (pixel.py: levels 0 and 1 with the pixel decoder's convolutions applied), and the DETR
-    encoder's first self-attention of level 2's tokens (detr.py)."""
+    (pixel.py: levels 0 and 1 with the pixel decoder's convolutions applied), the DETR encoder's
+    first self-attention of level 2's tokens (detr.py), and the tracker's (tracker.layout) where
+    the net has it."""
     config: Any = net.model.config.vision_config
     side = config.image_size // config.backbone_config.patch_size
     channels = config.fpn_hidden_size
@@ -61,11 +68,14 @@ def embedding_layout(net: Sam3Net) -> dict[str, tuple[int, ...]]:
     }
     detr_config: Any = net.model.config.detr_encoder_config
     layout["detr_first"] = (1, side * side, detr_config.hidden_size)
+    if net.video is not None:
+        layout.update(tracker.layout(net))
     return layout
 
 
-class ConceptPredictor(EmbeddingKeeper):
-    """The current image's features and every instance of each concept on it.
+class Sam3Predictor(EmbeddingKeeper):
+    """The current image's features, every instance of each concept on it, and the masks of
+    prompts on it (where the net has the tracker).
 
     `dtype` is what the model computes in (autocast off float32) and what embeddings are kept in;
     `store`, `pinned` and `clock` as in EmbeddingKeeper.
@@ -83,7 +93,9 @@ class ConceptPredictor(EmbeddingKeeper):
         self.clock = StageClock(self.device)
         self.pixels = PixelDecoder(self.model.mask_decoder.pixel_decoder)
         self.texts: OrderedDict[str, Tensor] = OrderedDict()
+        self.tracker = None if net.video is None else TrackerHead(net)
         self.levels: list[Tensor] | None = None
+        self.tracked: dict[str, Tensor] = {}
         self.first: Tensor | None = None
         self.original_size: tuple[int, int] | None = None
         config: Any = self.model.config
@@ -113,9 +125,11 @@ class ConceptPredictor(EmbeddingKeeper):
                 levels[:2] = self.pixels.image_part(levels[:2])
                 positions = vision.neck.position_encoding(levels[2].shape, self.device, levels[2].dtype)
                 first = detr.image_part(self.model.detr_encoder, flattened(levels[2]), flattened(positions))
+                tracked = {} if self.tracker is None else self.tracker.image_part(spatial)
             for i, image in enumerate(chunk):
                 kept = {f"level_{k}": t[i : i + 1].to(self.dtype).clone() for k, t in enumerate(levels)}
                 kept["detr_first"] = first[i : i + 1].to(self.dtype).clone()
+                kept.update({name: t[i : i + 1].to(self.dtype).clone() for name, t in tracked.items()})
                 results.append(ImageEmbedding(kept, (self.side, self.side), (image.shape[0], image.shape[1])))
         return results
 
@@ -126,7 +140,19 @@ class ConceptPredictor(EmbeddingKeeper):
     def set_embedding(self, embedding: ImageEmbedding) -> None:
         self.levels = [embedding[f"level_{i}"] for i in range(LEVELS)]
         self.first = embedding["detr_first"]
+        self.tracked = {name: embedding[name] for name in tracker.NAMES if name in embedding.tensors}
         self.original_size = embedding.original_size
+
+    def segment_prompts(self, prompts: Prompts) -> list[dict[str, Any]]:
+        """The answer to `prompts` on the current image (models.prompted.segment_prompts)."""
+        return segment_prompts(self, prompts)
+
+    def predict_prompts(self, prompts: Prompts) -> tuple[Tensor, Tensor, Tensor]:
+        """The tracker's masks, IoUs and low-res logits of `prompts` (models.prompted.PromptPredictor)."""
+        if self.tracker is None or not self.tracked or self.original_size is None:
+            raise RuntimeError("A net with the tracker and an image set first.")
+        with self.clock.stage("mask_decoder"):
+            return self.tracker.predict(self.tracked, prompts, self.original_size)
 
     def _tokens(self, phrase: str) -> Tensor:
         ids = self.net.processor.tokenizer(phrase)["input_ids"]
