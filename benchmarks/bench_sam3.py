@@ -70,8 +70,8 @@ SHARES = {"none kept": 0.3, "all kept": 0.0}
 
 def stage_flops(net: Sam3Net) -> dict[str, float]:
     """FLOPs (multiply-adds x 2) of the stages, from the architecture: the vision trunk (linears and
-    attention), the neck with the pixel decoder's image part, and one concept's detector (DETR
-    encoder and decoder, the pixel decoder's concept part)."""
+    attention), the detector's neck with the pixel decoder's image part and the tracker's neck, and
+    one concept's detector (DETR encoder and decoder, the pixel decoder's concept part)."""
     config: Any = net.model.config
     vit = config.vision_config.backbone_config
     grid = vit.image_size // vit.patch_size
@@ -82,17 +82,19 @@ def stage_flops(net: Sam3Net) -> dict[str, float]:
     attention = 4 * width * (global_layers * tokens * tokens + windowed * tokens * vit.window_size**2)
     fpn = config.vision_config.fpn_hidden_size
     # Scale 4: two 2x2 transposed convolutions, a 1x1 and a 3x3 at 4x; scale 2: one of each at 2x;
-    # scale 1: a 1x1 and a 3x3; then the pixel decoder's 3x3 of the levels at 4x and 2x.
+    # scale 1: a 1x1 and a 3x3. The tracker's neck (where the net has it) is another of the same.
     at = {s: tokens * s * s for s in (1, 2, 4)}
-    neck = 2 * (
+    levels = 2 * (
         at[2] * width * (width // 2) * 4 / 4 * 4
         + at[4] * (width // 2) * fpn
-        + at[4] * fpn * fpn * (1 + 9 + 9)
+        + at[4] * fpn * fpn * (1 + 9)
         + at[2] * width // 2 * width * 4 / 4
         + at[2] * (width // 2) * fpn
-        + at[2] * fpn * fpn * (9 + 9)
+        + at[2] * fpn * fpn * 9
         + at[1] * (width * fpn + 9 * fpn * fpn)
     )
+    # The pixel decoder's 3x3 of the levels at 4x and 2x, applied with them.
+    neck = levels * (1 if net.video is None else 2) + 2 * 9 * fpn * fpn * (at[4] + at[2])
     detr = config.detr_encoder_config
     hidden = detr.hidden_size
     encoder = detr.num_layers * (
