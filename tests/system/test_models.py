@@ -97,9 +97,9 @@ def check_side_by_side(server: TorchServe, store: redis.Redis, chelsea: np.ndarr
 
 
 def test_sam3_beside_sam2_in_one_torchserve_each_refusing_the_others_requests(request, tmp_path, chelsea):
-    """SAM 3 (concepts) and SAM 2.1 (automatic, prompts) side by side, sharing one Redis store: each
-    answers its own kind of request and refuses the other's naming the model types that take it,
-    and their store entries never mix."""
+    """SAM 3 (concepts, prompts) and SAM 2.1 (automatic, prompts) side by side, sharing one Redis
+    store: each answers its own kind of request and refuses the other's naming the model types that
+    take it, and their store entries never mix."""
     models = {"sam2": ("random_sam2_checkpoint", {}), "sam3": ("random_sam3_checkpoint", {})}
     with served_with_a_store(request, tmp_path, models) as (server, store):
         check_sam3_beside_sam2(server, store, chelsea)
@@ -122,12 +122,15 @@ def check_sam3_beside_sam2(server: TorchServe, store: redis.Redis, chelsea: np.n
     assert len(prefixes) == 2  # one identity per model, one image each
     refused = ask("sam2", {"image": image, "text": "cat"})
     assert refused.status_code == 400 and "SAM 3 (model_type sam3" in refused.json()["message"]
-    refused = ask("sam3", {"image": image, "points": [[10, 10]]})
+    refused = ask("sam3", {"image": image})
     assert refused.status_code == 400 and "sam2.1_hiera_tiny" in refused.json()["message"]
+    # A click on the image SAM 3 found concepts in: its tracker's part came with that vision pass.
+    (clicked,) = ask("sam3", {"image_id": image_id, "points": [[10, 10]]}).json()["prompts"]
+    assert len(clicked["masks"]) == 3
     # An image only SAM 3 has seen: its id means nothing to SAM 2.1, whatever the shared store holds.
     flipped = base64.b64encode(encode(np.ascontiguousarray(chelsea[::-1]))).decode()
     only = ask("sam3", {"image": flipped, "text": "cat"}).headers["X-Image-Id"]
     unknown = ask("sam2", {"image_id": only, "points": [[10.0, 10.0]]})
     assert unknown.status_code == 404
-    assert server.metric("sam_answers_total", ModelName="sam3", status="200") == 3
+    assert server.metric("sam_answers_total", ModelName="sam3", status="200") == 4
     assert server.metric("sam_answers_total", ModelName="sam3", status="400") == 1
