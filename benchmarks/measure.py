@@ -226,7 +226,7 @@ def engine_stages(generator: SamAutomaticMaskGenerator, totals: dict[str, float]
     for attr in ("prepare_image", "run_transformer", "mask_logits"):
         stack.enter_context(timed(totals, "decoder", decoder, attr))
     stack.enter_context(timed(totals, "upsample", generator.predictor, "upsample"))
-    stack.enter_context(timed(totals, "rle", engine_amg, "encode_masks"))
+    stack.enter_context(timed(totals, "rle", engine_amg, "start_rles"))
     return stack
 
 

@@ -32,4 +32,4 @@ def reference_answer(predictor: SamPredictor, case: dict, multimask: bool):
     if boxes:
         box_t = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, dtype=torch.float), size)
     masks, scores, _ = predictor.predict_torch(coords, labels, box_t, multimask_output=multimask)
-    return masks.numpy(), scores.numpy()
+    return masks.cpu().numpy(), scores.cpu().numpy()

@@ -4,6 +4,10 @@ compare with. Tests are in folders by kind, each a marker (pytest.ini): unit (no
 
 Plumbing tests use the test architectures (test_vit, test_sam2.1_hiera: each family's code paths at
 a small fraction of the FLOPs); full-size models are for equivalence and speed only.
+
+The equivalence, prompt, store and video tests load their models, and the references they compare
+with, on `device`: the CPU, or the GPU $SAM_FAST_TEST_DEVICE names (harness.devices), so that
+`SAM_FAST_TEST_DEVICE=cuda:0 make test` runs them on a GPU.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
+from harness import devices
 from harness.archives import KEEP_ALL, random_checkpoint_name
 from harness.files import pan_clip
 from sam_fast_serve.tools.cli import save_random_checkpoint
@@ -26,6 +32,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         kind = Path(item.fspath).parent.name
         if kind in KINDS:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device models and references load on ($SAM_FAST_TEST_DEVICE, else the CPU)."""
+    return devices.device_under_test()
+
+
+@pytest.fixture(scope="session")
+def gpu_id(device: torch.device) -> int | None:
+    """The gpu_id a service on `device` is loaded with (MaskService.load's; None on the CPU)."""
+    return devices.gpu_id(device)
 
 
 def _checkpoint(factory: pytest.TempPathFactory, model_type: str) -> Path:
@@ -75,16 +93,17 @@ def clip(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray) -> Pat
 
 
 @pytest.fixture(scope="session")
-def reference_sam(vit_b_checkpoint):
-    """segment_anything's vit_b (fp32) with the random checkpoint: the reference for equivalence."""
+def reference_sam(vit_b_checkpoint, device):
+    """segment_anything's vit_b (fp32) with the random checkpoint, on `device`: the reference for equivalence."""
     from sam_fast_serve.models.registry import sam_model_fast_registry
 
-    return sam_model_fast_registry["vit_b"](str(vit_b_checkpoint))
+    return sam_model_fast_registry["vit_b"](str(vit_b_checkpoint)).to(device)
 
 
 @pytest.fixture(scope="session")
-def fp32_service(vit_b_checkpoint, tmp_path_factory):
-    """The mask service on that vit_b in fp32, keep-all on an 8x8 grid, loaded as the handler loads it."""
+def fp32_service(vit_b_checkpoint, tmp_path_factory, gpu_id):
+    """The mask service on that vit_b in fp32, keep-all on an 8x8 grid, loaded as the handler loads it
+    (on `device`)."""
     from sam_fast_serve.server.service import MaskService
 
     model_dir = tmp_path_factory.mktemp("model_dir")
@@ -97,7 +116,7 @@ def fp32_service(vit_b_checkpoint, tmp_path_factory):
         "points_per_batch": 64,
         **KEEP_ALL,
     }
-    return MaskService.load(section, model_dir, gpu_id=None)
+    return MaskService.load(section, model_dir, gpu_id=gpu_id)
 
 
 @pytest.fixture(scope="session")

@@ -30,25 +30,23 @@ from segment_anything.utils.amg import (
 )
 
 from sam_fast_serve.common.records import amg_record, rle_to_builtins
+from sam_fast_serve.models.budget import items_that_fit
 from sam_fast_serve.models.embedding import EmbeddingKeeper
-from sam_fast_serve.models.rle import encode_masks, reserve, rle_areas
+from sam_fast_serve.models.rle import reserve, rle_areas, start_rles
 
 # Low-resolution logits are computed for at most this many masks at a time (256 KiB each).
 MASKS_PER_DECODE = 256
 # On the CPU, upsampling, stability, boxes and RLE run on a few masks at a time, so that each
 # full-size float intermediate stays below glibc's largest mmap threshold (32 MiB) and its memory is
 # reused instead of page-faulted in afresh: this halved SAM 1's upsampling time (3072 masks of a
-# 512 x 512 photo: 6.3 s in chunks of 256, 2.9 s in chunks of 4). Other devices take a whole decode
-# chunk at once.
-UPSAMPLE_CHUNK_BYTES = 16 * 2**20
+# 512 x 512 photo: 6.3 s in chunks of 256, 2.9 s in chunks of 4).
+UPSAMPLE_CPU_BYTES = 16 * 2**20
 
 
 def upsample_chunk(device: torch.device, largest_pixels: int) -> int:
     """How many masks to upsample and encode at once, when the largest float intermediate of one
-    mask has `largest_pixels` pixels."""
-    if device.type != "cpu":
-        return MASKS_PER_DECODE
-    return max(1, UPSAMPLE_CHUNK_BYTES // (largest_pixels * 4))
+    mask has `largest_pixels` pixels: as many as models.budget fits."""
+    return items_that_fit(largest_pixels * 4, device, UPSAMPLE_CPU_BYTES)
 
 
 class BatchedGeneration:
@@ -101,28 +99,28 @@ class BatchedGeneration:
         """The (point, mask) pairs `keep` (indices into `iou_preds` and `points`, a row per pair) of
         the crop `crop_box` of an image of `orig_size` as RLE mask data: their low-res logits
         MASKS_PER_DECODE at a time (`low_res_of(pairs)`: (K, h, w)), upsampled (`upsample`: (k, 1,
-        h, w) -> (k, 1, H, W), the original size) and encoded by masks_to_rles `per_upsample`
+        h, w) -> (k, 1, H, W), the original size) and encoded by masks_to_host `per_upsample`
         (upsample_chunk) at a time."""
         data = MaskData()
+        encoded: Callable[[], MaskData] | None = None
         for chunk in keep.split(MASKS_PER_DECODE):
             logits = low_res_of(chunk)
+            # The chunk's rows where the points are, once a chunk: a copy to the host waits for the device.
+            point_rows = chunk.to(points.device)
             for rows in torch.arange(len(chunk)).split(per_upsample):
-                kept = chunk[rows]
                 part = MaskData(
                     masks=upsample(logits[rows][:, None])[:, 0],
-                    iou_preds=iou_preds[kept],
-                    points=points[kept.to(points.device)],
+                    iou_preds=iou_preds[chunk[rows]],
+                    points=points[point_rows[rows]],
                 )
-                data.cat(
-                    masks_to_rles(
-                        part,
-                        crop_box,
-                        orig_size,
-                        mask_threshold,
-                        self.stability_score_offset,
-                        self.stability_score_thresh,
-                    )
+                # On CUDA the host encodes the last part while the device upsamples this one.
+                if encoded is not None:
+                    data.cat(encoded())
+                encoded = masks_to_host(
+                    part, crop_box, orig_size, mask_threshold, self.stability_score_offset, self.stability_score_thresh
                 )
+        if encoded is not None:
+            data.cat(encoded())
         return data
 
     def _process_crop(self, *args: Any, **kwargs: Any) -> MaskData:
@@ -134,16 +132,17 @@ class BatchedGeneration:
         return data
 
 
-def masks_to_rles(
+def masks_to_host(
     data: MaskData,
     crop_box: list[int],
     orig_size: tuple[int, ...],
     threshold: float,
     stability_offset: float,
     stability_thresh: float,
-) -> MaskData:
-    """Upsampled logits in data["masks"] -> stability filter, thresholding, boxes, crop-edge filter
-    and RLE (data["rles"]), as the references do; the masks are dropped."""
+) -> Callable[[], MaskData]:
+    """Upsampled logits in data["masks"] -> stability filter, thresholding, boxes and crop-edge
+    filter, as the references do, on the masks' device; then the masks' RLEs are started
+    (rle.start_rles). Returns the call that gives `data` with them (data["rles"]), its masks dropped."""
     orig_h, orig_w = orig_size
     data["stability_score"] = calculate_stability_score(data["masks"], threshold, stability_offset)
     if stability_thresh > 0.0:
@@ -153,9 +152,14 @@ def masks_to_rles(
     keep = ~is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
     if not torch.all(keep):
         data.filter(keep)
-    data["rles"] = encode_masks(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+    rles = start_rles(uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
     del data["masks"]
-    return data
+
+    def encoded() -> MaskData:
+        data["rles"] = rles()
+        return data
+
+    return encoded
 
 
 def kept_pairs(iou_preds: torch.Tensor, pred_iou_thresh: float) -> torch.Tensor:

@@ -22,14 +22,17 @@ same function (equal up to floating-point rounding) as follows:
    prompts, `mask_logits` runs output upscaling and the hypernetworks only for the
    prompts the caller selects.
 
-On CPU the prompt batch is processed in chunks so that each (prompts, 4096, C)
-activation stays bounded (see `_CPU_CHUNK_BYTES`).
+The prompt batch is processed in chunks so that each (prompts, 4096, C) activation stays
+within models.budget's bound (on CPU also `_CPU_CHUNK_BYTES`), and the mask head upscales the
+selected prompts' image tokens a group at a time, as many as that bound holds (on CPU one,
+`_MASK_HEAD_CPU_BYTES`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,7 @@ from segment_anything.modeling.transformer import Attention, TwoWayAttentionBloc
 from torch import Tensor, nn
 
 from sam_fast_serve.models import onednn
+from sam_fast_serve.models.budget import items_that_fit
 
 # Each (prompts, HW, C) activation of a chunk is at most this big: a whole batch of 64
 # prompts in bf16. Fewer, larger chunks mean fewer parallel regions, each of which waits
@@ -49,6 +53,10 @@ from sam_fast_serve.models import onednn
 # and the benchmarks call): with it, 64-prompt chunks are also a little faster when the
 # machine is quiet (a 512 x 512 photo at 0% kept: 6.0 -> 5.2 s per image).
 _CPU_CHUNK_BYTES = 128 * 2**20
+# The mask head on the CPU upscales one prompt at a time (0 bytes: one item): groups of 2 to 8
+# measured no faster (fp32, 2 Zen 3 cores, 64 prompts x 3 masks and 73 more pairs: 1.12-1.16 s
+# whatever the group).
+_MASK_HEAD_CPU_BYTES = 0
 
 
 @dataclass(frozen=True)
@@ -359,8 +367,8 @@ class FastMaskDecoder:
             parameters, or from a copy cast to `dtype`.
         dtype: torch.float32 or torch.bfloat16, for weights and activations.
         prompts_per_chunk: prompts processed together by `run_transformer`; by default
-            as many as keep one (prompts, HW, C) activation at 128 MiB on CPU, and the
-            whole batch on other devices.
+            as many as keep one (prompts, HW, C) activation within models.budget's bound
+            (on CPU at most 128 MiB).
         """
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
@@ -492,34 +500,36 @@ class FastMaskDecoder:
         mask_idx: (K,) integer mask token indices in [0, num_mask_tokens).
         Returns (K, 4H, 4W) float32 (256 x 256 for SAM), equal to
         `predict_masks(...)[0][prompt_idx, mask_idx]`. The output upscaling runs once
-        per distinct selected prompt, the hypernetworks once per pair.
+        per distinct selected prompt, in groups (`_upscaled`), the hypernetworks once per pair.
         """
         h, w = tokens.size
-        rows_of: dict[int, list[int]] = {}  # distinct prompt -> its rows in the output
-        for row, prompt in enumerate(prompt_idx.tolist()):
-            rows_of.setdefault(prompt, []).append(row)
         device = tokens.mask_tokens.device
+        # The one wait for the device: the selection's layout is planned on the host.
+        layout = _MaskLayout.of(prompt_idx.tolist(), mask_idx.tolist(), self.num_mask_tokens, device)
         prompt_idx, mask_idx = prompt_idx.to(device), mask_idx.to(device)
-        hyper = self._hypernetworks(tokens.mask_tokens[prompt_idx, mask_idx], mask_idx)
+        hyper = self._hypernetworks(tokens.mask_tokens[prompt_idx, mask_idx], layout.rows_of_token)
 
-        out = torch.empty((len(mask_idx), 4 * h, 4 * w), dtype=torch.float32, device=hyper.device)
-        for prompt, rows in rows_of.items():
-            logits = self._prompt_masks(tokens.src[prompt], hyper[rows], (h, w), tokens.high_res)
-            for row, row_logits in zip(rows, logits, strict=True):
-                out[row].copy_(row_logits)  # casts
-        return out
+        # A row past the selection takes the logits of empty slots.
+        out = torch.empty((len(mask_idx) + 1, 4 * h, 4 * w), dtype=torch.float32, device=device)
+        for group in layout.groups(items_that_fit(self._upscaled_bytes(tokens), device, _MASK_HEAD_CPU_BYTES)):
+            prompts = len(group.prompts)
+            upscaled = self._upscaled(_stacked([tokens.src[p] for p in group.prompts]), (h, w), tokens.high_res)
+            slots = hyper.new_zeros((prompts * group.width, hyper.shape[-1]))
+            slots[group.filled] = hyper[group.rows]
+            logits = torch.bmm(slots.view(prompts, group.width, -1), upscaled.transpose(1, 2))
+            out.index_copy_(0, group.destination, logits.view(-1, 4 * h, 4 * w).float())
+        return out[:-1]
 
     def _tokens(self, x: Tensor) -> Tensor:
         """(1, C, H, W) -> (HW, C) in the decoder's dtype."""
         return x[0].flatten(1).t().to(self.dtype).contiguous()
 
     def _chunk_size(self, state: ImageState) -> int:
-        """Prompts per chunk in `run_transformer` (see `_CPU_CHUNK_BYTES`)."""
+        """Prompts per chunk in `run_transformer`: `prompts_per_chunk`, else as many (HW, C) image
+        token sets as models.budget fits (see `_CPU_CHUNK_BYTES`)."""
         if self.prompts_per_chunk is not None:
             return self.prompts_per_chunk
-        if state.src.device.type != "cpu":
-            return 2**31 - 1
-        return max(1, _CPU_CHUNK_BYTES // (state.src.numel() * state.src.element_size()))
+        return items_that_fit(state.src.numel() * state.src.element_size(), state.src.device, _CPU_CHUNK_BYTES)
 
     def _transformer(self, state: ImageState, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """TwoWayTransformer.forward for (b, T, C) tokens.
@@ -550,32 +560,111 @@ class FastMaskDecoder:
         attn_out = _token_to_image_folded(self._final_attn, queries + tokens, keys, state.image_keys[-1])
         return self._decoder.transformer.norm_final_attn(queries + attn_out), keys
 
-    def _hypernetworks(self, mask_tokens: Tensor, mask_idx: Tensor) -> Tensor:
-        """(K, C) mask token outputs -> (K, C2), each through its mask token's MLP."""
+    def _hypernetworks(self, mask_tokens: Tensor, rows_of_token: tuple[Tensor, ...]) -> Tensor:
+        """(K, C) mask token outputs -> (K, C2), each through its mask token's MLP (`rows_of_token`:
+        the rows of each token, from `_MaskLayout`)."""
         mlps = self._decoder.output_hypernetworks_mlps
         out = mask_tokens.new_empty((mask_tokens.shape[0], mlps[0].layers[-1].out_features))
-        for i, mlp in enumerate(mlps):
-            rows = (mask_idx == i).nonzero().squeeze(1)
-            out[rows] = mlp(mask_tokens[rows])
+        for mlp, rows in zip(mlps, rows_of_token, strict=True):
+            if len(rows):
+                out[rows] = mlp(mask_tokens[rows])
         return out
 
-    def _prompt_masks(
-        self, src: Tensor, hyper: Tensor, size: tuple[int, int], high_res: tuple[Tensor, Tensor] | None
-    ) -> Tensor:
-        """Output upscaling of one prompt's (HW, C) image tokens (plus SAM 2's high-resolution
-        features), dotted with its (m, C2) hypernetwork outputs: (m, 4H, 4W) logits in the
-        decoder's dtype."""
+    def _upscaled_bytes(self, tokens: DecodedTokens) -> int:
+        """The bytes of one prompt's largest mask-head intermediate: its (16HW, C2) upscaled pixels."""
+        h, w = tokens.size
+        channels = self._upscaling.w2.shape[0] // 4  # (dy, dx, C2) rows
+        return 16 * h * w * channels * tokens.mask_tokens.element_size()
+
+    def _upscaled(self, src: Tensor, size: tuple[int, int], high_res: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Output upscaling of P prompts' (P, HW, C) image tokens (plus SAM 2's high-resolution
+        features): (P, 16HW, C2) pixels in image order, rows of 4W pixels, in the decoder's dtype."""
         up = self._upscaling
         h, w = size
+        prompts = src.shape[0]
         # SAM 2's features are added in the linears' own output layout, fused where oneDNN runs.
         first, second = (
-            (None, None) if high_res is None else (high_res[0].view(h * w, -1), high_res[1].view(h * w * 4, -1))
+            (None, None) if high_res is None else (high_res[0].view(1, h * w, -1), high_res[1].view(1, h * w * 4, -1))
         )
-        x = onednn.linear(src, up.w1, up.b1, residual=first).view(h * w * 4, -1)  # pixels (y, x, dy, dx)
+        x = onednn.linear(src, up.w1, up.b1, residual=_expanded(first, prompts))
+        x = x.view(prompts, h * w * 4, -1)  # pixels (y, x, dy, dx)
         x = up.act1(F.layer_norm(x, x.shape[-1:], up.norm_w, up.norm_b, up.norm_eps))
-        x = onednn.linear(x, up.w2, up.b2, residual=second).view(h * w * 16, -1)  # (y, x, dy, dx, dY, dX)
+        x = onednn.linear(x, up.w2, up.b2, residual=_expanded(second, prompts))
+        x = x.view(prompts, h * w * 16, -1)  # (y, x, dy, dx, dY, dX)
         # Pixel (y, x, dy, dx, dY, dX) is row 4y + 2dy + dY and column 4x + 2dx + dX: reordering the
         # pixels' C2-channel rows here moves contiguous runs of 2 C2 values, where reordering the
         # logits afterwards moved single values (a third of the mask head's time).
-        x = up.act2(x).view(h, w, 2, 2, 2, 2, -1).permute(0, 2, 4, 1, 3, 5, 6).reshape(h * w * 16, -1)
-        return (hyper @ x.t()).view(-1, 4 * h, 4 * w)
+        x = up.act2(x).view(prompts, h, w, 2, 2, 2, 2, -1).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        return x.reshape(prompts, h * w * 16, -1)
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """`torch.stack(tensors)`, without a copy for one tensor."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _expanded(features: Tensor | None, prompts: int) -> Tensor | None:
+    """SAM 2's (1, pixels, C) features of the image for each of `prompts` prompts (a view)."""
+    return None if features is None else features.expand(prompts, -1, -1)
+
+
+@dataclass(frozen=True)
+class _MaskGroup:
+    """Prompts whose masks one batched mask-head call makes, `width` slots each (the most pairs
+    any of them has): slot `filled[i]` (prompt-major) holds the pair of output row `rows[i]`, and
+    each slot's logits go to output row `destination[slot]` (a spare row for an empty slot)."""
+
+    prompts: list[int]
+    width: int
+    rows: Tensor
+    filled: Tensor
+    destination: Tensor
+
+
+@dataclass(frozen=True)
+class _MaskLayout:
+    """The K (prompt, mask token) pairs `mask_logits` makes, planned on the host: each distinct
+    prompt's rows of the output in order, and the rows of each mask token (on `device`)."""
+
+    count: int
+    rows_of_prompt: dict[int, list[int]]
+    rows_of_token: tuple[Tensor, ...]
+    device: torch.device
+
+    @classmethod
+    def of(cls, prompts: list[int], tokens: list[int], num_tokens: int, device: torch.device) -> _MaskLayout:
+        """The layout of pairs (prompts[i], tokens[i]), tokens in [0, num_tokens)."""
+        rows_of_prompt: dict[int, list[int]] = {}
+        rows_of_token: list[list[int]] = [[] for _ in range(num_tokens)]
+        for row, (prompt, token) in enumerate(zip(prompts, tokens, strict=True)):
+            rows_of_prompt.setdefault(prompt, []).append(row)
+            rows_of_token[token].append(row)
+        return cls(len(prompts), rows_of_prompt, tuple(cls._tensor(rows, device) for rows in rows_of_token), device)
+
+    @staticmethod
+    def _tensor(values: list[int], device: torch.device) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    def groups(self, size: int) -> Iterator[_MaskGroup]:
+        """The distinct prompts, in order of first selection, `size` a group."""
+        distinct = list(self.rows_of_prompt)
+        for start in range(0, len(distinct), size):
+            yield self._group(distinct[start : start + size])
+
+    def _group(self, prompts: list[int]) -> _MaskGroup:
+        width = max(len(self.rows_of_prompt[p]) for p in prompts)
+        rows: list[int] = []
+        filled: list[int] = []
+        destination = [self.count] * (len(prompts) * width)  # the spare row
+        for i, prompt in enumerate(prompts):
+            for j, row in enumerate(self.rows_of_prompt[prompt]):
+                rows.append(row)
+                filled.append(i * width + j)
+                destination[i * width + j] = row
+        return _MaskGroup(
+            prompts,
+            width,
+            self._tensor(rows, self.device),
+            self._tensor(filled, self.device),
+            self._tensor(destination, self.device),
+        )

@@ -1,9 +1,10 @@
-"""The device and the precision a model computes in: `auto` per device, bf16 only where the CPU
-computes it natively, int8 only where its kernels run."""
+"""The device and the precision a model computes in: `auto` per device, bf16 only where the CPU or
+the GPU computes it natively, int8 only where its kernels run."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,10 @@ INT8 = "int8"
 # How much slower vit_b's encoder was in bf16 than in fp32 on a CPU without native bf16 (AVX2-only
 # AMD EPYC, 2 cores: 169 s against 17.9 s), where torch emulates bf16 arithmetic.
 EMULATED_BF16_FACTOR = 9.4
+# The first CUDA compute capability with bf16 tensor cores (Ampere: A100 8.0, A10 8.6, L4 8.9, H100
+# 9.0). Below it (V100 7.0, T4 7.5) torch emulates bf16 with float32 arithmetic: no faster than
+# float32, and less exact.
+NATIVE_BF16_CAPABILITY = (8, 0)
 
 
 def cpu_flags() -> set[str]:
@@ -35,6 +40,20 @@ def cpu_flags() -> set[str]:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 is faster than fp32."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def gpu_has_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of compute `capability` (major, minor) computes bf16 natively."""
+    return capability >= NATIVE_BF16_CAPABILITY
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CPU by its flags, a CUDA GPU by its own compute
+    capability (not the current device's, and not counting emulation as
+    torch.cuda.is_bf16_supported() does by default)."""
+    if device.type == "cuda":
+        return gpu_has_native_bf16(torch.cuda.get_device_capability(device))
+    return cpu_has_native_bf16()
 
 
 def cpu_has_int8_dot() -> bool:
@@ -62,15 +81,13 @@ class Precision:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for `name` ("auto" or one of DTYPE_NAMES) on `device`.
 
-    auto: bf16 on CUDA devices that support it and on CPUs with native bf16, else fp32. "int8" is
-    no compute dtype: `resolve_precision` resolves it.
+    auto: bf16 where `device` computes it natively (has_native_bf16), else fp32. "int8" is no
+    compute dtype: `resolve_precision` resolves it.
     """
     if name == INT8:
         raise ValueError("dtype int8 is a precision, not a compute dtype: use resolve_precision")
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     dtype = getattr(torch, name)
     assert isinstance(dtype, torch.dtype), name
     return dtype
@@ -81,16 +98,11 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
     int8: the dtype "auto" picks, with the image encoder's linear layers in int8. It runs on x86
     CPUs with AVX512-VNNI or AMX only; elsewhere it is refused with a ConfigError naming the key,
-    rather than served in float under the int8 name. bfloat16 on a CPU without native bf16 is
+    rather than served in float under the int8 name. bfloat16 on a device without native bf16 is
     served, with a warning at load that says what it costs against float32.
     """
-    if name == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
-        logger.warning(
-            "dtype bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 flag): torch emulates "
-            "it, about %.1fx slower than float32 (vit_b's encoder on an AVX2-only CPU); dtype auto picks "
-            "float32 here",
-            EMULATED_BF16_FACTOR,
-        )
+    if name == "bfloat16" and not has_native_bf16(device):
+        _warn_emulated_bf16(device)
     if name != INT8:
         return Precision(resolve_dtype(name, device))
     if device.type != "cpu":
@@ -100,8 +112,41 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(resolve_dtype("auto", device), int8=True)
 
 
+def _warn_emulated_bf16(device: torch.device) -> None:
+    """Log that `device` emulates bf16, and what that costs against float32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        lacking = f"compute capability {major}.{minor}, below {'.'.join(map(str, NATIVE_BF16_CAPABILITY))}"
+        cost = "no faster than float32"
+    else:
+        lacking = "no avx512_bf16 or amx_bf16 flag"
+        cost = f"about {EMULATED_BF16_FACTOR:.1f}x slower than float32 (vit_b's encoder on an AVX2-only CPU)"
+    logger.warning(
+        "dtype bfloat16 on %s without native bf16 (%s): torch emulates it, %s; dtype auto picks float32 here",
+        device,
+        lacking,
+        cost,
+    )
+
+
 def select_device(gpu_id: int | None) -> torch.device:
-    """`cuda:<gpu_id>` when CUDA is available and TorchServe assigned a GPU, else the CPU."""
-    if torch.cuda.is_available() and gpu_id is not None:
-        return torch.device(f"cuda:{gpu_id}")
-    return torch.device("cpu")
+    """`cuda:<gpu_id>` when CUDA is available and TorchServe assigned a GPU, else the CPU. A GPU
+    that torch does not see is a ConfigError saying so (TorchServe counts GPUs by itself)."""
+    if not torch.cuda.is_available() or gpu_id is None:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if not 0 <= gpu_id < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ConfigError(
+            f"TorchServe gave this worker GPU {gpu_id}, and torch sees {count} (CUDA_VISIBLE_DEVICES {visible}): "
+            "set TorchServe's number_of_gpu, or the model config's deviceIds, to GPUs torch sees"
+        )
+    return torch.device("cuda", gpu_id)
+
+
+def use_device(device: torch.device) -> None:
+    """Make a CUDA `device` the process's current device (nothing on the CPU); a worker does it
+    once, at load. What names no device (torch.cuda.empty_cache, a new stream, a library's
+    `.cuda()`) then runs on the worker's GPU, rather than opening a context on GPU 0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

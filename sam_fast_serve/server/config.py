@@ -26,6 +26,7 @@ from sam_fast_serve.common.options import (
     option,
     rules_of,
 )
+from sam_fast_serve.models.budget import DEFAULT_CHUNK_BYTES
 from sam_fast_serve.models.precision import DTYPE_NAMES, INT8
 from sam_fast_serve.models.registry import MODEL_TYPES, Family, families_that, model_type
 from sam_fast_serve.server.frames import VideoLimits
@@ -61,6 +62,8 @@ class ServiceConfig:
     max_video_objects: int = option(32, int_in(1, 1024))
     # Masks returned per image at most (the best by predicted IoU): bounds response size.
     max_masks: int = option(1000, int_in(1, 100_000))
+    # The largest intermediate of a step, in bytes (models.budget).
+    max_chunk_bytes: int = option(DEFAULT_CHUNK_BYTES, int_in(1 << 20, 1 << 40))
     # Longest response body in bytes: keep it at most config.properties' max_response_size, over
     # which TorchServe's frontend drops the worker's connection (the worker dies, its batch is lost).
     max_response_bytes: int = option(64 * 1024 * 1024, int_in(1024, 1 << 40))

@@ -33,6 +33,7 @@ import torch
 from sam_fast_serve.common.errors import BadRequest, InternalError, InvalidOption, OutOfMemory, ServiceError
 from sam_fast_serve.common.options import AmgSettings
 from sam_fast_serve.common.tracks import TrackRequest
+from sam_fast_serve.models.budget import set_chunk_bytes
 from sam_fast_serve.models.engine import Engine, Segmented
 from sam_fast_serve.server.config import ServiceConfig, load_service_config
 from sam_fast_serve.server.formats import Body
@@ -108,12 +109,14 @@ class MaskService:
     ) -> MaskService:
         """Validate the `handler:` section, load and warm up the model from `model_dir`; metrics go
         to `sink`. The process keeps freed memory from then on (runtime.keep_freed_memory): the
-        decoder's large activations are reused instead of page-faulted in at every allocation.
+        decoder's large activations are reused instead of page-faulted in at every allocation; its
+        steps hold at most `max_chunk_bytes` an intermediate (models.budget).
 
         Raises ConfigError naming the offending key or file.
         """
         keep_freed_memory()
         config = load_service_config(handler_section)
+        set_chunk_bytes(config.max_chunk_bytes)
         return cls(config, load_engine(config, Path(model_dir), gpu_id), sink)
 
     @property

@@ -47,6 +47,10 @@ KEY_MEANINGS = {
     "file's header: a video file's frames are decoded once to a temporary file, 3 bytes a pixel",
     "max_masks": "masks returned per image at most: the best by predicted IoU (by score for concepts, chosen "
     "before any mask is made), in their original order",
+    "max_chunk_bytes": "bytes the largest intermediate of a step may take: masks are upsampled, prompts "
+    "decoded and (on a GPU) the image encoder's attention bias made as many at a time as fit. On a GPU also "
+    "at most a quarter of its free memory; on a CPU each step's own smaller size where one measured faster. "
+    "Lower it for several workers on one GPU ([deployment.md](deployment.md))",
     "max_response_bytes": "longest answer body; a longer one is a 422 `response_too_large` giving its size. "
     "Keep it at most `max_response_size` of config.properties: over that TorchServe's frontend drops "
     "the worker's connection and the worker's whole batch is lost",

@@ -172,11 +172,11 @@ def test_a_mask_prompt_matches_sam2_image_predictor(reference_predictor, our_pre
 
 
 @pytest.fixture(scope="module")
-def sam2_service(random_sam2_checkpoint, tmp_path_factory):
+def sam2_service(random_sam2_checkpoint, tmp_path_factory, gpu_id):
     model_dir = tmp_path_factory.mktemp("sam2_model")
     (model_dir / random_sam2_checkpoint.name).symlink_to(random_sam2_checkpoint)
     section = {"model_type": "test_sam2.1_hiera", "sam_checkpoint": random_sam2_checkpoint.name, **GRID, **KEEP_ALL}
-    return MaskService.load(section, model_dir, gpu_id=None)
+    return MaskService.load(section, model_dir, gpu_id=gpu_id)
 
 
 def ask(service: MaskService, document: dict) -> tuple[int, dict]:
@@ -203,9 +203,9 @@ def test_sam2_options_and_their_errors(sam2_service, photo):
     assert status == 422 and "use_m2m" in wrong["message"]
 
 
-def test_sam1_refuses_sam2_only_options(random_checkpoint, tmp_path, photo):
+def test_sam1_refuses_sam2_only_options(random_checkpoint, tmp_path, photo, gpu_id):
     (tmp_path / random_checkpoint.name).symlink_to(random_checkpoint)
-    sam1 = MaskService.load({"model_type": "test_vit", "sam_checkpoint": random_checkpoint.name}, tmp_path, None)
+    sam1 = MaskService.load({"model_type": "test_vit", "sam_checkpoint": random_checkpoint.name}, tmp_path, gpu_id)
     image = base64.b64encode(encode(photo)).decode()
     status, refused = ask(sam1, {"image": image, "use_m2m": True})
     assert status == 422 and "'use_m2m'" in refused["message"] and "test_vit" in refused["message"]
@@ -213,7 +213,7 @@ def test_sam1_refuses_sam2_only_options(random_checkpoint, tmp_path, photo):
         MaskService.load(
             {"model_type": "test_vit", "sam_checkpoint": random_checkpoint.name, "multimask_output": False},
             tmp_path,
-            None,
+            gpu_id,
         )
 
 
@@ -244,12 +244,12 @@ def test_a_sam2_checkpoint_is_no_sam1_checkpoint(random_sam2_checkpoint, random_
 
 
 @pytest.mark.parametrize("checkpoint", ["random_checkpoint", "random_sam2_checkpoint"])
-def test_crop_layers_with_no_mask_kept_give_no_records(request, checkpoint, photo, tmp_path):
+def test_crop_layers_with_no_mask_kept_give_no_records(request, checkpoint, photo, tmp_path, gpu_id):
     # The references' crop NMS fails on a crop without masks; a request must get an empty answer.
     path = request.getfixturevalue(checkpoint)
     (tmp_path / path.name).symlink_to(path)
     section = {"model_type": model_type_of(path), "sam_checkpoint": path.name, "crop_n_layers": 1,
                "points_per_side": 2, "pred_iou_thresh": 1.0}  # fmt: skip
-    service = MaskService.load(section, tmp_path, None)
+    service = MaskService.load(section, tmp_path, gpu_id)
     reply = service.handle([({"body": bytearray(encode(photo))}, {})])[0]
     assert reply.status == 200 and decode_pickled(reply.body) == []

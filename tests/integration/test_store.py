@@ -179,7 +179,7 @@ def test_memory_limit_evicts_instead_of_failing(tmp_path):
 
 
 @pytest.fixture(scope="module", params=["random_checkpoint", "random_sam2_checkpoint"], ids=["sam1", "sam2"])
-def services_on_one_redis(request, tmp_path_factory):
+def services_on_one_redis(request, tmp_path_factory, gpu_id):
     """Two mask services ("workers") of one family's test architecture sharing one Redis store,
     and the Redis server."""
     checkpoint = request.getfixturevalue(request.param)
@@ -192,7 +192,7 @@ def services_on_one_redis(request, tmp_path_factory):
     section = {"model_type": model_type_of(checkpoint), "sam_checkpoint": checkpoint.name, "dtype": "float32",
                "embedding_store": server.url, "points_per_side": 2}  # fmt: skip
     try:
-        yield [MaskService.load(section, model_dir, gpu_id=None) for _ in range(2)], server
+        yield [MaskService.load(section, model_dir, gpu_id=gpu_id) for _ in range(2)], server
     finally:
         server.stop()
 

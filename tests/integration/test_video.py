@@ -31,25 +31,26 @@ PROMPTED = (0, 24)  # the frames with prompts; tracking runs forward from 0, the
 
 
 @pytest.fixture(scope="module")
-def predictor(random_sam2_checkpoint):
-    """The video predictor, its object pointers cut from 16 frames to 4 so that its reach (8 frames,
-    its memory's) leaves frames out of reach within FRAMES, both sides of a prompted frame."""
-    video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
+def predictor(random_sam2_checkpoint, device):
+    """The video predictor on `device`, its object pointers cut from 16 frames to 4 so that its reach
+    (8 frames, its memory's) leaves frames out of reach within FRAMES, both sides of a prompted frame."""
+    video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint)).to(device)
     video.max_obj_ptrs_in_encoder = 4
     assert reach(video) == 8
     return video
 
 
 @pytest.fixture(scope="module")
-def ours(predictor, random_sam2_checkpoint):
+def ours(predictor, random_sam2_checkpoint, device):
     """The same predictor as the tracker makes it: its attention (every Hiera block's, every
-    memory layer's self- and cross-attention) and its position encodings."""
+    memory layer's self- and cross-attention) and its position encodings; then on `device`, as the
+    tracker moves it (tracker.video_predictor)."""
     video = build_video(model_type("test_sam2.1_hiera"), str(random_sam2_checkpoint))
     video.max_obj_ptrs_in_encoder = 4
     assert faster_hiera(video) == len(video.image_encoder.trunk.blocks) >= 1
     assert cached_positions(video) == 2  # the image encoder's and the memory encoder's
     assert cheaper_memory_attention(video) == 2 * len(video.memory_attention.layers) >= 2
-    return video
+    return video.to(device)
 
 
 def prompt(predictor, state) -> None:
@@ -128,7 +129,7 @@ def forward_masks(predictor, clip: Path) -> dict[tuple[int, int], np.ndarray]:
     prompt(predictor, state)
     with torch.inference_mode():
         return {
-            (frame, obj): mask.numpy() > 0
+            (frame, obj): mask.cpu().numpy() > 0
             for frame, ids, masks in predictor.propagate_in_video(state)
             for obj, mask in zip(ids, masks[:, 0], strict=True)
         }

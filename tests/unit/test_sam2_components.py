@@ -17,6 +17,7 @@ from sam_fast_serve.models.sam2.components import (
     connected_components,
     fill_holes_and_sprinkles,
     labelling_sam2s_own,
+    small_components,
 )
 
 FOUR = ndi.generate_binary_structure(2, 1)
@@ -239,3 +240,56 @@ def test_sam2_with_our_components_agrees(max_hole: float, max_sprinkle: float) -
     import sam2.utils.misc
 
     assert sam2.utils.misc.get_connected_components is not connected_components  # only while in it
+
+
+@pytest.mark.parametrize("max_area", [1, 2, 5, 8, 30])
+@pytest.mark.parametrize("height,width", [(1, 1), (3, 5), (17, 31), (64, 48)])
+def test_small_components_are_those_of_connected_components(max_area: int, height: int, width: int) -> None:
+    """The device's answer (here on the CPU) is the labelling's: every pixel of every component of at most
+    `max_area` pixels, and no pixel of a larger one (long thin components included)."""
+    rng = np.random.default_rng(max_area * 1000 + height * width)
+    for density in (0.05, 0.3, 0.5, 0.9):
+        mask = torch.from_numpy(random_masks(rng, 3, height, width, density))
+        labels, counts = connected_components(mask)
+        want = (labels > 0) & (counts <= max_area)
+        assert torch.equal(small_components(mask, max_area), want)
+
+
+def test_small_components_tell_a_long_snake_from_its_parts() -> None:
+    """A one-pixel-wide snake of 33 pixels: after 7 steps its pixels hold many different indices, none of
+    whose parts is a component of at most 8 pixels."""
+    mask = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    mask[0, 0, 0::4, :] = True
+    mask[0, 0, 1:4, 8] = True
+    mask[0, 0, 5:8, 0] = True
+    assert not small_components(mask, 8).any()
+    assert small_components(mask, 45).sum() == mask.sum()
+
+
+def test_labelling_sam2s_own_leaves_the_video_predictors_filling_as_it_found_it() -> None:
+    from sam2 import sam2_video_predictor
+
+    original = sam2_video_predictor.fill_holes_in_mask_scores
+    with labelling_sam2s_own():
+        # On the CPU the video predictor fills as before, labelled by ours.
+        filled = sam2_video_predictor.fill_holes_in_mask_scores(hole_logits(), 8)
+    assert sam2_video_predictor.fill_holes_in_mask_scores is original
+    assert (filled > 0).all()
+
+
+def test_the_device_path_fills_as_the_labelling_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What CUDA runs (`small_components` in both fillings), run here on the CPU: the same logits."""
+    from sam2 import sam2_video_predictor
+
+    from sam_fast_serve.models.sam2 import components
+
+    logits = random_logits(11, (2, 3, 32, 32))
+    scores = logits.flatten(0, 1).unsqueeze(1)
+    expected = fill_holes_and_sprinkles(logits, 0.0, 8, 5)
+    with labelling_sam2s_own():
+        expected_video = sam2_video_predictor.fill_holes_in_mask_scores(scores, 8)
+    monkeypatch.setattr(components, "_on_device", lambda mask, max_area: max_area <= components.DEVICE_AREA)
+    assert torch.equal(fill_holes_and_sprinkles(logits, 0.0, 8, 5), expected)
+    with labelling_sam2s_own():
+        assert torch.equal(sam2_video_predictor.fill_holes_in_mask_scores(scores, 8), expected_video)
+    assert not torch.equal(expected_video, scores)

@@ -18,13 +18,7 @@ from segment_anything import SamAutomaticMaskGenerator as ReferenceGenerator
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import MaskData
 
-from sam_fast_serve.models.amg import (
-    BatchedGeneration,
-    clean_small_regions,
-    kept_pairs,
-    records,
-    upsample_chunk,
-)
+from sam_fast_serve.models.amg import BatchedGeneration, clean_small_regions, kept_pairs, records
 from sam_fast_serve.models.fast_decoder import FastMaskDecoder
 from sam_fast_serve.models.sam1.predictor import FastSamPredictor
 
@@ -82,7 +76,6 @@ class SamAutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             tokens = decoder.run_transformer(predictor.image_state(), sparse)
         # Multimask output: mask tokens 1..3, flattened point-major like the reference.
         iou_preds = tokens.iou_pred[:, 1:].flatten()
-        img_size = predictor.model.image_encoder.img_size
 
         def low_res_of(pairs: torch.Tensor) -> torch.Tensor:
             with predictor.clock.stage("mask_decoder"):
@@ -92,7 +85,7 @@ class SamAutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
             kept_pairs(iou_preds, self.pred_iou_thresh),
             low_res_of,
             predictor.upsample,
-            upsample_chunk(predictor.device, max(img_size * img_size, orig_size[0] * orig_size[1])),
+            predictor.masks_per_upsample(orig_size),
             iou_preds,
             torch.as_tensor(points).repeat_interleave(3, dim=0),  # stays on the CPU, as in the reference
             crop_box,

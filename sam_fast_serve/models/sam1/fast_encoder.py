@@ -24,9 +24,10 @@ Measured on 2 Zen 5 cores (AVX-512 with BF16), vit_b, one 1024 x 1024 image, unc
 * The per-head and per-window layout changes are one copy each way instead of two
   (window partition + head split, head merge + window unpartition).
 
-On other devices (CUDA) the attention is instead one `scaled_dot_product_attention` call
-with the relative position bias as an additive mask, and linears are `F.linear`. With
-`dtype: int8` the linears whose weights quantize.py quantized compute in int8 on the CPU.
+On other devices (CUDA) the attention is instead `scaled_dot_product_attention` with the
+relative position bias as an additive mask, made in chunks within models.budget's bound, and
+linears are `F.linear`. With `dtype: int8` the linears whose weights quantize.py quantized
+compute in int8 on the CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from segment_anything.modeling.image_encoder import Attention, Block, get_rel_po
 from torch import Tensor, nn
 
 from sam_fast_serve.models import onednn
+from sam_fast_serve.models.budget import items_that_fit
 from sam_fast_serve.models.onednn import matmul_transposed
 from sam_fast_serve.models.sam1.quantize import Int8Linear, int8_linear
 
@@ -241,17 +243,34 @@ def _chunk_shape(batch: int, length: int, scores: int) -> tuple[int, int]:
 
 
 def _attend_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_pos: tuple[Tensor, Tensor] | None) -> Tensor:
-    """The same attention as `_attend_chunked` as one fused kernel, with the bias as a mask.
+    """The same attention as `_attend_chunked` as fused kernels, with the bias as a mask.
 
-    For accelerators: the (N, L, L) mask is materialised (384 MiB per image in a vit_b global
-    block in bf16), which a GPU affords; the scores are not.
+    For accelerators: the scores are never materialised, the (N, L, L) bias mask is, in chunks of
+    rows and queries within models.budget's bound (a vit_b global block's is 384 MiB per image in
+    bf16).
     """
-    mask = None
-    if rel_pos is not None:
-        rel_h, rel_w = rel_pos
-        mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(q.shape[0], 1, q.shape[1], k.shape[1])
+    if rel_pos is None:
+        return _sdpa(q, k, v, None, scale)
+    rel_h, rel_w = rel_pos
+    batch, length, _ = q.shape
+    keys = k.shape[1]
+    out = q.new_empty(batch, length, v.shape[-1])
+    query_rows = items_that_fit(keys * q.element_size(), q.device)
+    batch_step, query_step = _chunk_shape(batch, length, query_rows * keys)
+    for b0 in range(0, batch, batch_step):
+        rows = slice(b0, b0 + batch_step)
+        for q0 in range(0, length, query_step):
+            queries = slice(q0, q0 + query_step)
+            mask = rel_h[rows, queries, :, None] + rel_w[rows, queries, None, :]
+            out[rows, queries] = _sdpa(q[rows, queries], k[rows], v[rows], mask.flatten(2), scale)
+    return out
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Fused attention of (N, L, d) queries over (N, S, d) keys and values with an (N, L, S) mask."""
     # As (N, 1, L, d): CUDA's fused attention kernels take 4-d inputs only.
-    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)[:, 0]
+    bias = None if mask is None else mask[:, None]
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[:, 0]
 
 
 def _mlp(mlp: MLPBlock, x: Tensor, residual: Tensor) -> Tensor:

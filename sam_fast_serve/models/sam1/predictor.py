@@ -10,9 +10,10 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from sam_fast_serve.common.prompts import Prompts
+from sam_fast_serve.models.amg import upsample_chunk
 from sam_fast_serve.models.embedding import NO_IMAGE, EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.fast_decoder import FastMaskDecoder, ImageState, no_mask_dense
-from sam_fast_serve.models.prompted import segment_prompts
+from sam_fast_serve.models.prompted import segment_prompts, thresholded_masks
 from sam_fast_serve.models.sam1.embeddings import encode_images
 from sam_fast_serve.models.sam1.upsampling import postprocess_masks
 from sam_fast_serve.models.timing import StageClock
@@ -115,10 +116,24 @@ class FastSamPredictor(EmbeddingKeeper, SamPredictor):
                 tokens, prompt_idx.to(sparse.device), mask_ids.repeat(sparse.shape[0]).to(sparse.device)
             )
         low_res = low_res.view(sparse.shape[0], count, *low_res.shape[-2:])
-        masks = self.upsample(low_res)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        if return_logits:
+            masks = self.upsample(low_res)
+        else:
+            assert self.original_size is not None
+            masks = thresholded_masks(
+                self.upsample,
+                low_res,
+                self.model.mask_threshold,
+                self.original_size,
+                self.masks_per_upsample(self.original_size),
+            )
         return masks, tokens.iou_pred[:, mask_ids.to(sparse.device)], low_res
+
+    def masks_per_upsample(self, size: tuple[int, ...]) -> int:
+        """How many masks `upsample` takes at once to a (H, W) `size` (amg.upsample_chunk): its
+        largest float intermediate is the padded input's square or the image."""
+        padded = self.model.image_encoder.img_size
+        return upsample_chunk(self.device, max(padded * padded, int(size[0]) * int(size[1])))
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """(B, C, 256, 256) low-res logits of the set image -> (B, C, H, W) float32 logits at its

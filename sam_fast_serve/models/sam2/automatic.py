@@ -25,6 +25,7 @@ from sam_fast_serve.models.amg import (
     records,
     upsample_chunk,
 )
+from sam_fast_serve.models.budget import items_that_fit
 from sam_fast_serve.models.sam2.predictor import LOGIT_CLAMP, Sam2Predictor
 
 
@@ -105,10 +106,15 @@ class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):
 
     def _refine(self, coords: torch.Tensor, low_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """use_m2m: each mask's point again, its own (clamped) low-res logits as the mask prompt, one
-        mask each (the reference's refine_with_m2m), `points_per_batch` prompts per decoder call."""
+        mask each (the reference's refine_with_m2m), `points_per_batch` prompts per decoder call (fewer
+        where models.budget fits fewer)."""
         labels = torch.ones(len(coords), dtype=torch.int, device=coords.device)
         refined, ious = [], []
-        step = max(1, min(self.points_per_batch, MASKS_PER_DECODE))
+        # SAM 2's decoder repeats the image's tokens for each prompt.
+        assert self.predictor.features is not None
+        embed = self.predictor.features["image_embed"]
+        fitting = items_that_fit(embed.numel() * embed.element_size(), embed.device)
+        step = min(self.points_per_batch, MASKS_PER_DECODE, fitting)
         for start in range(0, len(coords), step):
             part = slice(start, start + step)
             masks, iou = self.predictor.decode(

@@ -13,6 +13,10 @@ gives the same results with OpenCV on the CPU, for CPU and CUDA tensors alike:
   its video predictor's hole filling (`fill_hole_area`, 8 as `build_sam2_video_predictor` sets it) then runs
   as with `_C`.
 
+On CUDA, where the largest area asked for is small (DEVICE_AREA), the components of at most that area are
+found on the device instead (`small_components`: no copy to the host and back, no wait for the device), by
+both functions and by the video predictor's hole filling.
+
 Facts taken from the kernel (facebookresearch/sam2, sam2/csrc/connected_components.cu, commit 2b90b9f):
 8-connectivity (its merge step joins diagonal neighbours), background labelled and counted 0, and each
 component labelled 1 + the flat index (row * W + col) of the top-left pixel of the first 2x2 block, in raster
@@ -27,9 +31,18 @@ from collections.abc import Callable, Iterator
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from sam2 import sam2_video_predictor
 from sam2.utils import misc
 
-__all__ = ["connected_components", "fill_holes_and_sprinkles", "labelling_sam2s_own"]
+__all__ = ["connected_components", "fill_holes_and_sprinkles", "labelling_sam2s_own", "small_components"]
+
+# On CUDA, components of at most this many pixels are found on the device: `small_components` takes one
+# step a pixel of area, each a few small kernels, against one copy to the host and back and a wait for the
+# device. SAM 2's video hole filling asks for 8. (A bound chosen without a GPU measurement.)
+DEVICE_AREA = 64
+# SAM 2's video hole filling: holes become this mask score (misc.fill_holes_in_mask_scores).
+HOLE_SCORE = 0.1
 
 
 def connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +130,60 @@ def fill_holes_and_sprinkles(
     # keeps its own area even when it encloses a hole that is filled.
     original = masks.flatten(0, 1).unsqueeze(1)
     if max_hole_area > 0:
-        labels, areas = connected_components(original <= threshold)
-        is_hole = ((labels > 0) & (areas <= max_hole_area)).reshape_as(masks)
+        is_hole = _small(original <= threshold, max_hole_area).reshape_as(masks)
         masks = torch.where(is_hole, threshold + 10.0, masks)
     if max_sprinkle_area > 0:
-        labels, areas = connected_components(original > threshold)
-        is_sprinkle = ((labels > 0) & (areas <= max_sprinkle_area)).reshape_as(masks)
+        is_sprinkle = _small(original > threshold, max_sprinkle_area).reshape_as(masks)
         masks = torch.where(is_sprinkle, threshold - 10.0, masks)
     return masks
+
+
+def small_components(mask: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Which pixels of N binary masks lie in 8-connected foreground components of at most `max_area` pixels.
+
+    `mask`: (N, 1, H, W) bool on any device; returns a bool tensor of its shape, computed there. Each
+    foreground pixel takes the smallest flat index within `max_area` - 1 steps through the foreground, which
+    a component of at most `max_area` pixels shares whole. A set of pixels sharing an index is a whole
+    component exactly when no neighbour across its edge holds another index: those of at most `max_area`
+    pixels are the answer, the others are parts of larger components.
+    """
+    n, _, height, width = mask.shape
+    if n == 0 or height * width == 0 or max_area < 1:
+        return torch.zeros_like(mask)
+    # float32 holds every flat index up to 2**24 exactly (SAM 2's low-res masks: 65,536).
+    if height * width >= 2**24:
+        raise ValueError(f"masks of {height} x {width} pixels are too large to label on the device")
+    far = float(height * width)
+    index = torch.arange(height * width, device=mask.device, dtype=torch.float32).view(1, 1, height, width)
+    labels = torch.where(mask, index, far)
+    for _ in range(max_area - 1):
+        labels = torch.where(mask, -F.max_pool2d(-labels, 3, stride=1, padding=1), far)
+    lowest = -F.max_pool2d(-labels, 3, stride=1, padding=1)
+    highest = F.max_pool2d(torch.where(mask, labels, -1.0), 3, stride=1, padding=1)
+    open_edge = mask & ((lowest != labels) | (highest != labels))
+    # One bin per (mask, index): its pixels, and whether any lies on an open edge (no boolean indexing,
+    # which would wait for the device).
+    bins = (labels.long() + torch.arange(n, device=mask.device).view(n, 1, 1, 1) * (height * width + 1)).flatten()
+    foreground = mask.flatten()
+    empty = torch.zeros(n * (height * width + 1), dtype=torch.int32, device=mask.device)
+    areas = empty.index_add(0, bins, foreground.int())
+    opened = empty.index_add(0, bins, open_edge.flatten().int())
+    return (foreground & (areas[bins] <= max_area) & (opened[bins] == 0)).view_as(mask)
+
+
+def _on_device(mask: torch.Tensor, max_area: float) -> bool:
+    """Whether the components of at most `max_area` pixels of `mask` are found on its device: on CUDA, for
+    areas up to DEVICE_AREA."""
+    return mask.device.type == "cuda" and max_area <= DEVICE_AREA
+
+
+def _small(mask: torch.Tensor, max_area: float) -> torch.Tensor:
+    """(N, 1, H, W) bool -> its pixels in foreground components of at most `max_area` pixels: by
+    `small_components` where `_on_device`, else by `connected_components`."""
+    if _on_device(mask, max_area):
+        return small_components(mask, int(max_area))
+    labels, areas = connected_components(mask)
+    return (labels > 0) & (areas <= max_area)
 
 
 @contextlib.contextmanager
@@ -132,11 +191,22 @@ def labelling_sam2s_own(
     label: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = connected_components,
 ) -> Iterator[None]:
     """While in it, `sam2.utils.misc.get_connected_components` (the `_C` kernel's caller, looked up when
-    SAM 2's post-processing runs) is `label` (the kernel's answer: labels and areas). Scoped, not for good:
-    SAM 2's code outside a request (a reference in the same process) keeps its own behaviour."""
-    original = misc.get_connected_components
+    SAM 2's post-processing runs) is `label` (the kernel's answer: labels and areas), and the video
+    predictor fills small holes on the device where `_on_device` (with HOLE_SCORE, as
+    misc.fill_holes_in_mask_scores does). Scoped, not for good: SAM 2's code outside a request (a
+    reference in the same process) keeps its own behaviour."""
+    original_label = misc.get_connected_components
+    original_fill = sam2_video_predictor.fill_holes_in_mask_scores
+
+    def fill(mask: torch.Tensor, max_area: int) -> torch.Tensor:
+        if not _on_device(mask, max_area):
+            return original_fill(mask, max_area)
+        return torch.where(small_components(mask <= 0, max_area), HOLE_SCORE, mask)
+
     misc.get_connected_components = label
+    sam2_video_predictor.fill_holes_in_mask_scores = fill
     try:
         yield
     finally:
-        misc.get_connected_components = original
+        misc.get_connected_components = original_label
+        sam2_video_predictor.fill_holes_in_mask_scores = original_fill

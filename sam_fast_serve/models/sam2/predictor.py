@@ -16,9 +16,10 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.utils.transforms import SAM2Transforms
 
 from sam_fast_serve.common.prompts import Prompts
+from sam_fast_serve.models.amg import upsample_chunk
 from sam_fast_serve.models.embedding import NO_IMAGE, EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.fast_decoder import DecodedTokens, FastMaskDecoder, ImageState, no_mask_dense
-from sam_fast_serve.models.prompted import segment_prompts
+from sam_fast_serve.models.prompted import segment_prompts, thresholded_masks
 from sam_fast_serve.models.sam2.components import fill_holes_and_sprinkles
 from sam_fast_serve.models.timing import StageClock
 from sam_fast_serve.models.upsampling import bilinear
@@ -231,5 +232,7 @@ class Sam2Predictor(EmbeddingKeeper):
             low_res, iou = self.decode(coords, labels, prompts.multimask, mask)
         else:
             low_res, iou = self._reference_decode(None, None, prompts.multimask, mask)
-        masks = self.upsample(low_res) > self.mask_threshold
+        assert self.original_size is not None
+        per_chunk = upsample_chunk(self.device, self.original_size[0] * self.original_size[1])
+        masks = thresholded_masks(self.upsample, low_res, self.mask_threshold, self.original_size, per_chunk)
         return masks, iou, low_res.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
