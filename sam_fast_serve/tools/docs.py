@@ -30,7 +30,8 @@ KEY_MEANINGS = {
     "`torch.load` with `weights_only=True`, a SAM 3 folder's weights from safetensors (tensors only, no code)",
     "process_batch_size": "images (or crops) per image-encoder call when TorchServe hands the worker a "
     "batch of requests",
-    "dtype": "`auto`: bf16 on CUDA and on CPUs with native bf16, else fp32. `bfloat16` on a CPU without "
+    "dtype": "`auto`: bf16 where the device computes it natively (GPUs of compute capability 8.0 or "
+    "newer, not T4 or V100; CPUs with AVX512-BF16 or AMX), else fp32. `bfloat16` on a CPU without "
     "native bf16 is emulated, about 9x slower than fp32 (the load logs it). `int8` (x86 CPUs with "
     "AVX512-VNNI or AMX, not with `compile`, not on CUDA): the image encoder's linear layers in int8, "
     "the rest in bf16 or fp32; pays on CPUs without AMX, loses some accuracy "
