@@ -12,6 +12,9 @@ from sam_fast_serve.common.prompts import Prompts, logits_payload
 from sam_fast_serve.common.records import mask_record, rle_to_builtins
 from sam_fast_serve.models.rle import rle_areas, rles_in_turn
 
+# The low-res logits an answer returns and a mask prompt takes are clamped, as SAM 2's predictor does.
+LOGIT_CLAMP = 32.0
+
 
 class PromptPredictor(Protocol):
     """A family's predictor, with an image set: the masks of validated prompts on it."""

@@ -26,7 +26,8 @@ from sam_fast_serve.models.amg import (
     upsample_chunk,
 )
 from sam_fast_serve.models.budget import items_that_fit
-from sam_fast_serve.models.sam2.predictor import LOGIT_CLAMP, Sam2Predictor
+from sam_fast_serve.models.prompted import LOGIT_CLAMP
+from sam_fast_serve.models.sam2.predictor import Sam2Predictor
 
 
 class Sam2AutomaticMaskGenerator(BatchedGeneration, ReferenceGenerator):

@@ -19,13 +19,10 @@ from sam_fast_serve.common.prompts import Prompts
 from sam_fast_serve.models.amg import upsample_chunk
 from sam_fast_serve.models.embedding import NO_IMAGE, EmbeddingCache, EmbeddingKeeper, EmbeddingStore, ImageEmbedding
 from sam_fast_serve.models.fast_decoder import DecodedTokens, FastMaskDecoder, ImageState, no_mask_dense
-from sam_fast_serve.models.prompted import segment_prompts, thresholded_masks
+from sam_fast_serve.models.prompted import LOGIT_CLAMP, segment_prompts, thresholded_masks
 from sam_fast_serve.models.sam2.components import fill_holes_and_sprinkles
 from sam_fast_serve.models.timing import StageClock
 from sam_fast_serve.models.upsampling import bilinear
-
-# The low-res logits a mask prompt carries are clamped like SAM2ImagePredictor's.
-LOGIT_CLAMP = 32.0
 
 
 def embedding_layout(net: SAM2Base) -> dict[str, tuple[int, ...]]:

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor
 
 from sam_fast_serve.common.prompts import Prompts
+from sam_fast_serve.models.amg import upsample_chunk
+from sam_fast_serve.models.prompted import LOGIT_CLAMP, thresholded_masks
 from sam_fast_serve.models.sam3.build import Sam3Net
 from sam_fast_serve.models.upsampling import bilinear
 
 # The neck levels the tracker reads (the fourth, at half the trunk's resolution, it never does).
 LEVELS = 3
-# The low-res logits an answer returns (and a mask prompt takes) are clamped, as SAM 2's predictor does.
-LOGIT_CLAMP = 32.0
 NAMES = ("tracker_0", "tracker_1", "tracker_embed")
 
 
@@ -109,6 +109,7 @@ class TrackerHead:
             multimask_output=prompts.multimask,
             high_resolution_features=[features[NAMES[0]].float(), features[NAMES[1]].float()],
         )
-        low_res, iou = low_res[0], iou[0]
-        masks_out = bilinear(low_res.float(), original_size) > 0
-        return masks_out, iou.float(), low_res.float().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+        low_res, iou = low_res[0].float(), iou[0].float()
+        per_chunk = upsample_chunk(device, original_size[0] * original_size[1])
+        masks = thresholded_masks(lambda chunk: bilinear(chunk, original_size), low_res, 0.0, original_size, per_chunk)
+        return masks, iou, low_res.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
